@@ -1,0 +1,187 @@
+"""The ``saferclip-data`` command line: build, validate, plan and status.
+
+User mistakes (a bad recipe, a missing file, an empty source) print one line and exit with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from .errors import UserError
+from .progress import BuildProgress, summary_table
+from .recipe import load_recipe
+from .runner import Pipeline
+from .status import stage_status
+from .workdir import WorkDir
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+    help="Build safety datasets for CLIP: embed, filter and pair unsafe/safe image-caption data into a work dir.",
+)
+console = Console(stderr=True)
+DEFAULT_RECIPE = "sample.yaml"
+
+RecipeArg = Annotated[
+    Path | None,
+    typer.Argument(help="Recipe YAML. Default: the offline sample recipe that ships with the package.",
+                   show_default=False),
+]
+WorkdirOpt = Annotated[
+    Path | None, typer.Option("--workdir", "-w", help="Work dir (default: the recipe's, else ./work/<name>).")
+]
+LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
+
+
+def _default_recipe() -> Path:
+    return Path(str(resources.files("saferclip_data.recipes") / DEFAULT_RECIPE))
+
+
+def _setup_logging(level: str) -> None:
+    numeric = getattr(logging, level.upper(), None)
+    if not isinstance(numeric, int):
+        raise UserError(f"--log-level: unknown level '{level}' (use debug, info, warning or error)")
+    logging.basicConfig(level=numeric, handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
+    from saferclip_data.stages import REGISTRY, SECTIONS
+
+    path = recipe_path or _default_recipe()
+    recipe = load_recipe(path, SECTIONS, REGISTRY)
+    root = workdir or (Path(recipe.workdir) if recipe.workdir else Path("work") / recipe.name)
+    return Pipeline(recipe, REGISTRY, WorkDir(root))
+
+
+def _user_error_of(exc: BaseException) -> UserError | None:
+    """A UserError, also one raised inside a Ray worker (Ray wraps it and keeps it as ``cause``)."""
+    seen = exc
+    for _ in range(4):
+        if isinstance(seen, UserError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+        if seen is None:
+            return None
+    return None
+
+
+@app.command(epilog="Example: saferclip-data build recipes/demo.yaml --executor local")
+def build(
+    recipe: RecipeArg = None,
+    workdir: WorkdirOpt = None,
+    executor: Annotated[str, typer.Option(help="ray (default; embedded Ray unless --ray-address) or local "
+                                               "(in-process, same results; for debugging).")] = "ray",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to join, e.g. "
+                                                        "127.0.0.1:6379 or auto.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    log_level: LogLevelOpt = "warning",
+) -> None:
+    """Run every stage of RECIPE that is not up to date; resume unfinished shards after a crash."""
+    from .executors import make_executor
+
+    _setup_logging(log_level)
+    pipeline = _pipeline(recipe, workdir)
+    runner = make_executor(executor, ray_address)
+    try:
+        with BuildProgress(console, enabled=progress) as bars:
+            outcomes = pipeline.build(runner, bars)
+    finally:
+        runner.close()
+    console.print(summary_table(outcomes))
+    if all(o.status == "up to date" for o in outcomes):
+        console.print("everything up to date: nothing ran")
+    console.print(f"work dir: {pipeline.workdir.root}")
+
+
+@app.command(epilog="Example: saferclip-data validate recipes/demo.yaml")
+def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
+    """Check RECIPE (keys, types, paths, model) without running anything."""
+    _setup_logging(log_level)
+    pipeline = _pipeline(recipe, workdir)
+    names = " -> ".join(p.name for p in pipeline.stages)
+    typer.echo(f"recipe ok: {pipeline.recipe.name}: {names}; work dir {pipeline.workdir.root}")
+
+
+@app.command(epilog="Example: saferclip-data plan recipes/demo.yaml")
+def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
+    """Show the stage graph, each stage's resources and what is already done."""
+    _setup_logging(log_level)
+    pipeline = _pipeline(recipe, workdir)
+    table = Table(title=f"plan: {pipeline.recipe.name} (work dir {pipeline.workdir.root})")
+    rows = pipeline.plan_rows()
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+
+
+@app.command(epilog="Example: saferclip-data status work/demo   (or: saferclip-data status recipes/demo.yaml)")
+def status(
+    target: Annotated[Path | None, typer.Argument(help="A work dir, or a recipe whose work dir to read.")] = None,
+    workdir: WorkdirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per stage: shards done/pending, records in/out/rejected, rejects by reason."""
+    if target is not None and target.is_dir():
+        root = target
+    else:
+        root = _pipeline(target, workdir).workdir.root
+    if not root.is_dir():
+        raise UserError(f"no work dir at {root}: run build first")
+    from saferclip_data.stages import REGISTRY
+
+    rows = stage_status(WorkDir(root), list(REGISTRY))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"status: {root}")
+    for column in ("stage", "state", "shards done", "pending", "in", "out", "rejected", "rejects by reason"):
+        table.add_column(column)
+    for r in rows:
+        reasons = ", ".join(f"{k}: {v}" for k, v in r["rejects_by_reason"].items()) or "-"
+        table.add_row(r["stage"], r["state"], str(r["shards_done"]), str(r["shards_pending"]), str(r["in"]),
+                      str(r["out"]), str(r["rejected"]), reasons)
+    Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning user mistakes into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; unwrap the user's ones
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        user = _user_error_of(exc)
+        if user is None:
+            raise
+        console.print(f"error: {user}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

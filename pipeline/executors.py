@@ -1,0 +1,188 @@
+"""Executors run a stage's shards: in-process (``local``) or on Ray actors (``ray``). Both call the same
+:class:`ShardWorker`, so they produce the same files; only placement differs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import UserError
+from .stage import GlobalContext, ShardSpec, Stage, StageConfig, rejects_table
+from .workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageJob:
+    """Everything a worker needs to run a stage, small and picklable (no data, no model)."""
+
+    stage_cls: type[Stage]
+    config: StageConfig
+    sections: dict[str, Any]
+    workdir: str
+    torch_threads: int | None = None
+
+
+class ShardWorker:
+    """Runs shards of one map stage in whatever process it lives in (the driver, or a Ray actor)."""
+
+    def __init__(self, job: StageJob):
+        if job.torch_threads:
+            import torch
+
+            torch.set_num_threads(job.torch_threads)
+        self.job = job
+        self.stage = job.stage_cls(job.config, job.sections)
+        self.workdir = WorkDir(job.workdir)
+        self.stage.setup()
+
+    def ready(self) -> dict[str, str]:
+        return {"pid": str(os.getpid()), **self.stage.output_metadata()}
+
+    def run_shard(self, spec: ShardSpec, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        started = time.perf_counter()
+        stage = self.stage
+        table = stage.read_shard(spec, self.workdir)
+        batch_size = self.job.config.batch_size
+        outputs: list[pa.Table] = []
+        rejects = []
+        starts = range(0, table.num_rows, batch_size) if table.num_rows else [0]
+        for start in starts:
+            batch = table.slice(start, batch_size)
+            result = stage.process_batch(batch)
+            outputs.append(result.table)
+            rejects.extend(result.rejects)
+            if on_batch:
+                on_batch(batch.num_rows)
+        output = pa.concat_tables(outputs, promote_options="permissive") if len(outputs) > 1 else outputs[0]
+        if output.num_rows + len(rejects) != table.num_rows:
+            raise RuntimeError(
+                f"stage {stage.name} shard {spec.shard_id}: {table.num_rows} records in, {output.num_rows} kept "
+                f"+ {len(rejects)} rejected; every record must be kept or rejected"
+            )
+        metadata = stage.output_metadata()
+        stats = {
+            "shard": spec.shard_id,
+            "in": table.num_rows,
+            "out": output.num_rows,
+            "rejected": len(rejects),
+            "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+            "seconds": round(time.perf_counter() - started, 3),
+            "metadata": metadata,
+        }
+        self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats, metadata)
+        return stats
+
+
+def run_global_job(job: StageJob) -> dict[str, Any]:
+    """Run a whole-data-set stage where this function is called (driver or a Ray task)."""
+    started = time.perf_counter()
+    stage = job.stage_cls(job.config, job.sections)
+    stage.setup()
+    counts = stage.run_global(GlobalContext(stage, WorkDir(job.workdir)))
+    return {"counts": counts, "seconds": round(time.perf_counter() - started, 3), "metadata": stage.output_metadata()}
+
+
+class LocalExecutor:
+    """In-process, one shard after another: for debugging and machines without Ray. Same outputs as Ray."""
+
+    name = "local"
+
+    def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
+        worker = ShardWorker(job)
+        for spec in pending:
+            on_shard(worker.run_shard(spec, on_batch=on_records))
+
+    def run_global(self, job: StageJob) -> dict[str, Any]:
+        return run_global_job(job)
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Shards of a map stage stream through a pool of Ray actors (one model load per actor, at most one shard
+    in flight per actor, so memory stays bounded); results coming back are per-shard stats, never data."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, object_store_mb: int = 1024):
+        self.address = address
+        self.object_store_mb = object_store_mb
+        self._we_started = False
+
+    def _ensure_ray(self):
+        import ray
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+            kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+            if self.address:
+                kwargs["address"] = self.address
+            else:
+                kwargs.update(include_dashboard=False, object_store_memory=self.object_store_mb * 2**20)
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, RuntimeError) as exc:
+                if self.address:
+                    raise UserError(f"cannot connect to the Ray cluster at {self.address}: {exc}") from None
+                raise
+            self._we_started = True
+        return ray
+
+    def _gpus(self, ray, config: StageConfig) -> float:
+        if config.gpus == "auto":
+            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        return float(config.gpus)
+
+    def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
+        ray = self._ensure_ray()
+        from ray.util import ActorPool
+
+        config = job.config
+        gpus = self._gpus(ray, config)
+        job = StageJob(job.stage_cls, config, job.sections, job.workdir, torch_threads=max(1, int(config.cpus)))
+        remote_cls = ray.remote(ShardWorker).options(
+            num_cpus=config.cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=3
+        )
+        actors = [remote_cls.remote(job) for _ in range(min(config.concurrency, len(pending)))]
+        try:
+            ray.get([a.ready.remote() for a in actors])
+            pool = ActorPool(actors)
+            for stats in pool.map_unordered(lambda actor, spec: actor.run_shard.remote(spec), pending):
+                on_records(stats["in"])
+                on_shard(stats)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    def run_global(self, job: StageJob) -> dict[str, Any]:
+        ray = self._ensure_ray()
+        gpus = self._gpus(ray, job.config)
+        task = ray.remote(run_global_job).options(num_cpus=job.config.cpus, num_gpus=gpus)
+        return ray.get(task.remote(job))
+
+    def close(self) -> None:
+        if self._we_started:
+            import ray
+
+            ray.shutdown()
+            self._we_started = False
+
+
+def make_executor(kind: str, ray_address: str | None = None):
+    if kind == "local":
+        if ray_address:
+            raise UserError("--ray-address needs --executor ray")
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(ray_address)
+    raise UserError(f"unknown executor '{kind}' (expected ray or local)")

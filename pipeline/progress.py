@@ -1,0 +1,103 @@
+"""Rich progress bars per stage (records/s, ETA) and the final summary table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+@dataclass
+class StageOutcome:
+    stage: str
+    status: str  # "up to date", "ran", "resumed"
+    shards: int = 0
+    shards_run: int = 0
+    records_in: int = 0
+    records_out: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+
+
+class RecordsPerSecond(TextColumn):
+    def __init__(self):
+        super().__init__("")
+
+    def render(self, task):
+        speed = task.finished_speed or task.speed
+        return TextColumn("{task.fields[rate]}").render(task) if speed is None else f"{speed:,.0f} rec/s"
+
+
+class BuildProgress:
+    """One bar per stage; ``advance`` takes records, ``shard_done`` moves the shard counter."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            RecordsPerSecond(),
+            TextColumn("shards {task.fields[shards]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+            transient=False,
+        )
+        self._task = None
+        self._shards_done = 0
+        self._shards_total = 0
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def start_stage(self, name: str, records: int | None, shards_done: int, shards_total: int) -> None:
+        self._shards_done, self._shards_total = shards_done, shards_total
+        self._task = self.progress.add_task(
+            name, total=records, shards=f"{shards_done}/{shards_total}", rate=""
+        )
+
+    def advance(self, records: int) -> None:
+        self.progress.advance(self._task, records)
+
+    def shard_done(self, _stats: dict) -> None:
+        self._shards_done += 1
+        self.progress.update(self._task, shards=f"{self._shards_done}/{self._shards_total}")
+
+    def finish_stage(self, status: str) -> None:
+        task = self.progress.tasks[-1]
+        self.progress.update(self._task, total=task.completed or task.total or 0, rate=status)
+
+
+def summary_table(outcomes: list[StageOutcome], title: str = "build summary") -> Table:
+    table = Table(title=title)
+    for column in ("stage", "status", "shards run", "in", "out", "rejected", "seconds"):
+        table.add_column(column, justify="left" if column in ("stage", "status") else "right")
+    for o in outcomes:
+        table.add_row(
+            o.stage,
+            o.status,
+            f"{o.shards_run}/{o.shards}",
+            f"{o.records_in:,}",
+            f"{o.records_out:,}",
+            f"{o.rejected:,}",
+            f"{o.seconds:.1f}",
+        )
+    return table

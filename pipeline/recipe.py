@@ -1,0 +1,121 @@
+"""Recipe loading: safe YAML, ``${ENV}`` interpolation, pydantic validation with one-line errors.
+
+The engine does not know which sections or stages exist: the caller passes the top-level section models
+(``source``, ``model``, ...) and the stage registry, and :func:`load_recipe` assembles the schema from them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import RecipeError
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class RecipeHeader(BaseModel):
+    """Keys every recipe has, whatever its stages."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="recipe name; the default work dir is work/<name>")
+    workdir: str | None = Field(default=None, description="work dir; relative paths resolve against the recipe")
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    """Turn a pydantic error location into the dotted key path a user sees in the YAML."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after", "function-before") or str(item).startswith("function-"):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def interpolate_env(node: Any, file: str, path: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    if isinstance(node, dict):
+        return {k: interpolate_env(v, file, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate_env(v, file, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name)
+            if value is None:
+                if default is None:
+                    raise RecipeError(file, path, f"environment variable {name} is not set (use ${{{name}:-default}})")
+                return default
+            return value
+
+        return _ENV_PATTERN.sub(substitute, node)
+    return node
+
+
+@lru_cache(maxsize=8)
+def _schema(sections: tuple[tuple[str, type[BaseModel], bool], ...], stages: tuple[tuple[str, type], ...]):
+    stage_fields = {name: (cls.Config | None, None) for name, cls in stages}
+    stages_model = create_model("Stages", __config__=ConfigDict(extra="forbid"), **stage_fields)
+    fields: dict[str, Any] = {"stages": (stages_model, ...)}
+    for name, model, required in sections:
+        fields[name] = (model, ...) if required else (model | None, None)
+    return create_model("Recipe", __base__=RecipeHeader, **fields)
+
+
+def load_recipe(
+    path: str | Path,
+    sections: dict[str, tuple[type[BaseModel], bool]],
+    stages: dict[str, type],
+) -> BaseModel:
+    """Load and validate a recipe file.
+
+    ``sections`` maps a top-level key to ``(model, required)``; ``stages`` is the stage registry (name ->
+    stage class with a ``Config`` model). Every failure raises :class:`RecipeError` naming file and key path.
+    Validators may read ``info.context["base_dir"]`` (the recipe's folder) to resolve relative paths.
+    """
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise RecipeError(file, "", "recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(file, "", f"invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(file, "", "not a UTF-8 text file") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(file, "", f"expected a mapping of recipe keys, got {type(raw).__name__}")
+    raw = interpolate_env(raw, file)
+    schema = _schema(
+        tuple((k, m, r) for k, (m, r) in sections.items()), tuple(sorted(stages.items()))
+    )
+    try:
+        return schema.model_validate(raw, context={"base_dir": path.resolve().parent, "file": file})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = _key_path(first["loc"])
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif first["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
+            shown = repr(first["input"])
+            msg = f"{msg} (got {shown[:60]})"
+        more = len(exc.errors()) - 1
+        if more:
+            msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise RecipeError(file, key, msg) from None

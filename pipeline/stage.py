@@ -1,0 +1,158 @@
+"""The stage contract.
+
+A stage is a small class with a pydantic ``Config``. A *map* stage turns one shard at a time into an output
+shard: ``read_shard`` gathers its input columns, ``process_batch`` (the pure core, testable without Ray) maps
+an Arrow table to kept rows plus rejects. A *global* stage needs the whole data set at once (index building,
+benchmark selection): it gets column access to its upstream stages through a :class:`GlobalContext` and
+writes named tables. Either kind declares its resources; ``setup`` runs once per worker, on the worker, so
+that device choice (GPU or CPU) is made where the devices are, not on the driver.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from .workdir import WorkDir
+
+REJECT_SCHEMA = pa.schema(
+    [("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("error", pa.string())]
+)
+
+
+class StageConfig(BaseModel):
+    """Settings every stage has. The resource fields never change results, so they are left out of the
+    stage's fingerprint: changing them does not re-run anything."""
+
+    model_config = ConfigDict(extra="forbid")
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "concurrency", "cpus", "gpus"})
+
+    batch_size: int = Field(default=256, gt=0, description="records per call of process_batch")
+    concurrency: int = Field(default=1, gt=0, description="workers (Ray actors) running this stage at once")
+    cpus: float = Field(default=1.0, gt=0, description="CPU cores reserved per worker")
+    gpus: float | Literal["auto"] = Field(
+        default=0, description="GPUs per worker; 'auto' takes one where the cluster has GPUs"
+    )
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The settings that change results (everything but the runtime fields)."""
+        return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work and of resume: a shard id plus whatever the stage needs to read it."""
+
+    shard_id: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reject:
+    """A record a stage did not keep; it keeps its key and a reason, never vanishes."""
+
+    key: str
+    reason: str
+    error: str = ""
+
+
+@dataclass
+class BatchResult:
+    """What ``process_batch`` returns: the rows kept (output columns) and the rows rejected."""
+
+    table: pa.Table
+    rejects: list[Reject] = field(default_factory=list)
+
+
+def rejects_table(stage: str, rejects: Iterable[Reject]) -> pa.Table:
+    rows = list(rejects)
+    return pa.table(
+        {
+            "key": [r.key for r in rows],
+            "stage": [stage] * len(rows),
+            "reason": [r.reason for r in rows],
+            "error": [r.error for r in rows],
+        },
+        schema=REJECT_SCHEMA,
+    )
+
+
+class Stage(ABC):
+    """Base class of all stages. Subclasses set the class attributes and override the hooks they need."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    mode: ClassVar[Literal["map", "global"]] = "map"
+    #: upstream stage name -> columns this stage reads from it (the first entry drives the shard list)
+    inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: output column names, for the plan and for downstream validation
+    output_columns: ClassVar[tuple[str, ...]] = ()
+    #: top-level recipe sections (e.g. "model") whose content belongs to this stage's fingerprint
+    recipe_sections: ClassVar[tuple[str, ...]] = ()
+    #: bump when the stage's code changes its results, so old outputs are invalidated
+    version: ClassVar[str] = "1"
+    #: where the config lives in the recipe: None = ``stages.<name>``, else a top-level key (e.g. "source")
+    config_section: ClassVar[str | None] = None
+
+    def __init__(self, config: StageConfig, sections: dict[str, Any]):
+        self.config = config
+        self.sections = sections
+
+    # ---- driver side -------------------------------------------------------------------------------------
+    def input_fingerprint(self) -> dict[str, Any]:
+        """Facts about external inputs (files, sizes, times) that belong to the fingerprint; none by default."""
+        return {}
+
+    def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:
+        """The shards to produce. By default one per shard of the first upstream stage."""
+        upstream = next(iter(self.inputs))
+        return [ShardSpec(s) for s in workdir.completed_shards(upstream)]
+
+    def describe_resources(self) -> str:
+        c = self.config
+        return f"cpus={c.cpus:g} gpus={c.gpus} batch={c.batch_size} concurrency={c.concurrency}"
+
+    # ---- worker side -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Runs once per worker before any shard (model load, device choice)."""
+
+    def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
+        """Assemble this shard's input: the declared columns of each upstream stage, aligned on ``key``."""
+        return workdir.read_aligned(spec.shard_id, self.inputs)
+
+    def process_batch(self, batch: pa.Table) -> BatchResult:
+        """The pure core of a map stage."""
+        raise NotImplementedError(f"stage {self.name} has no process_batch")
+
+    def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:
+        """Driver-side check over the finished shards (e.g. key uniqueness); raise to keep the stage open."""
+
+    def output_metadata(self) -> dict[str, str]:
+        """Key/values stored in every output file's schema metadata and in the stage manifest."""
+        return {}
+
+    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+        """The core of a global stage; returns counts for the manifest."""
+        raise NotImplementedError(f"stage {self.name} has no run_global")
+
+
+class GlobalContext:
+    """Column access for whole-data-set stages: read upstream columns, write named output tables."""
+
+    def __init__(self, stage: Stage, workdir: WorkDir):
+        self.stage, self.workdir = stage, workdir
+
+    def read_columns(self, upstream: str, columns: Iterable[str]) -> pa.Table:
+        return self.workdir.read_stage_columns(upstream, list(columns))
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        self.workdir.write_table(self.stage.name, name, table, self.stage.output_metadata())
+
+    def write_rejects(self, rejects: Iterable[Reject]) -> None:
+        self.workdir.write_table(self.stage.name, "rejects", rejects_table(self.stage.name, rejects))

@@ -1,0 +1,47 @@
+"""Read a work dir back: per stage shards done/pending, record counts and rejects by reason."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow.compute as pc
+
+from .workdir import WorkDir
+
+
+def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:
+    """One row per stage folder present, in pipeline order; counts come from the shard markers and the
+    rejects tables themselves, so they are right for a stage that is still running or crashed."""
+    rows = []
+    for name in order:
+        manifest = workdir.manifest(name)
+        if manifest is None:
+            continue
+        shards = manifest.get("shards", [])
+        stats = [workdir.shard_stats(name, s) for s in shards]
+        done = [s for s in stats if s is not None]
+        rejects = workdir.rejects(name)
+        reasons = Counter(dict(zip(*[c.to_pylist() for c in pc.value_counts(rejects["reason"]).flatten()])))
+        if manifest.get("mode") == "global":
+            counts = manifest.get("counts", {})
+            state = "done" if manifest.get("complete") else "pending"
+            rows.append({"stage": name, "state": state, "shards_done": int(bool(manifest.get("complete"))),
+                         "shards_pending": int(not manifest.get("complete")), "in": counts.get("in", 0),
+                         "out": counts.get("out", 0), "rejected": len(rejects),
+                         "rejects_by_reason": dict(sorted(reasons.items()))})
+            continue
+        rows.append(
+            {
+                "stage": name,
+                "state": "done" if manifest.get("complete") else "partial",
+                "shards_done": len(done),
+                "shards_pending": len(shards) - len(done),
+                "in": sum(s["in"] for s in done),
+                "out": sum(s["out"] for s in done),
+                "rejected": sum(s["rejected"] for s in done),
+                "rejects_by_reason": dict(sorted(reasons.items())),
+                "model_identity": manifest.get("metadata", {}).get("model_identity"),
+            }
+        )
+    return rows

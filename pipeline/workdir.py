@@ -1,0 +1,173 @@
+"""The work dir: one folder per stage, deterministic file names, atomic writes, per-shard completion markers
+and a stage manifest carrying the fingerprint that decides whether a stage is up to date.
+
+Layout of ``<workdir>/<stage>/``::
+
+    _manifest.json              fingerprint, planned shards, complete flag, counts, timings, versions
+    part-00000.parquet          kept rows of shard 0 (output columns; schema metadata names the stage)
+    part-00000.rejects.parquet  rejected rows: key, stage, reason, error
+    part-00000.done.json        per-shard stats; written last, so it doubles as the completion marker
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import UserError
+from .stage import REJECT_SCHEMA
+
+MANIFEST = "_manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(path: Path, table: pa.Table) -> None:
+    """Parquet written under a temp name and renamed, so a crash never leaves a half file under the real name."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _with_metadata(table: pa.Table, metadata: dict[str, str]) -> pa.Table:
+    if not metadata:
+        return table
+    merged = dict(table.schema.metadata or {})
+    merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+    return table.replace_schema_metadata(merged)
+
+
+class WorkDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- stage level -------------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        path = self.stage_dir(stage) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn manifest means the stage never finished: treat as absent
+
+    def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.stage_dir(stage) / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+    def state(self, stage: str, fingerprint: str) -> str:
+        """'done' (complete, same fingerprint), 'partial' (same fingerprint, unfinished), 'stale', or 'new'."""
+        manifest = self.manifest(stage)
+        if manifest is None:
+            return "new" if not self.stage_dir(stage).exists() else "stale"
+        if manifest.get("fingerprint") != fingerprint:
+            return "stale"
+        return "done" if manifest.get("complete") else "partial"
+
+    def reset_stage(self, stage: str) -> None:
+        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+
+    def clean_temp_files(self, stage: str) -> int:
+        removed = 0
+        for tmp in self.stage_dir(stage).glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    # ---- shard level -------------------------------------------------------------------------------------
+    def shard_path(self, stage: str, shard_id: str, kind: str = "parquet") -> Path:
+        suffix = {"parquet": ".parquet", "rejects": ".rejects.parquet", "done": ".done.json"}[kind]
+        return self.stage_dir(stage) / f"{shard_id}{suffix}"
+
+    def shard_done(self, stage: str, shard_id: str) -> bool:
+        return self.shard_path(stage, shard_id, "done").is_file()
+
+    def shard_stats(self, stage: str, shard_id: str) -> dict[str, Any] | None:
+        path = self.shard_path(stage, shard_id, "done")
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def completed_shards(self, stage: str) -> list[str]:
+        manifest = self.manifest(stage)
+        if manifest is None or not manifest.get("complete"):
+            raise UserError(f"stage '{stage}' has not completed in {self.root}; run its build first")
+        return list(manifest["shards"])
+
+    def write_shard(
+        self,
+        stage: str,
+        shard_id: str,
+        table: pa.Table,
+        rejects: pa.Table,
+        stats: dict[str, Any],
+        metadata: dict[str, str],
+    ) -> None:
+        """Write a shard's output and rejects, then its marker. Order matters: the marker is the commit."""
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(self.shard_path(stage, shard_id), _with_metadata(table, metadata))
+        atomic_write_parquet(self.shard_path(stage, shard_id, "rejects"), rejects)
+        atomic_write_bytes(self.shard_path(stage, shard_id, "done"), json.dumps(stats, indent=2).encode())
+
+    def read_shard(self, stage: str, shard_id: str, columns: list[str] | None = None) -> pa.Table:
+        path = self.shard_path(stage, shard_id)
+        if not path.is_file():
+            raise UserError(f"missing output of stage '{stage}': {path}")
+        return pq.read_table(path, columns=columns)
+
+    def read_aligned(self, shard_id: str, inputs: dict[str, tuple[str, ...]]) -> pa.Table:
+        """Join the requested columns of several upstream stages for one shard on ``key``.
+
+        Rows are those present in every input, in the order of the first input (list the most downstream
+        stage first: it has already dropped what earlier stages rejected).
+        """
+        stages = list(inputs)
+        first = stages[0]
+        table = self.read_shard(first, shard_id, sorted({"key", *inputs[first]}))
+        for other in stages[1:]:
+            cols = [c for c in inputs[other] if c != "key" and c not in table.column_names]
+            if not cols:
+                continue
+            extra = self.read_shard(other, shard_id, ["key", *cols])
+            index = pc.index_in(table["key"], value_set=extra["key"])
+            present = pc.is_valid(index)
+            if not pc.all(present).as_py():
+                table = table.filter(present)
+                index = index.filter(present)
+            for col in cols:
+                table = table.append_column(col, extra[col].take(index))
+        return table
+
+    def read_stage_columns(self, stage: str, columns: list[str]) -> pa.Table:
+        """All shards of a completed stage, selected columns only, in shard order."""
+        shards = self.completed_shards(stage)
+        tables = [self.read_shard(stage, s, columns) for s in shards]
+        return pa.concat_tables(tables) if tables else pa.table({c: [] for c in columns})
+
+    def write_table(self, stage: str, name: str, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_parquet(folder / f"{name}.parquet", _with_metadata(table, metadata or {}))
+
+    def rejects(self, stage: str) -> pa.Table:
+        """All rejects of a stage (from its shard files and, for global stages, its rejects table)."""
+        folder = self.stage_dir(stage)
+        files = sorted(folder.glob("*.rejects.parquet"))
+        if (folder / "rejects.parquet").is_file():
+            files.append(folder / "rejects.parquet")
+        tables = [pq.read_table(f) for f in files]
+        return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()

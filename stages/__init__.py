@@ -1,0 +1,16 @@
+"""Stages of the safety-data pipeline, in pipeline order, and the recipe sections they read."""
+
+from __future__ import annotations
+
+from saferclip_data.pipeline.stage import Stage
+
+from .embed import EmbedStage, ModelConfig
+from .source import SourceConfig, SourceStage
+
+#: stage name -> class, in the order the runner executes them
+REGISTRY: dict[str, type[Stage]] = {"source": SourceStage, "embed": EmbedStage}
+
+#: top-level recipe sections besides ``stages``: name -> (model, required)
+SECTIONS = {"source": (SourceConfig, True), "model": (ModelConfig, True)}
+
+__all__ = ["REGISTRY", "SECTIONS", "EmbedStage", "SourceStage", "ModelConfig", "SourceConfig"]

@@ -1,0 +1,164 @@
+"""Readers for the source layouts: tabular manifests, image folders with sidecar captions, WebDataset tars.
+
+Each reader returns an Arrow table of *raw* records with the columns of :data:`RAW_COLUMNS`; problems found
+while reading (a truncated tar member, say) are carried in ``_reason``/``_error`` so the source stage can
+turn them into rejects instead of losing them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+CAPTION_EXTENSIONS = ("txt", "caption")
+RAW_COLUMNS = ("key", "caption", "image", "group", "label", "category", "_reason", "_error")
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def sanitize_key(value: Any) -> str:
+    """A stable key that WebDataset can use: no dots (the first dot starts the extension), no slashes."""
+    key = _UNSAFE_KEY_CHARS.sub("_", str(value)).strip("_")
+    return key or "_"
+
+
+def manifest_format(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    suffix = path.suffix.lower().lstrip(".")
+    return {"parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl",
+            "csv": "csv", "tsv": "csv"}.get(suffix, "")
+
+
+def read_manifest(path: Path, fmt: str) -> pa.Table:
+    """The whole manifest as Arrow (no image bytes are loaded here, only what the file holds)."""
+    if fmt == "parquet":
+        return pq.read_table(path)
+    if fmt == "jsonl":
+        return pajson.read_json(path)
+    if fmt == "csv":
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        # strings stay strings: a key or a caption like "0012" must not become an integer
+        return pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=None),
+        )
+    raise ValueError(f"unknown manifest format for {path}")
+
+
+def list_image_folder(root: Path) -> list[str]:
+    """Image files below ``root``, relative and sorted, so that shard contents are deterministic."""
+    files = [
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+    ]
+    return sorted(files)
+
+
+def read_image_folder(root: Path, files: list[str]) -> pa.Table:
+    rows: dict[str, list] = {c: [] for c in RAW_COLUMNS}
+    for rel in files:
+        path = root / rel
+        stem = path.with_suffix("")
+        caption = None
+        for ext in CAPTION_EXTENSIONS:
+            sidecar = stem.with_suffix(f".{ext}")
+            if sidecar.is_file():
+                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+                break
+        label = path.parent.relative_to(root).as_posix() if path.parent != root else None
+        key = sanitize_key(Path(rel).with_suffix("").as_posix())
+        values = {"key": key, "caption": caption, "image": str(path), "group": key, "label": label,
+                  "category": None, "_reason": None, "_error": None}
+        for c in RAW_COLUMNS:
+            rows[c].append(values[c])
+    return pa.table({c: pa.array(v, type=pa.string()) for c, v in rows.items()})
+
+
+def _split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: directory + basename up to the first dot is the key; the rest the extension."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def read_webdataset_tar(path: Path, extra_columns: list[str]) -> tuple[pa.Table, dict[str, list]]:
+    """Samples of one tar, grouped by key from *contiguous* members (the WebDataset layout).
+
+    A member that cannot be read (truncated tar) becomes a record with ``_reason`` set; reading stops there,
+    because nothing after a truncation can be trusted.
+    """
+    samples: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+
+    def flush():
+        if current is not None:
+            samples.append(current)
+
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_member_name(member.name)
+                if current is None or current["__key__"] != key:
+                    flush()
+                    current = {"__key__": key}
+                try:
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError("unexpected end of data")
+                except (tarfile.TarError, OSError, EOFError) as exc:
+                    current["_reason"] = "truncated tar member"
+                    current["_error"] = f"{member.name}: {exc}"
+                    break
+                current[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # the archive itself broke between members: keep what was read, and record where it broke
+        flush()
+        after = current["__key__"] if current else "start"
+        current = {"__key__": f"{path.stem}_unreadable_after_{after}", "_reason": "truncated tar member",
+                   "_error": f"{path.name}: {exc}"}
+    flush()
+
+    rows: dict[str, list] = {c: [] for c in RAW_COLUMNS}
+    extras: dict[str, list] = {c: [] for c in extra_columns}
+    for sample in samples:
+        meta: dict[str, Any] = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {}
+        image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+        caption_bytes = next((sample[e] for e in CAPTION_EXTENSIONS if e in sample), None)
+        caption = caption_bytes.decode("utf-8", errors="replace").strip() if caption_bytes is not None else None
+        if caption is None and isinstance(meta.get("caption"), str):
+            caption = meta["caption"]
+        key = sanitize_key(meta.get("key") or sample["__key__"])
+        values = {
+            "key": key,
+            "caption": caption,
+            "image": image,
+            "group": str(meta["group"]) if meta.get("group") is not None else key,
+            "label": str(meta["label"]) if meta.get("label") is not None else None,
+            "category": str(meta["category"]) if meta.get("category") is not None else None,
+            "_reason": sample.get("_reason"),
+            "_error": sample.get("_error"),
+        }
+        for c in RAW_COLUMNS:
+            rows[c].append(values[c])
+        for c in extra_columns:
+            extras[c].append(None if meta.get(c) is None else str(meta.get(c)))
+    columns = {c: pa.array(v, type=pa.binary() if c == "image" else pa.string()) for c, v in rows.items()}
+    return pa.table(columns), extras

@@ -1,0 +1,274 @@
+"""The source stage: reads manifests, image folders or WebDataset shards into uniform record shards.
+
+Every record leaves with a stable dot-free ``key``, a ``group`` (records of one quadruplet share it), its
+caption and its image bytes (loaded from a path or URL when the source only names them). Records that cannot
+be used go to the rejects table with a reason; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import urllib.request
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from braceexpand import braceexpand
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
+from saferclip_data.pipeline.workdir import WorkDir
+
+from . import readers
+
+OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
+
+
+class SourceConfig(StageConfig):
+    """The recipe's top-level ``source:`` section."""
+
+    kind: Literal["manifest", "image_folder", "webdataset"] = Field(description="layout of the source")
+    path: str = Field(description="manifest file, image folder, or tar file / folder / {00..09} pattern")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    key_column: str = "key"
+    caption_column: str = "caption"
+    image_column: str = Field(default="image", description="path, URL or bytes of the image")
+    group_column: str = "group"
+    label_column: str = "label"
+    category_column: str = "category"
+    extra_columns: list[str] = Field(default_factory=list, description="further columns carried through")
+    image_root: str | None = Field(default=None, description="base of relative image paths (default: manifest's folder)")
+    shard_size: int = Field(default=1000, gt=0, description="records per shard (manifests, image folders)")
+    require_image: bool = True
+    require_caption: bool = True
+    url_timeout: float = Field(default=10.0, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+
+    RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout"}
+
+    @field_validator("path", "image_root")
+    @classmethod
+    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or "://" in value:
+            return value
+        base = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return str(path)
+
+    @model_validator(mode="after")
+    def _check_path(self):
+        path = Path(self.path)
+        if self.kind == "manifest":
+            if not path.is_file():
+                raise ValueError(f"source.path: manifest file not found: {self.path}")
+            if not readers.manifest_format(path, self.format):
+                raise ValueError(f"source.format: cannot tell the format of {path.name}; set parquet, jsonl or csv")
+        elif self.kind == "image_folder":
+            if not path.is_dir():
+                raise ValueError(f"source.path: image folder not found: {self.path}")
+        elif not tar_files(self.path):
+            raise ValueError(f"source.path: no .tar files match {self.path}")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise ValueError(f"source.image_root: folder not found: {self.image_root}")
+        if not (self.require_image or self.require_caption):
+            raise ValueError("source: require_image and require_caption cannot both be false")
+        return self
+
+
+def tar_files(pattern: str) -> list[str]:
+    """Tar shards named by a file, a folder of tars, a glob, or a brace pattern (``shard-{000..009}.tar``)."""
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(str(p) for p in path.glob("*.tar"))
+    found: list[str] = []
+    for expanded in braceexpand(pattern):
+        found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
+    return [f for f in found if Path(f).is_file()]
+
+
+class SourceStage(Stage):
+    name = "source"
+    Config = SourceConfig
+    config_section = "source"
+    output_columns = OUTPUT_COLUMNS
+    version = "1"
+
+    config: SourceConfig
+
+    # ---- driver side -------------------------------------------------------------------------------------
+    def _files(self) -> list[Path]:
+        c = self.config
+        if c.kind == "manifest":
+            return [Path(c.path)]
+        if c.kind == "webdataset":
+            return [Path(p) for p in tar_files(c.path)]
+        root = Path(c.path)
+        return [root / rel for rel in readers.list_image_folder(root)]
+
+    def input_fingerprint(self) -> dict[str, Any]:
+        """Sizes and modification times of the input files: a changed file re-runs the source."""
+        out = {}
+        for f in self._files():
+            st = f.stat()
+            out[str(f)] = [st.st_size, st.st_mtime_ns]
+        return out
+
+    def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:
+        c = self.config
+        size = c.shard_size
+        if c.kind == "webdataset":
+            specs = [ShardSpec(f"part-{i:05d}", {"file": f}) for i, f in enumerate(tar_files(c.path))]
+        elif c.kind == "manifest":
+            rows = self.manifest_table.num_rows
+            specs = [
+                ShardSpec(f"part-{i:05d}", {"start": start, "stop": min(start + size, rows),
+                                            "rows": min(start + size, rows) - start})
+                for i, start in enumerate(range(0, rows, size))
+            ]
+        else:
+            files = readers.list_image_folder(Path(c.path))
+            specs = [
+                ShardSpec(f"part-{i:05d}", {"files": files[start:start + size], "rows": len(files[start:start + size])})
+                for i, start in enumerate(range(0, len(files), size))
+            ]
+        if not specs:
+            raise UserError(f"source: no records in {c.path}")
+        return specs
+
+    # ---- worker side -------------------------------------------------------------------------------------
+    @cached_property
+    def manifest_table(self) -> pa.Table:
+        c = self.config
+        path = Path(c.path)
+        try:
+            table = readers.read_manifest(path, readers.manifest_format(path, c.format))
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
+            raise UserError(f"source: cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
+        if c.caption_column not in table.column_names and c.image_column not in table.column_names:
+            raise UserError(
+                f"source: manifest {path} has neither caption column '{c.caption_column}' nor image column "
+                f"'{c.image_column}' (columns: {', '.join(table.column_names)})"
+            )
+        missing = [col for col in c.extra_columns if col not in table.column_names]
+        if missing:
+            raise UserError(f"source.extra_columns: {path} has no column {', '.join(missing)}")
+        return table
+
+    def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
+        c = self.config
+        if c.kind == "webdataset":
+            table, extras = readers.read_webdataset_tar(Path(spec.payload["file"]), c.extra_columns)
+            for col, values in extras.items():
+                table = table.append_column(col, pa.array(values, type=pa.string()))
+            return table
+        if c.kind == "image_folder":
+            return readers.read_image_folder(Path(c.path), spec.payload["files"])
+        return self._manifest_slice(spec.payload["start"], spec.payload["stop"])
+
+    def _manifest_slice(self, start: int, stop: int) -> pa.Table:
+        c = self.config
+        part = self.manifest_table.slice(start, stop - start)
+        n = part.num_rows
+
+        def column(name: str, as_string: bool = True) -> pa.Array:
+            if name not in part.column_names:
+                return pa.nulls(n, pa.string())
+            col = part[name].combine_chunks()
+            return col.cast(pa.string()) if as_string and not pa.types.is_string(col.type) else col
+
+        if c.key_column in part.column_names:
+            keys = [readers.sanitize_key(k) for k in column(c.key_column).to_pylist()]
+        else:
+            stem = readers.sanitize_key(Path(c.path).stem)
+            keys = [f"{stem}_{i:09d}" for i in range(start, stop)]
+        groups = column(c.group_column).to_pylist()
+        image = column(c.image_column, as_string=False)
+        if not (pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type)):
+            image = image.cast(pa.string())
+        columns = {
+            "key": pa.array(keys, pa.string()),
+            "caption": column(c.caption_column),
+            "image": image,
+            "group": pa.array([g if g is not None else k for g, k in zip(groups, keys)], pa.string()),
+            "label": column(c.label_column),
+            "category": column(c.category_column),
+            "_reason": pa.nulls(n, pa.string()),
+            "_error": pa.nulls(n, pa.string()),
+        }
+        for extra in c.extra_columns:
+            columns[extra] = part[extra].combine_chunks()
+        return pa.table(columns)
+
+    def _load_image(self, ref: Any) -> bytes:
+        """Image bytes from bytes, a URL, or a path (relative paths resolve against image_root)."""
+        if isinstance(ref, bytes):
+            return ref
+        ref = str(ref)
+        if ref.startswith(("http://", "https://", "file://")):
+            with urllib.request.urlopen(ref, timeout=self.config.url_timeout) as response:
+                return response.read()
+        path = Path(ref)
+        if not path.is_absolute():
+            root = self.config.image_root or str(Path(self.config.path).parent)
+            path = Path(root) / path
+        return path.read_bytes()
+
+    def process_batch(self, batch: pa.Table) -> BatchResult:
+        """Load image bytes, check required fields; every row is kept or rejected with a reason."""
+        c = self.config
+        keep: list[int] = []
+        images: list[bytes | None] = []
+        rejects: list[Reject] = []
+        rows = batch.select(["key", "caption", "image", "_reason", "_error"]).to_pylist()
+        for i, row in enumerate(rows):
+            key = row["key"]
+            if row["_reason"]:
+                rejects.append(Reject(key, row["_reason"], row["_error"] or ""))
+                continue
+            caption = (row["caption"] or "").strip()
+            if c.require_caption and not caption:
+                rejects.append(Reject(key, "missing caption", "caption is empty"))
+                continue
+            image = None
+            if row["image"] not in (None, b"", ""):
+                try:
+                    image = self._load_image(row["image"])
+                except (OSError, ValueError) as exc:
+                    rejects.append(Reject(key, "image not readable", f"{row['image']!s:.200}: {exc}"))
+                    continue
+            if c.require_image and not image:
+                rejects.append(Reject(key, "missing image", "no image path, URL or bytes"))
+                continue
+            keep.append(i)
+            images.append(image)
+        kept = batch.take(pa.array(keep, pa.int64()))
+        captions = pc.utf8_trim_whitespace(kept["caption"]) if kept.num_rows else kept["caption"]
+        columns = {
+            "key": kept["key"],
+            "caption": pc.if_else(pc.equal(captions, ""), None, captions) if kept.num_rows else captions,
+            "image": pa.array(images, pa.binary()),
+            "group": kept["group"],
+            "label": kept["label"],
+            "category": kept["category"],
+        }
+        for extra in c.extra_columns:
+            columns[extra] = kept[extra]
+        return BatchResult(pa.table(columns), rejects)
+
+    def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:
+        """Keys must be unique over the whole source; a clash is the user's to fix, so fail clearly."""
+        keys = pa.concat_arrays(
+            [workdir.read_shard(self.name, s, ["key"])["key"].combine_chunks() for s in shard_ids]
+        )
+        counts = pc.value_counts(keys)
+        dupes = counts.filter(pc.greater(counts.field("counts"), 1))
+        if len(dupes):
+            example = dupes[0]["values"].as_py()
+            raise UserError(
+                f"source: {len(dupes)} keys occur more than once after making them dot-free "
+                f"(e.g. '{example}'); give every record a unique key"
+            )

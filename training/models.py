@@ -1,0 +1,116 @@
+"""open_clip model loading, shared by the embed stage and the trainer.
+
+One function, :func:`load_clip`, takes every weight source users have: an open_clip pretrained tag
+(``openai``, ``laion2b_s34b_b79k``), a local checkpoint file, an ``hf-hub:org/repo`` id, a ``local-dir:``
+folder, or none (random init, seeded). The toy configs shipped in ``model_configs/`` are registered with
+open_clip first, so toy models load through the very same path as real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_toy_configs() -> None:
+    """Make the project's small architectures (``toy-*``) known to open_clip; idempotent."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    _registered = True
+
+
+def known_architectures() -> list[str]:
+    import open_clip
+
+    register_toy_configs()
+    return open_clip.list_models()
+
+
+def pretrained_tags(arch: str) -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_pretrained_tags_by_model(arch))
+
+
+def weight_source_kind(arch: str, pretrained: str | None) -> str:
+    """Classify a weight source: 'random', 'hub', 'local-dir', 'file' or 'tag'."""
+    if arch.startswith("hf-hub:"):
+        return "hub"
+    if arch.startswith("local-dir:"):
+        return "local-dir"
+    if not pretrained:
+        return "random"
+    if pretrained.startswith("hf-hub:"):
+        return "hub"
+    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        return "file"
+    return "tag"
+
+
+def state_dict_digest(model: Any) -> str:
+    """sha256 over the weights (names, shapes, dtypes, bytes): the model's identity whatever file it came from."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedClip:
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    arch: str
+    identity: str
+    image_size: int
+    embed_dim: int
+
+
+def load_clip(
+    arch: str,
+    pretrained: str | None = None,
+    *,
+    init_seed: int = 0,
+    cache_dir: str | None = None,
+) -> LoadedClip:
+    """Create an open_clip model on the CPU in fp32 and compute its identity.
+
+    ``arch`` may be an architecture name (``ViT-B-32``, ``toy-vit-tiny``), ``hf-hub:org/repo`` or
+    ``local-dir:/path``; ``pretrained`` a tag or a checkpoint path, or None for a seeded random init.
+    Moving to a device and casting is the caller's business (it is decided on the worker).
+    """
+    import open_clip
+    import torch
+
+    register_toy_configs()
+    kind = weight_source_kind(arch, pretrained)
+    if kind == "file" and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {pretrained}")
+    if pretrained and pretrained.startswith("hf-hub:"):
+        arch, pretrained = pretrained, None
+    torch.manual_seed(init_seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        arch, pretrained=pretrained or None, cache_dir=cache_dir
+    )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(arch)
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    with torch.no_grad():
+        embed_dim = int(model.encode_text(tokenizer(["x"])).shape[-1])
+    identity = f"{arch}@sha256:{state_dict_digest(model)[:24]}"
+    return LoadedClip(model, preprocess, tokenizer, arch, identity, image_size, embed_dim)
