@@ -37,8 +37,9 @@ DEFAULT_RECIPE = "sample.yaml"
 
 RecipeArg = Annotated[
     Path | None,
-    typer.Argument(help="Recipe YAML. Default: the offline sample recipe that ships with the package.",
-                   show_default=False),
+    typer.Argument(
+        help="Recipe YAML. Default: the offline sample recipe that ships with the package.", show_default=False
+    ),
 ]
 WorkdirOpt = Annotated[
     Path | None, typer.Option("--workdir", "-w", help="Work dir (default: the recipe's, else ./work/<name>).")
@@ -82,10 +83,15 @@ def _user_error_of(exc: BaseException) -> UserError | None:
 def build(
     recipe: RecipeArg = None,
     workdir: WorkdirOpt = None,
-    executor: Annotated[str, typer.Option(help="ray (default; embedded Ray unless --ray-address) or local "
-                                               "(in-process, same results; for debugging).")] = "ray",
-    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to join, e.g. "
-                                                        "127.0.0.1:6379 or auto.")] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="ray (default; embedded Ray unless --ray-address) or local (in-process, same results; for debugging)."
+        ),
+    ] = "ray",
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 or auto.")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     log_level: LogLevelOpt = "warning",
 ) -> None:
@@ -153,8 +159,16 @@ def status(
         table.add_column(column)
     for r in rows:
         reasons = ", ".join(f"{k}: {v}" for k, v in r["rejects_by_reason"].items()) or "-"
-        table.add_row(r["stage"], r["state"], str(r["shards_done"]), str(r["shards_pending"]), str(r["in"]),
-                      str(r["out"]), str(r["rejected"]), reasons)
+        table.add_row(
+            r["stage"],
+            r["state"],
+            str(r["shards_done"]),
+            str(r["shards_pending"]),
+            str(r["in"]),
+            str(r["out"]),
+            str(r["rejected"]),
+            reasons,
+        )
     Console().print(table)
 
 

@@ -70,9 +70,7 @@ class BuildProgress:
 
     def start_stage(self, name: str, records: int | None, shards_done: int, shards_total: int) -> None:
         self._shards_done, self._shards_total = shards_done, shards_total
-        self._task = self.progress.add_task(
-            name, total=records, shards=f"{shards_done}/{shards_total}", rate=""
-        )
+        self._task = self.progress.add_task(name, total=records, shards=f"{shards_done}/{shards_total}", rate="")
 
     def advance(self, records: int) -> None:
         self.progress.advance(self._task, records)

@@ -99,9 +99,7 @@ def load_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(file, "", f"expected a mapping of recipe keys, got {type(raw).__name__}")
     raw = interpolate_env(raw, file)
-    schema = _schema(
-        tuple((k, m, r) for k, (m, r) in sections.items()), tuple(sorted(stages.items()))
-    )
+    schema = _schema(tuple((k, m, r) for k, (m, r) in sections.items()), tuple(sorted(stages.items())))
     try:
         return schema.model_validate(raw, context={"base_dir": path.resolve().parent, "file": file})
     except ValidationError as exc:

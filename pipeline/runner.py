@@ -77,9 +77,7 @@ class Pipeline:
                 continue
             for upstream in cls.inputs:
                 if upstream not in fingerprints:
-                    raise UserError(
-                        f"stages.{name} needs stage '{upstream}', which this recipe does not enable"
-                    )
+                    raise UserError(f"stages.{name} needs stage '{upstream}', which this recipe does not enable")
             stage = cls(config, self.sections)
             inputs = {
                 "stage": name,
@@ -129,8 +127,14 @@ class Pipeline:
                 counts = manifest.get("counts", {})
                 outcomes.append(
                     StageOutcome(
-                        planned.name, "up to date", len(manifest["shards"]), 0,
-                        counts.get("in", 0), counts.get("out", 0), counts.get("rejected", 0), 0.0,
+                        planned.name,
+                        "up to date",
+                        len(manifest["shards"]),
+                        0,
+                        counts.get("in", 0),
+                        counts.get("out", 0),
+                        counts.get("rejected", 0),
+                        0.0,
                     )
                 )
                 continue
@@ -169,13 +173,24 @@ class Pipeline:
             progress.shard_done({})
             progress.finish_stage("done")
             manifest.update(
-                complete=True, counts=result["counts"], metadata=result["metadata"],
-                seconds=round(time.perf_counter() - started, 3), packages=package_versions(),
+                complete=True,
+                counts=result["counts"],
+                metadata=result["metadata"],
+                seconds=round(time.perf_counter() - started, 3),
+                packages=package_versions(),
             )
             wd.write_manifest(name, manifest)
             counts = result["counts"]
-            return StageOutcome(name, "ran", 1, 1, counts.get("in", 0), counts.get("out", 0),
-                                counts.get("rejected", 0), manifest["seconds"])
+            return StageOutcome(
+                name,
+                "ran",
+                1,
+                1,
+                counts.get("in", 0),
+                counts.get("out", 0),
+                counts.get("rejected", 0),
+                manifest["seconds"],
+            )
 
         specs = [ShardSpec(s, p) for s, p in zip(manifest["shards"], manifest["specs"])]
         pending = [s for s in specs if not wd.shard_done(name, s.shard_id)]
@@ -208,8 +223,9 @@ class Pipeline:
         )
         wd.write_manifest(name, manifest)
         status = "resumed" if len(pending) < len(specs) else "ran"
-        return StageOutcome(name, status, len(specs), len(pending), counts["in"], counts["out"],
-                            counts["rejected"], manifest["seconds"])
+        return StageOutcome(
+            name, status, len(specs), len(pending), counts["in"], counts["out"], counts["rejected"], manifest["seconds"]
+        )
 
     def _expected_records(self, planned: PlannedStage, specs: list[ShardSpec]) -> int | None:
         rows = [s.payload.get("rows") for s in specs]

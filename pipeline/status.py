@@ -26,10 +26,18 @@ def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:
         if manifest.get("mode") == "global":
             counts = manifest.get("counts", {})
             state = "done" if manifest.get("complete") else "pending"
-            rows.append({"stage": name, "state": state, "shards_done": int(bool(manifest.get("complete"))),
-                         "shards_pending": int(not manifest.get("complete")), "in": counts.get("in", 0),
-                         "out": counts.get("out", 0), "rejected": len(rejects),
-                         "rejects_by_reason": dict(sorted(reasons.items()))})
+            rows.append(
+                {
+                    "stage": name,
+                    "state": state,
+                    "shards_done": int(bool(manifest.get("complete"))),
+                    "shards_pending": int(not manifest.get("complete")),
+                    "in": counts.get("in", 0),
+                    "out": counts.get("out", 0),
+                    "rejected": len(rejects),
+                    "rejects_by_reason": dict(sorted(reasons.items())),
+                }
+            )
             continue
         rows.append(
             {

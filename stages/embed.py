@@ -25,8 +25,12 @@ class ModelConfig(BaseModel):
     """The recipe's top-level ``model:`` section: the one embedding model of the recipe."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    arch: str = Field(description="open_clip architecture (ViT-B-32, ViT-L-14, toy-vit-tiny), hf-hub:org/repo or local-dir:/path")
-    pretrained: str | None = Field(default=None, description="pretrained tag (openai), checkpoint path, or null for random init")
+    arch: str = Field(
+        description="open_clip architecture (ViT-B-32, ViT-L-14, toy-vit-tiny), hf-hub:org/repo or local-dir:/path"
+    )
+    pretrained: str | None = Field(
+        default=None, description="pretrained tag (openai), checkpoint path, or null for random init"
+    )
     init_seed: int = Field(default=0, description="seed of the random init when pretrained is null")
     cache_dir: str | None = Field(default=None, description="where open_clip keeps downloaded weights")
 
@@ -64,7 +68,9 @@ class EmbedConfig(StageConfig):
     batch_size: int = Field(default=64, gt=0)
     gpus: float | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = CUDA where the worker has it")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(default="auto", description="auto = bf16 on CUDA, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", description="auto = bf16 on CUDA, fp32 on CPU"
+    )
 
 
 def to_fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
@@ -98,8 +104,9 @@ class EmbedStage(Stage):
         if precision == "auto":
             precision = "bf16" if self.device == "cuda" else "fp32"
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        loaded = load_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
-                           cache_dir=model_cfg.cache_dir)
+        loaded = load_clip(
+            model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir
+        )
         self.clip = loaded
         self.model = loaded.model.to(self.device, dtype=self.dtype).eval()
         normalize = next(t for t in loaded.preprocess.transforms if type(t).__name__ == "Normalize")
@@ -157,10 +164,15 @@ class EmbedStage(Stage):
             img = decoded[i].unsqueeze(0).float()
             h, w = img.shape[-2:]
             scale = size / min(h, w)
-            img = F.interpolate(img, size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                                mode="bicubic", antialias=True, align_corners=False)
+            img = F.interpolate(
+                img,
+                size=(max(size, round(h * scale)), max(size, round(w * scale))),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )
             top, left = (img.shape[-2] - size) // 2, (img.shape[-1] - size) // 2
-            out.append(img[..., top:top + size, left:left + size])
+            out.append(img[..., top : top + size, left : left + size])
         batch = ((torch.cat(out).clamp_(0, 255) / 255.0 - self.mean) / self.std) if out else None
         return batch, ok, failed
 

@@ -34,8 +34,15 @@ def manifest_format(path: Path, declared: str) -> str:
     if declared != "auto":
         return declared
     suffix = path.suffix.lower().lstrip(".")
-    return {"parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl",
-            "csv": "csv", "tsv": "csv"}.get(suffix, "")
+    return {
+        "parquet": "parquet",
+        "pq": "parquet",
+        "jsonl": "jsonl",
+        "json": "jsonl",
+        "ndjson": "jsonl",
+        "csv": "csv",
+        "tsv": "csv",
+    }.get(suffix, "")
 
 
 def read_manifest(path: Path, fmt: str) -> pa.Table:
@@ -78,8 +85,16 @@ def read_image_folder(root: Path, files: list[str]) -> pa.Table:
                 break
         label = path.parent.relative_to(root).as_posix() if path.parent != root else None
         key = sanitize_key(Path(rel).with_suffix("").as_posix())
-        values = {"key": key, "caption": caption, "image": str(path), "group": key, "label": label,
-                  "category": None, "_reason": None, "_error": None}
+        values = {
+            "key": key,
+            "caption": caption,
+            "image": str(path),
+            "group": key,
+            "label": label,
+            "category": None,
+            "_reason": None,
+            "_error": None,
+        }
         for c in RAW_COLUMNS:
             rows[c].append(values[c])
     return pa.table({c: pa.array(v, type=pa.string()) for c, v in rows.items()})
@@ -127,8 +142,11 @@ def read_webdataset_tar(path: Path, extra_columns: list[str]) -> tuple[pa.Table,
         # the archive itself broke between members: keep what was read, and record where it broke
         flush()
         after = current["__key__"] if current else "start"
-        current = {"__key__": f"{path.stem}_unreadable_after_{after}", "_reason": "truncated tar member",
-                   "_error": f"{path.name}: {exc}"}
+        current = {
+            "__key__": f"{path.stem}_unreadable_after_{after}",
+            "_reason": "truncated tar member",
+            "_error": f"{path.name}: {exc}",
+        }
     flush()
 
     rows: dict[str, list] = {c: [] for c in RAW_COLUMNS}

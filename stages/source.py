@@ -39,7 +39,9 @@ class SourceConfig(StageConfig):
     label_column: str = "label"
     category_column: str = "category"
     extra_columns: list[str] = Field(default_factory=list, description="further columns carried through")
-    image_root: str | None = Field(default=None, description="base of relative image paths (default: manifest's folder)")
+    image_root: str | None = Field(
+        default=None, description="base of relative image paths (default: manifest's folder)"
+    )
     shard_size: int = Field(default=1000, gt=0, description="records per shard (manifests, image folders)")
     require_image: bool = True
     require_caption: bool = True
@@ -125,14 +127,18 @@ class SourceStage(Stage):
         elif c.kind == "manifest":
             rows = self.manifest_table.num_rows
             specs = [
-                ShardSpec(f"part-{i:05d}", {"start": start, "stop": min(start + size, rows),
-                                            "rows": min(start + size, rows) - start})
+                ShardSpec(
+                    f"part-{i:05d}",
+                    {"start": start, "stop": min(start + size, rows), "rows": min(start + size, rows) - start},
+                )
                 for i, start in enumerate(range(0, rows, size))
             ]
         else:
             files = readers.list_image_folder(Path(c.path))
             specs = [
-                ShardSpec(f"part-{i:05d}", {"files": files[start:start + size], "rows": len(files[start:start + size])})
+                ShardSpec(
+                    f"part-{i:05d}", {"files": files[start : start + size], "rows": len(files[start : start + size])}
+                )
                 for i, start in enumerate(range(0, len(files), size))
             ]
         if not specs:
@@ -261,9 +267,7 @@ class SourceStage(Stage):
 
     def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:
         """Keys must be unique over the whole source; a clash is the user's to fix, so fail clearly."""
-        keys = pa.concat_arrays(
-            [workdir.read_shard(self.name, s, ["key"])["key"].combine_chunks() for s in shard_ids]
-        )
+        keys = pa.concat_arrays([workdir.read_shard(self.name, s, ["key"])["key"].combine_chunks() for s in shard_ids])
         counts = pc.value_counts(keys)
         dupes = counts.filter(pc.greater(counts.field("counts"), 1))
         if len(dupes):

@@ -38,8 +38,9 @@ def scene(index: int, size: int = 64, fmt: str = "JPEG") -> tuple[bytes, str]:
     return buf.getvalue(), f"a {colour} {shape} at the {place}"
 
 
-def write_image_manifest(folder: Path, n: int, *, corrupt: tuple[int, ...] = (), empty_caption: tuple[int, ...] = (),
-                         fmt: str = "csv") -> Path:
+def write_image_manifest(
+    folder: Path, n: int, *, corrupt: tuple[int, ...] = (), empty_caption: tuple[int, ...] = (), fmt: str = "csv"
+) -> Path:
     """Images as files plus a manifest naming them by relative path."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "images").mkdir(exist_ok=True)
