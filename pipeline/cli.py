@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import Enum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +35,12 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 DEFAULT_RECIPE = "sample.yaml"
+
+
+class ExecutorKind(str, Enum):
+    ray = "ray"
+    local = "local"
+
 
 RecipeArg = Annotated[
     Path | None,
@@ -79,7 +86,7 @@ def _user_error_of(exc: BaseException) -> UserError | None:
     return None
 
 
-@app.command(epilog="Example: saferclip-data build recipes/demo.yaml --executor local")
+@app.command(epilog="Example: saferclip-data build recipes/sample.yaml --executor local")
 def build(
     recipe: RecipeArg = None,
     workdir: WorkdirOpt = None,
@@ -100,7 +107,7 @@ def build(
 
     _setup_logging(log_level)
     pipeline = _pipeline(recipe, workdir)
-    runner = make_executor(executor, ray_address)
+    runner = make_executor(executor.value, ray_address)
     try:
         with BuildProgress(console, enabled=progress) as bars:
             outcomes = pipeline.build(runner, bars)
@@ -112,7 +119,7 @@ def build(
     console.print(f"work dir: {pipeline.workdir.root}")
 
 
-@app.command(epilog="Example: saferclip-data validate recipes/demo.yaml")
+@app.command(epilog="Example: saferclip-data validate recipes/sample.yaml")
 def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
     """Check RECIPE (keys, types, paths, model) without running anything."""
     _setup_logging(log_level)
@@ -121,7 +128,7 @@ def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: Lo
     typer.echo(f"recipe ok: {pipeline.recipe.name}: {names}; work dir {pipeline.workdir.root}")
 
 
-@app.command(epilog="Example: saferclip-data plan recipes/demo.yaml")
+@app.command(epilog="Example: saferclip-data plan recipes/sample.yaml")
 def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
     """Show the stage graph, each stage's resources and what is already done."""
     _setup_logging(log_level)
@@ -135,7 +142,7 @@ def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLev
     Console().print(table)
 
 
-@app.command(epilog="Example: saferclip-data status work/demo   (or: saferclip-data status recipes/demo.yaml)")
+@app.command(epilog="Example: saferclip-data status work/demo   (or: saferclip-data status recipes/sample.yaml)")
 def status(
     target: Annotated[Path | None, typer.Argument(help="A work dir, or a recipe whose work dir to read.")] = None,
     workdir: WorkdirOpt = None,

@@ -105,7 +105,11 @@ def load_recipe(
     except ValidationError as exc:
         first = exc.errors()[0]
         key = _key_path(first["loc"])
-        msg = first["msg"]
+        msg = first["msg"].removeprefix("Value error, ")
+        # a model-level check names the exact key itself ("source.path: ..."): use it as the key path
+        named = re.match(r"^([A-Za-z_][\w.\[\]]*): ", msg)
+        if named and (not key or named.group(1).startswith(key)):
+            key, msg = named.group(1), msg[named.end():]
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
         elif first["type"] == "missing":

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import write_image_manifest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "saferclip_data.pipeline.cli"]
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def recipe_dict(manifest: Path, **stage_overrides) -> dict:
+    embed = {"batch_size": 32, "concurrency": 1, **stage_overrides}
+    return {
+        "name": "t",
+        "source": {"kind": "manifest", "path": str(manifest), "shard_size": 50},
+        "model": {"arch": "toy-vit-tiny", "pretrained": None, "init_seed": 0},
+        "stages": {"embed": embed},
+    }
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def manifest_200(tmp_path_factory) -> Path:
+    return write_image_manifest(tmp_path_factory.mktemp("src"), 200)
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command in a subprocess: exit codes, stderr and Ray process isolation as a user sees them."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def cli(capsys):
+    """The CLI in-process (fast): returns (exit code, stdout, stderr)."""
+    from saferclip_data.pipeline import cli as cli_module
+
+    def call(*args: str):
+        old = sys.argv
+        sys.argv = ["saferclip-data", *args]
+        code = 0
+        try:
+            cli_module.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = old
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
