@@ -91,11 +91,9 @@ def build(
     recipe: RecipeArg = None,
     workdir: WorkdirOpt = None,
     executor: Annotated[
-        str,
-        typer.Option(
-            help="ray (default; embedded Ray unless --ray-address) or local (in-process, same results; for debugging)."
-        ),
-    ] = "ray",
+        ExecutorKind,
+        typer.Option(help="ray: Ray actors (embedded Ray unless --ray-address); local: in-process, same results."),
+    ] = ExecutorKind.ray,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 or auto.")
     ] = None,

@@ -109,7 +109,7 @@ def load_recipe(
         # a model-level check names the exact key itself ("source.path: ..."): use it as the key path
         named = re.match(r"^([A-Za-z_][\w.\[\]]*): ", msg)
         if named and (not key or named.group(1).startswith(key)):
-            key, msg = named.group(1), msg[named.end():]
+            key, msg = named.group(1), msg[named.end() :]
         if first["type"] == "extra_forbidden":
             msg = "unknown key"
         elif first["type"] == "missing":

@@ -21,7 +21,8 @@ def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:
         shards = manifest.get("shards", [])
         stats = [workdir.shard_stats(name, s) for s in shards]
         done = [s for s in stats if s is not None]
-        rejects = workdir.rejects(name)
+        # only shards with a marker count: a crash may leave outputs of an unfinished shard behind
+        rejects = workdir.rejects(name, [s["shard"] for s in done])
         reasons = Counter(dict(zip(*[c.to_pylist() for c in pc.value_counts(rejects["reason"]).flatten()])))
         if manifest.get("mode") == "global":
             counts = manifest.get("counts", {})

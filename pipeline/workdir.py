@@ -163,10 +163,13 @@ class WorkDir:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(folder / f"{name}.parquet", _with_metadata(table, metadata or {}))
 
-    def rejects(self, stage: str) -> pa.Table:
-        """All rejects of a stage (from its shard files and, for global stages, its rejects table)."""
+    def rejects(self, stage: str, shard_ids: list[str] | None = None) -> pa.Table:
+        """Rejects of a stage: of the given (finished) shards, or all; plus a global stage's rejects table."""
         folder = self.stage_dir(stage)
-        files = sorted(folder.glob("*.rejects.parquet"))
+        if shard_ids is None:
+            files = sorted(folder.glob("*.rejects.parquet"))
+        else:
+            files = [self.shard_path(stage, s, "rejects") for s in shard_ids]
         if (folder / "rejects.parquet").is_file():
             files.append(folder / "rejects.parquet")
         tables = [pq.read_table(f) for f in files]

@@ -76,10 +76,9 @@ def read_image_folder(root: Path, files: list[str]) -> pa.Table:
     rows: dict[str, list] = {c: [] for c in RAW_COLUMNS}
     for rel in files:
         path = root / rel
-        stem = path.with_suffix("")
         caption = None
         for ext in CAPTION_EXTENSIONS:
-            sidecar = stem.with_suffix(f".{ext}")
+            sidecar = path.parent / f"{path.stem}.{ext}"
             if sidecar.is_file():
                 caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
                 break

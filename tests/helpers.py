@@ -87,6 +87,8 @@ def write_tar_shards(folder: Path, n: int, per_shard: int, *, truncate_last: boo
         paths.append(path)
     if truncate_last:
         last = paths[-1]
-        data = last.read_bytes()
-        last.write_bytes(data[: len(data) - 3000])
+        with tarfile.open(last) as tar:
+            final_jpg = [m for m in tar.getmembers() if m.name.endswith(".jpg")][-1]
+        cut = final_jpg.offset_data + final_jpg.size // 2  # inside the last sample's image data
+        last.write_bytes(last.read_bytes()[:cut])
     return paths

@@ -18,27 +18,54 @@ def _mutations(manifest):
 
     return {
         "unknown top-level key": (with_(lambda d: d.update(colour="blue")), "colour", "unknown key"),
-        "unknown stage key": (with_(lambda d: d["stages"]["embed"].update(batchsize=3)), "stages.embed.batchsize",
-                              "unknown key"),
+        "unknown stage key": (
+            with_(lambda d: d["stages"]["embed"].update(batchsize=3)),
+            "stages.embed.batchsize",
+            "unknown key",
+        ),
         "unknown stage": (with_(lambda d: d["stages"].update(frobnicate={})), "stages.frobnicate", "unknown key"),
-        "wrong type": (with_(lambda d: d["stages"]["embed"].update(batch_size="many")), "stages.embed.batch_size",
-                       "integer"),
-        "negative batch size": (with_(lambda d: d["stages"]["embed"].update(batch_size=-4)),
-                                "stages.embed.batch_size", "greater than 0"),
-        "missing source path": (with_(lambda d: d["source"].update(path="/nonexistent/m.csv")), "source.path",
-                                "manifest file not found: /nonexistent/m.csv"),
-        "unknown model": (with_(lambda d: d["model"].update(arch="ViT-Z-99")), "model.arch",
-                          "unknown open_clip architecture 'ViT-Z-99'"),
-        "unknown pretrained tag": (with_(lambda d: d["model"].update(arch="ViT-B-32", pretrained="nosuchtag")),
-                                   "model.pretrained", "unknown tag 'nosuchtag' for ViT-B-32 (known: openai"),
-        "missing checkpoint": (with_(lambda d: d["model"].update(pretrained="/nonexistent/ckpt.pt")),
-                               "model.pretrained", "checkpoint file not found"),
+        "wrong type": (
+            with_(lambda d: d["stages"]["embed"].update(batch_size="many")),
+            "stages.embed.batch_size",
+            "integer",
+        ),
+        "negative batch size": (
+            with_(lambda d: d["stages"]["embed"].update(batch_size=-4)),
+            "stages.embed.batch_size",
+            "greater than 0",
+        ),
+        "missing source path": (
+            with_(lambda d: d["source"].update(path="/nonexistent/m.csv")),
+            "source.path",
+            "manifest file not found: /nonexistent/m.csv",
+        ),
+        "unknown model": (
+            with_(lambda d: d["model"].update(arch="ViT-Z-99")),
+            "model.arch",
+            "unknown open_clip architecture 'ViT-Z-99'",
+        ),
+        "unknown pretrained tag": (
+            with_(lambda d: d["model"].update(arch="ViT-B-32", pretrained="nosuchtag")),
+            "model.pretrained",
+            "unknown tag 'nosuchtag' for ViT-B-32 (known: openai",
+        ),
+        "missing checkpoint": (
+            with_(lambda d: d["model"].update(pretrained="/nonexistent/ckpt.pt")),
+            "model.pretrained",
+            "checkpoint file not found",
+        ),
         "missing source section": (with_(lambda d: d.pop("source")), "source", "required key is missing"),
         "unknown source kind": (with_(lambda d: d["source"].update(kind="ftp")), "source.kind", "Input should be"),
-        "bad concurrency type": (with_(lambda d: d["stages"]["embed"].update(concurrency=[1])),
-                                 "stages.embed.concurrency", "integer"),
-        "unset env var": (with_(lambda d: d["source"].update(path="${SAFERCLIP_TEST_UNSET_VAR}/m.csv")),
-                          "source.path", "environment variable SAFERCLIP_TEST_UNSET_VAR is not set"),
+        "bad concurrency type": (
+            with_(lambda d: d["stages"]["embed"].update(concurrency=[1])),
+            "stages.embed.concurrency",
+            "integer",
+        ),
+        "unset env var": (
+            with_(lambda d: d["source"].update(path="${SAFERCLIP_TEST_UNSET_VAR}/m.csv")),
+            "source.path",
+            "environment variable SAFERCLIP_TEST_UNSET_VAR is not set",
+        ),
     }
 
 

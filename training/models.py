@@ -9,10 +9,19 @@ open_clip first, so toy models load through the very same path as real ones.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns that no weights were loaded; with ``pretrained: null`` that is what was asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -103,9 +112,16 @@ def load_clip(
     if pretrained and pretrained.startswith("hf-hub:"):
         arch, pretrained = pretrained, None
     torch.manual_seed(init_seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch, pretrained=pretrained or None, cache_dir=cache_dir
-    )
+    quiet = _QuietRandomInit() if kind == "random" else None
+    if quiet:
+        logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained or None, cache_dir=cache_dir
+        )
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     image_size = model.visual.image_size

@@ -1,0 +1,148 @@
+"""Stage cores without Ray: source reading and checks, embedding, alignment, the keep-or-reject invariant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from helpers import scene, write_image_manifest, write_tar_shards
+
+from saferclip_data.pipeline.executors import ShardWorker, StageJob
+from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage
+from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.stages.embed import EmbedConfig, EmbedStage, ModelConfig
+from saferclip_data.stages.source import SourceConfig, SourceStage
+
+
+def _source(**kw) -> SourceStage:
+    return SourceStage(SourceConfig(**kw), {})
+
+
+def test_manifest_source_keys_groups_and_rejects(tmp_path):
+    manifest = write_image_manifest(tmp_path, 6, empty_caption=(2,))
+    (tmp_path / "images" / "img00004.jpg").unlink()
+    stage = _source(kind="manifest", path=str(manifest), shard_size=4)
+    specs = stage.plan_shards(WorkDir(tmp_path / "w"))
+    assert [s.payload["rows"] for s in specs] == [4, 2]
+    raw = pa.concat_tables([stage.read_shard(s, None) for s in specs])
+    result = stage.process_batch(raw)
+    keys = result.table["key"].to_pylist()
+    assert keys == ["rec_00000", "rec_00001", "rec_00003", "rec_00005"]  # dots replaced, order kept
+    assert all("." not in k for k in keys)
+    assert result.table["group"].to_pylist() == ["g00000", "g00000", "g00001", "g00002"]
+    assert result.table["image"][0].as_py() == (tmp_path / "images" / "img00000.jpg").read_bytes()
+    reasons = {r.key: r.reason for r in result.rejects}
+    assert reasons == {"rec_00002": "missing caption", "rec_00004": "image not readable"}
+    assert "img00004.jpg" in next(r.error for r in result.rejects if r.key == "rec_00004")
+
+
+def test_text_only_records_allowed_when_configured(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"caption": "a red circle"}\n{"caption": "a blue square", "image": null}\n')
+    stage = _source(kind="manifest", path=str(path), require_image=False)
+    result = stage.process_batch(stage.read_shard(stage.plan_shards(None)[0], None))
+    assert result.table.num_rows == 2 and not result.rejects
+    assert result.table["key"].to_pylist() == ["m_000000000", "m_000000001"]
+    assert result.table["image"].null_count == 2
+    strict = _source(kind="manifest", path=str(path))
+    rejected = strict.process_batch(strict.read_shard(strict.plan_shards(None)[0], None))
+    assert [r.reason for r in rejected.rejects] == ["missing image", "missing image"]
+
+
+def test_webdataset_truncated_member_is_rejected_with_key(tmp_path):
+    tars = write_tar_shards(tmp_path, 10, 5, truncate_last=True)
+    stage = _source(kind="webdataset", path=str(tmp_path / "shard-{000..001}.tar"))
+    specs = stage.plan_shards(None)
+    assert [s.payload["file"] for s in specs] == [str(t) for t in tars]
+    first = stage.process_batch(stage.read_shard(specs[0], None))
+    assert first.table.num_rows == 5 and not first.rejects
+    assert first.table["group"].to_pylist()[:2] == ["g00000", "g00000"]
+    second = stage.process_batch(stage.read_shard(specs[1], None))
+    assert len(second.rejects) == 1
+    bad = second.rejects[0]
+    assert (bad.key, bad.reason) == ("s00009", "truncated tar member")
+    assert "s00009.jpg" in bad.error
+    # everything before the cut survives
+    assert second.table["key"].to_pylist() == ["s00005", "s00006", "s00007", "s00008"]
+
+
+def test_image_folder_with_sidecar_captions(tmp_path):
+    for i, sub in enumerate(["cats", "dogs", "dogs"]):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        data, caption = scene(i)
+        (tmp_path / sub / f"p.{i}.jpg").write_bytes(data)
+        (tmp_path / sub / f"p.{i}.txt").write_text(caption)
+    stage = _source(kind="image_folder", path=str(tmp_path))
+    result = stage.process_batch(stage.read_shard(stage.plan_shards(None)[0], None))
+    assert result.table["key"].to_pylist() == ["cats_p_0", "dogs_p_1", "dogs_p_2"]
+    assert result.table["label"].to_pylist() == ["cats", "dogs", "dogs"]
+    assert result.table["caption"][0].as_py() == scene(0)[1]
+
+
+@pytest.fixture(scope="module")
+def embed_stage():
+    stage = EmbedStage(EmbedConfig(device="cpu"), {"model": ModelConfig(arch="toy-vit-tiny")})
+    stage.setup()
+    return stage
+
+
+def test_embed_batch_normalised_float16_with_nulls_and_rejects(embed_stage):
+    good, caption = scene(1)
+    png, _ = scene(2, fmt="PNG")
+    batch = pa.table(
+        {
+            "key": ["a", "b", "c", "d"],
+            "caption": [caption, None, "only text", "broken"],
+            "image": pa.array([good, png, None, good[:200]], pa.binary()),
+        }
+    )
+    result = embed_stage.process_batch(batch)
+    assert [(r.key, r.reason) for r in result.rejects] == [("d", "undecodable image")]
+    table = result.table
+    assert table["key"].to_pylist() == ["a", "b", "c"]
+    assert table.schema.field("image_embedding").type == pa.list_(pa.float16(), 128)
+    img = table["image_embedding"]
+    txt = table["text_embedding"]
+    assert [v is None for v in img.to_pylist()] == [False, False, True]
+    assert [v is None for v in txt.to_pylist()] == [False, True, False]
+    vec = np.asarray(img[0].as_py(), np.float32)
+    assert abs(np.linalg.norm(vec) - 1) < 2e-3
+    # the same image alone gives the same vector: rows do not leak into each other
+    alone = embed_stage.process_batch(batch.slice(0, 1)).table["image_embedding"][0].as_py()
+    np.testing.assert_allclose(np.asarray(alone, np.float32), vec, atol=1e-3)
+    assert embed_stage.output_metadata()["model_identity"].startswith("toy-vit-tiny@sha256:")
+
+
+def test_read_aligned_joins_on_key_in_first_input_order(tmp_path):
+    wd = WorkDir(tmp_path)
+    empty = pa.table(
+        {
+            "key": pa.array([], pa.string()),
+            "stage": pa.array([], pa.string()),
+            "reason": pa.array([], pa.string()),
+            "error": pa.array([], pa.string()),
+        }
+    )
+    wd.write_shard("a", "part-00000", pa.table({"key": ["x", "y", "z"], "v": [1, 2, 3]}), empty, {}, {})
+    wd.write_shard("b", "part-00000", pa.table({"key": ["z", "x"], "w": [30, 10]}), empty, {}, {})
+    aligned = wd.read_aligned("part-00000", {"b": ("key", "w"), "a": ("v",)})
+    assert aligned.to_pydict() == {"key": ["z", "x"], "w": [30, 10], "v": [3, 1]}
+
+
+class _DroppingStage(Stage):
+    name = "dropping"
+    inputs = {"a": ("key",)}
+
+    def process_batch(self, batch):
+        return BatchResult(batch.slice(0, batch.num_rows - 1), [])
+
+
+def test_a_stage_that_loses_records_fails_loudly(tmp_path):
+    wd = WorkDir(tmp_path)
+    wd.write_shard(
+        "a", "part-00000", pa.table({"key": ["x", "y"]}), pa.table({"key": pa.array([], pa.string())}), {}, {}
+    )
+    worker = ShardWorker(StageJob(_DroppingStage, _DroppingStage.Config(), {}, str(tmp_path)))
+    with pytest.raises(RuntimeError, match="every record must be kept or rejected"):
+        worker.run_shard(ShardSpec("part-00000"))
+    assert not wd.shard_done("dropping", "part-00000")
