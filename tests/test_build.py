@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import recipe_dict, run_cli, write_recipe
 from helpers import write_image_manifest, write_tar_shards
-
 from saferclip_data.pipeline.executors import LocalExecutor
 from saferclip_data.pipeline.progress import BuildProgress
 from saferclip_data.pipeline.recipe import load_recipe

@@ -6,7 +6,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from helpers import scene, write_image_manifest, write_tar_shards
-
 from saferclip_data.pipeline.executors import ShardWorker, StageJob
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir
