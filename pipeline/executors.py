@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -43,6 +44,7 @@ class ShardWorker:
         self.stage = job.stage_cls(job.config, job.sections)
         self.workdir = WorkDir(job.workdir)
         self.stage.setup()
+        self.node = _ray_node_id()
 
     def ready(self) -> dict[str, str]:
         return {"pid": str(os.getpid()), **self.stage.output_metadata()}
@@ -77,9 +79,18 @@ class ShardWorker:
             "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
             "seconds": round(time.perf_counter() - started, 3),
             "metadata": metadata,
+            "worker": {"pid": os.getpid(), "node": self.node},
         }
         self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats, metadata)
         return stats
+
+
+def _ray_node_id() -> str:
+    """The Ray node this process runs on, or "local" outside Ray (ray is not imported just to ask)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return "local"
 
 
 def run_global_job(job: StageJob) -> dict[str, Any]:

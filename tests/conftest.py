@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests never reach a hub: set before huggingface_hub is imported (it reads this once, at import).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import write_image_manifest  # noqa: E402
 

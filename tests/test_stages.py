@@ -145,3 +145,48 @@ def test_a_stage_that_loses_records_fails_loudly(tmp_path):
     with pytest.raises(RuntimeError, match="every record must be kept or rejected"):
         worker.run_shard(ShardSpec("part-00000"))
     assert not wd.shard_done("dropping", "part-00000")
+
+
+def test_manifest_with_urls_fetches_over_loopback_http(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    write_image_manifest(tmp_path, 3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        path = tmp_path / "urls.jsonl"
+        path.write_text(
+            f'{{"key": "u0", "caption": "a", "image": "{base}/images/img00000.jpg"}}\n'
+            f'{{"key": "u1", "caption": "b", "image": "{base}/images/missing.jpg"}}\n'
+        )
+        stage = _source(kind="manifest", path=str(path), url_timeout=5)
+        result = stage.process_batch(stage.read_shard(stage.plan_shards(None)[0], None))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.table["key"].to_pylist() == ["u0"]
+    assert result.table["image"][0].as_py() == (tmp_path / "images" / "img00000.jpg").read_bytes()
+    assert [(r.key, r.reason) for r in result.rejects] == [("u1", "image not readable")]
+    assert "404" in result.rejects[0].error
+
+
+@pytest.mark.gpu
+def test_gpu_decode_and_bf16_embed_match_cpu(embed_stage):
+    """nvJPEG decode + GPU resize + bf16 towers agree with the PIL + fp32 CPU path."""
+    gpu = EmbedStage(EmbedConfig(device="cuda"), {"model": ModelConfig(arch="toy-vit-tiny")})
+    gpu.setup()
+    assert gpu.device == "cuda"
+    images = [scene(i)[0] for i in range(16)]
+    batch = pa.table({"key": [f"k{i}" for i in range(16)], "caption": [scene(i)[1] for i in range(16)],
+                      "image": pa.array(images, pa.binary())})
+    cpu_out, gpu_out = embed_stage.process_batch(batch).table, gpu.process_batch(batch).table
+    for column in ("image_embedding", "text_embedding"):
+        a = np.asarray(cpu_out[column].to_pylist(), np.float32)
+        b = np.asarray(gpu_out[column].to_pylist(), np.float32)
+        cosine = (a * b).sum(1)
+        assert cosine.min() > 0.98, (column, cosine.min())

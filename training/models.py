@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from saferclip_data.pipeline.errors import UserError
+
 
 class _QuietRandomInit(logging.Filter):
     """open_clip warns that no weights were loaded; with ``pretrained: null`` that is what was asked for."""
@@ -119,11 +121,17 @@ def load_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained or None, cache_dir=cache_dir
         )
+        tokenizer = open_clip.get_tokenizer(arch)
+    except Exception as exc:  # downloads, bad checkpoints: all end as one clear line for the user
+        if kind == "random":
+            raise
+        source = arch if pretrained is None else f"{arch} with weights {pretrained}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"model: cannot load {source} ({kind}): {type(exc).__name__}: {first[:300]}") from exc
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
     model.eval()
-    tokenizer = open_clip.get_tokenizer(arch)
     image_size = model.visual.image_size
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     with torch.no_grad():

@@ -1,0 +1,58 @@
+"""Model loading through the one function users call: checkpoint files, tags, hub ids, toy configs."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import recipe_dict, write_recipe
+from helpers import write_image_manifest
+
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.training.models import known_architectures, load_clip, weight_source_kind
+
+
+def test_weight_source_kinds():
+    assert weight_source_kind("ViT-B-32", None) == "random"
+    assert weight_source_kind("ViT-B-32", "openai") == "tag"
+    assert weight_source_kind("ViT-B-32", "/ckpt/model.pt") == "file"
+    assert weight_source_kind("ViT-B-32", "hf-hub:laion/CLIP-ViT-B-32") == "hub"
+    assert weight_source_kind("hf-hub:laion/CLIP-ViT-B-32", None) == "hub"
+    assert weight_source_kind("local-dir:/models/clip", None) == "local-dir"
+    assert "toy-vit-tiny" in known_architectures() and "ViT-L-14" in known_architectures()
+
+
+@pytest.mark.slow
+def test_random_init_vit_b32_checkpoint_loads_through_load_clip(tmp_path, cli):
+    """A real architecture at random init, saved and reloaded the way a user's checkpoint would be."""
+    reference = load_clip("ViT-B-32", None, init_seed=3)
+    ckpt = tmp_path / "vit-b-32-random.pt"
+    torch.save({"state_dict": reference.model.state_dict()}, ckpt)
+    other_seed = load_clip("ViT-B-32", None, init_seed=4)
+    assert other_seed.identity != reference.identity
+    del other_seed
+    loaded = load_clip("ViT-B-32", str(ckpt))
+    assert loaded.identity == reference.identity and loaded.embed_dim == 512 and loaded.image_size == 224
+    del reference, loaded
+
+    manifest = write_image_manifest(tmp_path / "m", 6)
+    data = recipe_dict(manifest, batch_size=6)
+    data["model"] = {"arch": "ViT-B-32", "pretrained": "vit-b-32-random.pt"}  # relative to the recipe
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "w"), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    table = pq.read_table(tmp_path / "w" / "embed" / "part-00000.parquet")
+    assert table.num_rows == 6 and table.schema.field("image_embedding").type.list_size == 512
+    identity = table.schema.metadata[b"model_identity"].decode()
+    assert identity.startswith("ViT-B-32@sha256:")
+
+
+def test_tags_and_hub_ids_fail_offline_with_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"model: cannot load toy-vit-tiny with weights .*broken\.pt \(file\)"):
+        bad = tmp_path / "broken.pt"
+        bad.write_bytes(b"not a checkpoint")
+        load_clip("toy-vit-tiny", str(bad))
+    with pytest.raises(UserError, match=r"cannot load hf-hub:example-org/clip-none \(hub\)"):
+        load_clip("hf-hub:example-org/clip-none", None, cache_dir=str(tmp_path))
+    with pytest.raises(UserError, match=r"cannot load RN50 with weights openai \(tag\)"):
+        load_clip("RN50", "openai", cache_dir=str(tmp_path))
