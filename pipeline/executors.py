@@ -139,7 +139,10 @@ class RayExecutor:
             if self.address:
                 kwargs["address"] = self.address
             else:
-                kwargs.update(include_dashboard=False, object_store_memory=self.object_store_mb * 2**20)
+                # "local" starts a private instance even where `ray start` left a cluster running on this host
+                kwargs.update(
+                    address="local", include_dashboard=False, object_store_memory=self.object_store_mb * 2**20
+                )
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError) as exc:

@@ -9,12 +9,15 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 
 @dataclass
@@ -29,13 +32,12 @@ class StageOutcome:
     seconds: float = 0.0
 
 
-class RecordsPerSecond(TextColumn):
-    def __init__(self):
-        super().__init__("")
+class RecordsPerSecond(ProgressColumn):
+    """Records per second (rich's speed columns count bytes)."""
 
-    def render(self, task):
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return TextColumn("{task.fields[rate]}").render(task) if speed is None else f"{speed:,.0f} rec/s"
+        return Text(f"{speed:,.0f} rec/s" if speed else "", style="progress.data.speed")
 
 
 class BuildProgress:
@@ -70,7 +72,7 @@ class BuildProgress:
 
     def start_stage(self, name: str, records: int | None, shards_done: int, shards_total: int) -> None:
         self._shards_done, self._shards_total = shards_done, shards_total
-        self._task = self.progress.add_task(name, total=records, shards=f"{shards_done}/{shards_total}", rate="")
+        self._task = self.progress.add_task(name, total=records, shards=f"{shards_done}/{shards_total}")
 
     def advance(self, records: int) -> None:
         self.progress.advance(self._task, records)
@@ -79,9 +81,10 @@ class BuildProgress:
         self._shards_done += 1
         self.progress.update(self._task, shards=f"{self._shards_done}/{self._shards_total}")
 
-    def finish_stage(self, status: str) -> None:
-        task = self.progress.tasks[-1]
-        self.progress.update(self._task, total=task.completed or task.total or 0, rate=status)
+    def finish_stage(self) -> None:
+        """Close the bar at what was done (the total may have been unknown, e.g. for tar sources)."""
+        task = next(t for t in self.progress.tasks if t.id == self._task)
+        self.progress.update(self._task, total=task.completed)
 
 
 def summary_table(outcomes: list[StageOutcome], title: str = "build summary") -> Table:

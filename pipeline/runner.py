@@ -171,7 +171,7 @@ class Pipeline:
             progress.start_stage(name, None, 0, 1)
             result = executor.run_global(job)
             progress.shard_done({})
-            progress.finish_stage("done")
+            progress.finish_stage()
             manifest.update(
                 complete=True,
                 counts=result["counts"],
@@ -201,7 +201,7 @@ class Pipeline:
             progress.advance(already)
         if pending:
             executor.run_map(job, pending, progress.advance, progress.shard_done)
-        progress.finish_stage("done")
+        progress.finish_stage()
 
         stage.finalize(wd, [s.shard_id for s in specs])
         stats = [wd.shard_stats(name, s.shard_id) for s in specs]

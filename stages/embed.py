@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class EmbedStage(Stage):
 
     def setup(self) -> None:
         import torch
+
         from saferclip_data.training.models import load_clip
 
         model_cfg: ModelConfig = self.sections["model"]

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from braceexpand import braceexpand
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir

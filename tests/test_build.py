@@ -8,8 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import recipe_dict, run_cli, write_recipe
-from helpers import write_image_manifest, write_tar_shards
+
 from saferclip_data.pipeline.executors import LocalExecutor
 from saferclip_data.pipeline.progress import BuildProgress
 from saferclip_data.pipeline.recipe import load_recipe
@@ -17,6 +16,9 @@ from saferclip_data.pipeline.runner import Pipeline
 from saferclip_data.pipeline.stage import Stage
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages import REGISTRY, SECTIONS
+
+from conftest import recipe_dict, run_cli, write_recipe
+from helpers import write_image_manifest, write_tar_shards
 
 
 def stage_table(workdir, stage: str) -> pa.Table:

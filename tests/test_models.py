@@ -5,11 +5,12 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import recipe_dict, write_recipe
-from helpers import write_image_manifest
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.training.models import known_architectures, load_clip, weight_source_kind
+
+from conftest import recipe_dict, write_recipe
+from helpers import write_image_manifest
 
 
 def test_weight_source_kinds():

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import recipe_dict, run_cli, write_recipe
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -30,14 +31,19 @@ def two_node_cluster(tmp_path):
     port = _free_port()
     common = ["--num-cpus=1", "--object-store-memory=150000000", "--disable-usage-stats", "--block"]
     logs = [open(tmp_path / f"ray-{n}.log", "w") for n in ("head", "worker")]
-    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                            env=ENV, stdout=logs[0], stderr=subprocess.STDOUT)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+        env=ENV,
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
     address = f"127.0.0.1:{port}"
     nodes = []
     try:
         _wait_for_nodes(address, 1, head)
-        worker = subprocess.Popen([RAY, "start", f"--address={address}", *common], env=ENV, stdout=logs[1],
-                                  stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            [RAY, "start", f"--address={address}", *common], env=ENV, stdout=logs[1], stderr=subprocess.STDOUT
+        )
         nodes = [head, worker]
         _wait_for_nodes(address, 2, worker)
         yield address
@@ -51,11 +57,17 @@ def two_node_cluster(tmp_path):
                 proc.kill()
         for log in logs:
             log.close()
+        # `ray start` records the newest cluster for later `ray.init()` calls; do not leave ours behind
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def _wait_for_nodes(address: str, count: int, proc: subprocess.Popen, timeout: float = 90) -> None:
-    probe = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
-             "print(sum(n['Alive'] for n in ray.nodes()))")
+    probe = (
+        "import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "ray start exited early"
@@ -74,8 +86,16 @@ def test_build_on_two_node_cluster_matches_local(tmp_path, manifest_200, two_nod
     data["source"]["concurrency"] = 2
     recipe = write_recipe(tmp_path / "r.yaml", data)
     cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
-    proc = run_cli("build", str(recipe), "-w", str(cluster_work), "--ray-address", two_node_cluster, "--no-progress",
-                   env={"RAY_AUTH_MODE": "disabled"})
+    proc = run_cli(
+        "build",
+        str(recipe),
+        "-w",
+        str(cluster_work),
+        "--ray-address",
+        two_node_cluster,
+        "--no-progress",
+        env={"RAY_AUTH_MODE": "disabled"},
+    )
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
     assert proc.returncode == 0, proc.stderr

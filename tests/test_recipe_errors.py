@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from conftest import recipe_dict, run_cli, write_recipe
 
 

@@ -10,6 +10,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from conftest import CLI, recipe_dict, run_cli, write_recipe
 from helpers import write_image_manifest
 
@@ -31,8 +32,11 @@ def test_sigkill_mid_embed_then_resume_is_byte_identical(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
     work = tmp_path / "killed"
-    build = subprocess.Popen([*CLI, "build", str(recipe), "-w", str(work), "--executor", "local", "--no-progress"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    build = subprocess.Popen(
+        [*CLI, "build", str(recipe), "-w", str(work), "--executor", "local", "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     markers = []
     while time.time() < deadline and build.poll() is None:

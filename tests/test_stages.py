@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import scene, write_image_manifest, write_tar_shards
+
 from saferclip_data.pipeline.executors import ShardWorker, StageJob
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.embed import EmbedConfig, EmbedStage, ModelConfig
 from saferclip_data.stages.source import SourceConfig, SourceStage
+
+from helpers import scene, write_image_manifest, write_tar_shards
 
 
 def _source(**kw) -> SourceStage:
@@ -182,8 +184,13 @@ def test_gpu_decode_and_bf16_embed_match_cpu(embed_stage):
     gpu.setup()
     assert gpu.device == "cuda"
     images = [scene(i)[0] for i in range(16)]
-    batch = pa.table({"key": [f"k{i}" for i in range(16)], "caption": [scene(i)[1] for i in range(16)],
-                      "image": pa.array(images, pa.binary())})
+    batch = pa.table(
+        {
+            "key": [f"k{i}" for i in range(16)],
+            "caption": [scene(i)[1] for i in range(16)],
+            "image": pa.array(images, pa.binary()),
+        }
+    )
     cpu_out, gpu_out = embed_stage.process_batch(batch).table, gpu.process_batch(batch).table
     for column in ("image_embedding", "text_embedding"):
         a = np.asarray(cpu_out[column].to_pylist(), np.float32)
