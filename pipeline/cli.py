@@ -177,6 +177,15 @@ def status(
     Console().print(table)
 
 
+def _add_subapps() -> None:
+    from saferclip_data.training.toy_cli import toy_app
+
+    app.add_typer(toy_app, name="toy")
+
+
+_add_subapps()
+
+
 def main() -> None:
     """Console-script entry: run the app, turning user mistakes into one line and exit code 2."""
     try:

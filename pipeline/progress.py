@@ -74,6 +74,11 @@ class BuildProgress:
         self._shards_done, self._shards_total = shards_done, shards_total
         self._task = self.progress.add_task(name, total=records, shards=f"{shards_done}/{shards_total}")
 
+    def subtask(self, name: str, total: int | None):
+        """A bar for preparatory work (e.g. pretraining); returns a function that advances it."""
+        task = self.progress.add_task(name, total=total, shards="-")
+        return lambda n=1: self.progress.advance(task, n)
+
     def advance(self, records: int) -> None:
         self.progress.advance(self._task, records)
 

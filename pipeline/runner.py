@@ -166,6 +166,7 @@ class Pipeline:
             wd.write_manifest(name, manifest)
         else:
             wd.clean_temp_files(name)
+        stage.prepare(progress)
         job = StageJob(planned.cls, planned.config, self.sections, str(wd.root))
         if stage.mode == "global":
             progress.start_stage(name, None, 0, 1)

@@ -114,6 +114,10 @@ class Stage(ABC):
         upstream = next(iter(self.inputs))
         return [ShardSpec(s) for s in workdir.completed_shards(upstream)]
 
+    def prepare(self, progress: Any) -> None:
+        """Driver-side, once per build before the stage's workers start (e.g. make sure a cached model exists).
+        ``progress.subtask(name, total)`` returns a callable that advances a progress bar."""
+
     def describe_resources(self) -> str:
         c = self.config
         return f"cpus={c.cpus:g} gpus={c.gpus} batch={c.batch_size} concurrency={c.concurrency}"

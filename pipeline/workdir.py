@@ -28,6 +28,11 @@ from .stage import REJECT_SCHEMA
 MANIFEST = "_manifest.json"
 
 
+def cache_root() -> Path:
+    """Where generated worlds and pretrained toy models are cached: $SAFERCLIP_CACHE, else ~/.cache."""
+    return Path(os.environ.get("SAFERCLIP_CACHE") or Path.home() / ".cache" / "saferclip-data")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)

@@ -52,10 +52,14 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_known(self):
-        from saferclip_data.training.models import known_architectures, pretrained_tags, weight_source_kind
+        from saferclip_data.training.models import TOY_TAG, known_architectures, pretrained_tags, weight_source_kind
 
         kind = weight_source_kind(self.arch, self.pretrained)
         if kind in ("hub", "local-dir"):
+            return self
+        if self.pretrained == TOY_TAG:
+            if not self.arch.startswith("toy-"):
+                raise ValueError(f"model.pretrained: '{TOY_TAG}' is only for the toy architectures, not {self.arch}")
             return self
         if self.arch not in known_architectures():
             raise ValueError(f"model.arch: unknown open_clip architecture '{self.arch}'")
@@ -90,6 +94,21 @@ class EmbedStage(Stage):
     version = "1"
 
     config: EmbedConfig
+
+    def prepare(self, progress) -> None:
+        """On the driver, before any worker starts: pretrain the toy CLIP once if the recipe asks for it, so
+        that workers only load a cached checkpoint (and the user sees the training progress)."""
+        from saferclip_data.training.models import TOY_TAG
+        from saferclip_data.training.toy_pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
+
+        model_cfg: ModelConfig = self.sections["model"]
+        if model_cfg.pretrained != TOY_TAG:
+            return
+        config = PretrainConfig(arch=model_cfg.arch, seed=model_cfg.init_seed)
+        if checkpoint_path(config).is_file():
+            return
+        advance = progress.subtask("pretrain toy CLIP", config.steps)
+        ensure_pretrained(config, on_step=lambda step, loss: advance(1))
 
     def setup(self) -> None:
         import torch

@@ -16,22 +16,50 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 from braceexpand import braceexpand
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
-from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.pipeline.workdir import WorkDir, cache_root
 
 from . import readers
+from .toyworld import TOY_COLUMNS, WorldConfig, world_fingerprint, write_world
 
 OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
+
+
+class ToyWorldOptions(BaseModel):
+    """Size and seed of a generated toy world (``source.kind: toy``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    scenes: int = Field(default=3000, gt=0, description="safe scenes over train/val/test, each with an unsafe edit")
+    shifted_scenes: int = Field(default=400, ge=0, description="scenes of the shifted (held-out places) split")
+    noisy_pair_fraction: float = Field(default=0.4, ge=0, le=1, description="ViSU-like wrong paired_safe share")
+    image_size: int = Field(default=64, ge=16)
+    shard_size: int = Field(default=1000, gt=0)
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(
+            seed=self.seed,
+            scenes=self.scenes,
+            shifted_scenes=self.shifted_scenes,
+            image_size=self.image_size,
+            noisy_pair_fraction=self.noisy_pair_fraction,
+            shard_size=self.shard_size,
+        )
 
 
 class SourceConfig(StageConfig):
     """The recipe's top-level ``source:`` section."""
 
-    kind: Literal["manifest", "image_folder", "webdataset"] = Field(description="layout of the source")
-    path: str = Field(description="manifest file, image folder, or tar file / folder / {00..09} pattern")
+    kind: Literal["manifest", "image_folder", "webdataset", "toy"] = Field(description="layout of the source")
+    path: str | None = Field(
+        default=None,
+        description="manifest file, image folder, or tar file / folder / {00..09} pattern; "
+        "for kind toy: where to write the world (default: the cache)",
+    )
+    toy: ToyWorldOptions = Field(default_factory=lambda: ToyWorldOptions(), description="kind toy: the world")
     format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
     key_column: str = "key"
     caption_column: str = "caption"
@@ -64,6 +92,15 @@ class SourceConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_path(self):
+        clash = sorted(set(self.extra_columns) & set(OUTPUT_COLUMNS))
+        if clash:
+            raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
+        if self.kind == "toy":
+            if not self.extra_columns:
+                self.extra_columns = list(TOY_COLUMNS)
+            return self
+        if self.path is None:
+            raise ValueError(f"source.path: required for kind {self.kind}")
         path = Path(self.path)
         if self.kind == "manifest":
             if not path.is_file():
@@ -103,6 +140,17 @@ class SourceStage(Stage):
     config: SourceConfig
 
     # ---- driver side -------------------------------------------------------------------------------------
+    def toy_dir(self) -> Path:
+        world = self.config.toy.world_config()
+        return Path(self.config.path) if self.config.path else cache_root() / "toy-world" / world_fingerprint(world)
+
+    def ensure_toy_world(self) -> list[str]:
+        """Generate the toy world once (it is cached by its settings) and return its tar shards."""
+        folder = self.toy_dir()
+        if not (folder / "world.json").is_file():
+            write_world(self.config.toy.world_config(), folder)
+        return tar_files(str(folder / "shards"))
+
     def _files(self) -> list[Path]:
         c = self.config
         if c.kind == "manifest":
@@ -114,6 +162,11 @@ class SourceStage(Stage):
 
     def input_fingerprint(self) -> dict[str, Any]:
         """Sizes and modification times of the input files: a changed file re-runs the source."""
+        if self.config.kind == "toy":
+            return {
+                "toy_world": self.config.toy.model_dump(),
+                "world_version": world_fingerprint(self.config.toy.world_config()),
+            }
         out = {}
         for f in self._files():
             st = f.stat()
@@ -123,8 +176,9 @@ class SourceStage(Stage):
     def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:
         c = self.config
         size = c.shard_size
-        if c.kind == "webdataset":
-            specs = [ShardSpec(f"part-{i:05d}", {"file": f}) for i, f in enumerate(tar_files(c.path))]
+        if c.kind in ("webdataset", "toy"):
+            files = self.ensure_toy_world() if c.kind == "toy" else tar_files(c.path)
+            specs = [ShardSpec(f"part-{i:05d}", {"file": f}) for i, f in enumerate(files)]
         elif c.kind == "manifest":
             rows = self.manifest_table.num_rows
             specs = [
@@ -143,7 +197,7 @@ class SourceStage(Stage):
                 for i, start in enumerate(range(0, len(files), size))
             ]
         if not specs:
-            raise UserError(f"source: no records in {c.path}")
+            raise UserError(f"source: no records in {c.path or self.toy_dir()}")
         return specs
 
     # ---- worker side -------------------------------------------------------------------------------------
@@ -167,7 +221,7 @@ class SourceStage(Stage):
 
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         c = self.config
-        if c.kind == "webdataset":
+        if c.kind in ("webdataset", "toy"):
             table, extras = readers.read_webdataset_tar(Path(spec.payload["file"]), c.extra_columns)
             for col, values in extras.items():
                 table = table.append_column(col, pa.array(values, type=pa.string()))

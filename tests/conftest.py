@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 # Tests never reach a hub: set before huggingface_hub is imported (it reads this once, at import).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One cache per test session (toy worlds, the pretrained toy CLIP): shared by the tests, never the user's.
+if "SAFERCLIP_TEST_KEEP_CACHE" not in os.environ:
+    os.environ["SAFERCLIP_CACHE"] = tempfile.mkdtemp(prefix="saferclip-test-cache-")
 
 from helpers import write_image_manifest  # noqa: E402
 
@@ -75,5 +79,30 @@ def cli(capsys):
             sys.argv = old
         out = capsys.readouterr()
         return code, out.out, out.err
+
+    return call
+
+
+@pytest.fixture(scope="module")
+def cli_module():
+    """The CLI in-process for module-scoped fixtures: returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from saferclip_data.pipeline import cli as cli_module
+
+    def call(*args: str):
+        old = sys.argv
+        sys.argv = ["saferclip-data", *args]
+        out, err = io.StringIO(), io.StringIO()
+        code = 0
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                cli_module.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = old
+        return code, out.getvalue(), err.getvalue()
 
     return call

@@ -25,6 +25,7 @@ class _QuietRandomInit(logging.Filter):
         return "initialized randomly" not in record.getMessage()
 
 
+TOY_TAG = "toy-world"  # `pretrained: toy-world` = the cached tiny CLIP pretrained on the toy world
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -108,6 +109,10 @@ def load_clip(
     import torch
 
     register_toy_configs()
+    if pretrained == TOY_TAG:
+        from .toy_pretrain import PretrainConfig, ensure_pretrained
+
+        pretrained = str(ensure_pretrained(PretrainConfig(arch=arch, seed=init_seed))[0])
     kind = weight_source_kind(arch, pretrained)
     if kind == "file" and not Path(pretrained).is_file():
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")

@@ -1,0 +1,58 @@
+"""The tiny CLIP pretrained on the toy world: its zero-shot figures, and loading it like any open_clip model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from saferclip_data.stages.toyworld import CATEGORIES
+from saferclip_data.training.models import load_clip
+from saferclip_data.training.toy_pretrain import PretrainConfig, checkpoint_path
+
+
+@pytest.fixture(scope="module")
+def pretrained(cli_module):
+    code, out, err = cli_module("toy", "pretrain")
+    assert code == 0, err
+    path = checkpoint_path(PretrainConfig())
+    return path, json.loads(path.with_name("metrics.json").read_text()), out
+
+
+@pytest.mark.slow
+def test_pretrain_prints_its_figures_and_caches(pretrained, cli_module):
+    path, metrics, out = pretrained
+    assert "zero-shot place accuracy" in out and "image->text R@1" in out
+    assert f"{metrics['place_accuracy']:.1%}" in out
+    assert metrics["place_accuracy"] >= 0.85
+    assert metrics["image_to_text_r1"] >= 0.45
+    assert metrics["train_seconds"] <= 600
+    mtime = path.stat().st_mtime_ns
+    code, out, _ = cli_module("toy", "pretrain")  # cached: no training, same figures
+    assert code == 0 and "from cache" in out and path.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_zero_shot_unsafe_detection_per_category(pretrained):
+    _, metrics, _ = pretrained
+    assert set(metrics["unsafe_auroc"]) == set(CATEGORIES)
+    assert min(metrics["unsafe_auroc"].values()) >= 0.9, metrics["unsafe_auroc"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 3 open: zero-shot object accuracy of the tiny CLIP is still far "
+    "below 80 % (shape is learned much more slowly than colour and place)",
+)
+def test_zero_shot_object_accuracy_target(pretrained):
+    assert pretrained[1]["object_accuracy"] >= 0.7
+
+
+@pytest.mark.slow
+def test_toy_checkpoint_loads_through_the_same_function(pretrained):
+    path, _, _ = pretrained
+    by_tag = load_clip("toy-resnet-tiny", "toy-world")
+    by_path = load_clip("toy-resnet-tiny", str(path))
+    assert by_tag.identity == by_path.identity
+    assert by_tag.identity != load_clip("toy-resnet-tiny", None).identity
