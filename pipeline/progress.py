@@ -37,7 +37,11 @@ class RecordsPerSecond(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} rec/s" if speed else "", style="progress.data.speed")
+        unit = task.fields.get("unit", "rec")
+        return Text(
+            f"{speed:,.1f} {unit}/s" if speed and speed < 10 else f"{speed:,.0f} {unit}/s" if speed else "",
+            style="progress.data.speed",
+        )
 
 
 class BuildProgress:
@@ -76,7 +80,7 @@ class BuildProgress:
 
     def subtask(self, name: str, total: int | None):
         """A bar for preparatory work (e.g. pretraining); returns a function that advances it."""
-        task = self.progress.add_task(name, total=total, shards="-")
+        task = self.progress.add_task(name, total=total, shards="-", unit="step")
         return lambda n=1: self.progress.advance(task, n)
 
     def advance(self, records: int) -> None:

@@ -115,3 +115,28 @@ def test_build_reads_the_generated_world_like_user_data(tmp_path, cli):
             truth["split"],
         )
     assert json.loads((tmp_path / "world" / "world.json").read_text())["by_split"]["shift"] == {"safe": 8, "unsafe": 8}
+
+
+def test_toy_source_kind_generates_into_the_cache_once(tmp_path, cli):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "toysrc",
+            "source": {"kind": "toy", "toy": {"seed": 3, "scenes": 30, "shifted_scenes": 6, "shard_size": 25}},
+            "model": {"arch": "toy-vit-tiny"},
+            "stages": {"embed": {"batch_size": 64}},
+        },
+    )
+    code, out, err = cli("validate", str(recipe))
+    assert code == 0, err
+    code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "w"), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    parts = sorted((tmp_path / "w" / "source").glob("part-*[0-9].parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    assert table.num_rows == 72
+    assert {"split", "role", "source_safe", "paired_safe", "place", "main_object"} <= set(table.column_names)
+    unsafe = [r for r in table.to_pylist() if r["role"] == "unsafe"]
+    assert len(unsafe) == 36 and all(r["category"] in CATEGORIES for r in unsafe)
+    assert {r["split"] for r in table.to_pylist()} == {"train", "val", "test", "shift"}
+    code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "w"), "--executor", "local", "--no-progress")
+    assert "everything up to date" in err

@@ -23,7 +23,6 @@ from .world import SPLITS, WorldConfig, config_dict, world_records
 TOY_COLUMNS = (
     "split",
     "role",
-    "category",
     "source_safe",
     "paired_safe",
     "place",
