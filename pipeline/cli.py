@@ -34,7 +34,7 @@ app = typer.Typer(
     help="Build safety datasets for CLIP: embed, filter and pair unsafe/safe image-caption data into a work dir.",
 )
 console = Console(stderr=True)
-DEFAULT_RECIPE = "sample.yaml"
+DEFAULT_RECIPE = "demo.yaml"
 
 
 class ExecutorKind(str, Enum):
@@ -45,7 +45,8 @@ class ExecutorKind(str, Enum):
 RecipeArg = Annotated[
     Path | None,
     typer.Argument(
-        help="Recipe YAML. Default: the offline sample recipe that ships with the package.", show_default=False
+        help="Recipe YAML. Default: the offline demo recipe (toy world + tiny CLIP) that ships with the package.",
+        show_default=False,
     ),
 ]
 WorkdirOpt = Annotated[
@@ -86,7 +87,7 @@ def _user_error_of(exc: BaseException) -> UserError | None:
     return None
 
 
-@app.command(epilog="Example: saferclip-data build recipes/sample.yaml --executor local")
+@app.command(epilog="Example: saferclip-data build recipes/demo.yaml --executor local")
 def build(
     recipe: RecipeArg = None,
     workdir: WorkdirOpt = None,
@@ -117,7 +118,7 @@ def build(
     console.print(f"work dir: {pipeline.workdir.root}")
 
 
-@app.command(epilog="Example: saferclip-data validate recipes/sample.yaml")
+@app.command(epilog="Example: saferclip-data validate recipes/demo.yaml")
 def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
     """Check RECIPE (keys, types, paths, model) without running anything."""
     _setup_logging(log_level)
@@ -126,7 +127,7 @@ def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: Lo
     typer.echo(f"recipe ok: {pipeline.recipe.name}: {names}; work dir {pipeline.workdir.root}")
 
 
-@app.command(epilog="Example: saferclip-data plan recipes/sample.yaml")
+@app.command(epilog="Example: saferclip-data plan recipes/demo.yaml")
 def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
     """Show the stage graph, each stage's resources and what is already done."""
     _setup_logging(log_level)
@@ -140,7 +141,7 @@ def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLev
     Console().print(table)
 
 
-@app.command(epilog="Example: saferclip-data status work/demo   (or: saferclip-data status recipes/sample.yaml)")
+@app.command(epilog="Example: saferclip-data status work/demo   (or: saferclip-data status recipes/demo.yaml)")
 def status(
     target: Annotated[Path | None, typer.Argument(help="A work dir, or a recipe whose work dir to read.")] = None,
     workdir: WorkdirOpt = None,

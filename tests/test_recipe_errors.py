@@ -141,3 +141,9 @@ def test_recipe_yaml_is_loaded_safely(tmp_path, cli):
     code, _, err = cli("validate", str(path))
     assert code == 2 and "invalid YAML" in err
     assert yaml  # the loader used is yaml.safe_load
+
+
+def test_the_embedded_default_recipe_is_the_demo_and_valid(cli):
+    code, out, err = cli("validate")
+    assert code == 0, err
+    assert out.startswith("recipe ok: demo: source -> embed")
