@@ -152,7 +152,6 @@ def draw_place(draw: ImageDraw.ImageDraw, place: str, size: int, rng: random.Ran
     draw.rectangle((0, horizon, size, size), fill=spec["ground"])
     pattern, s = spec["pattern"], size
     shade = tuple(max(0, c - 40) for c in spec["sky"])
-    light = tuple(min(255, c + 50) for c in spec["sky"])
     if pattern == "waves":
         for y in range(horizon - 6, horizon, 3):
             draw.line((0, y, s, y), fill=(40, 110, 200), width=2)
@@ -176,7 +175,8 @@ def draw_place(draw: ImageDraw.ImageDraw, place: str, size: int, rng: random.Ran
     elif pattern == "tiles":
         for v in range(0, s, s // 8):
             draw.line((v, 0, v, horizon), fill=shade)
-            draw.line((0, v, s, v), fill=shade) if v < horizon else None
+            if v < horizon:
+                draw.line((0, v, s, v), fill=shade)
     elif pattern == "bushes":
         for _ in range(4):
             x = rng.randrange(s)
@@ -187,9 +187,7 @@ def draw_place(draw: ImageDraw.ImageDraw, place: str, size: int, rng: random.Ran
     elif pattern == "lamps":
         for x in range(6, s, s // 3):
             draw.line((x, horizon, x, horizon - s // 3), fill=(90, 90, 90), width=1)
-            draw.ellipse(
-                (x - 3, horizon - s // 3 - 3, x + 3, horizon - s // 3 + 3), fill=light if False else (255, 220, 90)
-            )
+            draw.ellipse((x - 3, horizon - s // 3 - 3, x + 3, horizon - s // 3 + 3), fill=(255, 220, 90))
 
 
 def draw_unsafe(draw: ImageDraw.ImageDraw, glyph: str, box: Box, rng: random.Random) -> None:

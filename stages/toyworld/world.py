@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
@@ -55,7 +55,6 @@ class Scene:
     unsafe_phrase: str
     unsafe_box: Box
     pattern_seed: int
-    extra: dict = field(default_factory=dict)
 
     def object_phrase(self) -> str:
         names = [f"{_article(colour)} {colour} {kind}" for kind, colour, _ in self.objects]
