@@ -146,8 +146,10 @@ def status(
     target: Annotated[Path | None, typer.Argument(help="A work dir, or a recipe whose work dir to read.")] = None,
     workdir: WorkdirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    log_level: LogLevelOpt = "warning",
 ) -> None:
     """Per stage: shards done/pending, records in/out/rejected, rejects by reason."""
+    _setup_logging(log_level)
     if target is not None and target.is_dir():
         root = target
     else:
