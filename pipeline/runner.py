@@ -197,7 +197,10 @@ class Pipeline:
         pending = [s for s in specs if not wd.shard_done(name, s.shard_id)]
         total_records = self._expected_records(planned, specs)
         progress.start_stage(name, total_records, len(specs) - len(pending), len(specs))
-        already = sum((wd.shard_stats(name, s.shard_id) or {}).get("in", 0) for s in specs if s not in pending)
+        pending_ids = {s.shard_id for s in pending}
+        already = sum(
+            (wd.shard_stats(name, s.shard_id) or {}).get("in", 0) for s in specs if s.shard_id not in pending_ids
+        )
         if already:
             progress.advance(already)
         if pending:
