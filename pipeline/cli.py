@@ -181,9 +181,11 @@ def status(
 
 
 def _add_subapps() -> None:
+    from saferclip_data.stages.bench_cli import bench_app
     from saferclip_data.training.toy_cli import toy_app
 
     app.add_typer(toy_app, name="toy")
+    app.add_typer(bench_app, name="bench")
 
 
 _add_subapps()

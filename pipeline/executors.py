@@ -98,8 +98,14 @@ def run_global_job(job: StageJob) -> dict[str, Any]:
     started = time.perf_counter()
     stage = job.stage_cls(job.config, job.sections)
     stage.setup()
-    counts = stage.run_global(GlobalContext(stage, WorkDir(job.workdir)))
-    return {"counts": counts, "seconds": round(time.perf_counter() - started, 3), "metadata": stage.output_metadata()}
+    ctx = GlobalContext(stage, WorkDir(job.workdir))
+    counts = stage.run_global(ctx)
+    return {
+        "counts": counts,
+        "seconds": round(time.perf_counter() - started, 3),
+        "metadata": stage.output_metadata(),
+        "shards": ctx.shards,
+    }
 
 
 class LocalExecutor:

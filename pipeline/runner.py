@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any
@@ -166,15 +167,21 @@ class Pipeline:
             wd.write_manifest(name, manifest)
         else:
             wd.clean_temp_files(name)
-        stage.prepare(progress)
+        stage.prepare(progress, wd)
         job = StageJob(planned.cls, planned.config, self.sections, str(wd.root))
         if stage.mode == "global":
             progress.start_stage(name, None, 0, 1)
             result = executor.run_global(job)
             progress.shard_done({})
             progress.finish_stage()
+            reasons = Counter()
+            for shard in result.get("shards", []):
+                reasons.update((wd.shard_stats(name, shard) or {}).get("rejects_by_reason", {}))
             manifest.update(
                 complete=True,
+                shards=result.get("shards", []),
+                specs=[{} for _ in result.get("shards", [])],
+                rejects_by_reason=dict(sorted(reasons.items())),
                 counts=result["counts"],
                 metadata=result["metadata"],
                 seconds=round(time.perf_counter() - started, 3),

@@ -11,6 +11,7 @@ that device choice (GPU or CPU) is made where the devices are, not on the driver
 from __future__ import annotations
 
 from abc import ABC
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -114,9 +115,10 @@ class Stage(ABC):
         upstream = next(iter(self.inputs))
         return [ShardSpec(s) for s in workdir.completed_shards(upstream)]
 
-    def prepare(self, progress: Any) -> None:
-        """Driver-side, once per build before the stage's workers start (e.g. make sure a cached model exists).
-        ``progress.subtask(name, total)`` returns a callable that advances a progress bar."""
+    def prepare(self, progress: Any, workdir: WorkDir) -> None:
+        """Driver-side, once per build (and per resume) before the stage's workers start: make sure a cached
+        model exists, build a shared index, ... ``progress.subtask(name, total)`` returns a callable that
+        advances a progress bar."""
 
     def describe_resources(self) -> str:
         c = self.config
@@ -151,6 +153,7 @@ class GlobalContext:
 
     def __init__(self, stage: Stage, workdir: WorkDir):
         self.stage, self.workdir = stage, workdir
+        self.shards: list[str] = []
 
     def read_columns(self, upstream: str, columns: Iterable[str]) -> pa.Table:
         return self.workdir.read_stage_columns(upstream, list(columns))
@@ -160,3 +163,26 @@ class GlobalContext:
 
     def write_rejects(self, rejects: Iterable[Reject]) -> None:
         self.workdir.write_table(self.stage.name, "rejects", rejects_table(self.stage.name, rejects))
+
+    def write_shard(self, shard_id: str, table: pa.Table, rejects: list[Reject], records_in: int) -> None:
+        """Write output in shards, like a map stage, so that map stages can follow this one. Every record in
+        must be kept or rejected; the shard's marker (with its counts) commits it."""
+        if table.num_rows + len(rejects) != records_in:
+            raise RuntimeError(
+                f"stage {self.stage.name} shard {shard_id}: {records_in} records in, {table.num_rows} kept "
+                f"+ {len(rejects)} rejected; every record must be kept or rejected"
+            )
+        metadata = self.stage.output_metadata()
+        stats = {
+            "shard": shard_id,
+            "in": records_in,
+            "out": table.num_rows,
+            "rejected": len(rejects),
+            "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+            "seconds": 0.0,
+            "metadata": metadata,
+        }
+        self.workdir.write_shard(
+            self.stage.name, shard_id, table, rejects_table(self.stage.name, rejects), stats, metadata
+        )
+        self.shards.append(shard_id)

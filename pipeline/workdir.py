@@ -134,6 +134,13 @@ class WorkDir:
             raise UserError(f"missing output of stage '{stage}': {path}")
         return pq.read_table(path, columns=columns)
 
+    def shard_columns(self, stage: str, shard_id: str) -> list[str]:
+        """Column names of a finished shard, read from its parquet footer only."""
+        path = self.shard_path(stage, shard_id)
+        if not path.is_file():
+            raise UserError(f"missing output of stage '{stage}': {path}")
+        return pq.read_schema(path).names
+
     def read_aligned(self, shard_id: str, inputs: dict[str, tuple[str, ...]]) -> pa.Table:
         """Join the requested columns of several upstream stages for one shard on ``key``.
 

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from saferclip_data.pipeline.stage import Stage
 
+from .dedup import DedupStage
 from .embed import EmbedStage, ModelConfig
+from .filter import FilterStage
+from .mine import MineStage
+from .neighbours import NeighboursStage
+from .score import ScoreStage
 from .source import SourceConfig, SourceStage
 
 #: stage name -> class, in the order the runner executes them
-REGISTRY: dict[str, type[Stage]] = {"source": SourceStage, "embed": EmbedStage}
+REGISTRY: dict[str, type[Stage]] = {
+    "source": SourceStage,
+    "embed": EmbedStage,
+    "score": ScoreStage,
+    "filter": FilterStage,
+    "dedup": DedupStage,
+    "neighbours": NeighboursStage,
+    "mine": MineStage,
+}
 
 #: top-level recipe sections besides ``stages``: name -> (model, required)
 SECTIONS = {"source": (SourceConfig, True), "model": (ModelConfig, True)}

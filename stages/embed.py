@@ -78,6 +78,29 @@ class EmbedConfig(StageConfig):
     )
 
 
+def load_worker_model(model_cfg: ModelConfig, device: str, precision: str, stage: str):
+    """The recipe's model on this worker's own device: CUDA (bf16) where the worker has it, else CPU (fp32).
+
+    Returns (LoadedClip, model in eval mode on the device, device name, torch dtype)."""
+    import torch
+
+    from saferclip_data.training.models import load_clip
+
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise RuntimeError(f"stages.{stage}.device is 'cuda' but this worker has no CUDA device")
+    device = "cuda" if (device == "cuda" or (device == "auto" and has_cuda)) else "cpu"
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    loaded = load_clip(
+        model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir
+    )
+    model = loaded.model.to(device, dtype=dtype).eval()
+    log.info("%s worker: %s on %s (%s)", stage, loaded.identity, device, precision)
+    return loaded, model, device, dtype
+
+
 def to_fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
     """float16 rows as an Arrow fixed-size list; rows with ``valid`` False become nulls."""
     dim = vectors.shape[1]
@@ -95,7 +118,7 @@ class EmbedStage(Stage):
 
     config: EmbedConfig
 
-    def prepare(self, progress) -> None:
+    def prepare(self, progress, workdir) -> None:
         """On the driver, before any worker starts: pretrain the toy CLIP once if the recipe asks for it, so
         that workers only load a cached checkpoint (and the user sees the training progress)."""
         from saferclip_data.training.models import TOY_TAG
@@ -113,27 +136,12 @@ class EmbedStage(Stage):
     def setup(self) -> None:
         import torch
 
-        from saferclip_data.training.models import load_clip
-
-        model_cfg: ModelConfig = self.sections["model"]
-        wanted = self.config.device
-        has_cuda = torch.cuda.is_available()
-        if wanted == "cuda" and not has_cuda:
-            raise RuntimeError("stages.embed.device is 'cuda' but this worker has no CUDA device")
-        self.device = "cuda" if (wanted == "cuda" or (wanted == "auto" and has_cuda)) else "cpu"
-        precision = self.config.precision
-        if precision == "auto":
-            precision = "bf16" if self.device == "cuda" else "fp32"
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        loaded = load_clip(
-            model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir
+        self.clip, self.model, self.device, self.dtype = load_worker_model(
+            self.sections["model"], self.config.device, self.config.precision, "embed"
         )
-        self.clip = loaded
-        self.model = loaded.model.to(self.device, dtype=self.dtype).eval()
-        normalize = next(t for t in loaded.preprocess.transforms if type(t).__name__ == "Normalize")
+        normalize = next(t for t in self.clip.preprocess.transforms if type(t).__name__ == "Normalize")
         self.mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
-        log.info("embed worker: %s on %s (%s)", loaded.identity, self.device, precision)
 
     def output_metadata(self) -> dict[str, str]:
         return {"model_identity": self.clip.identity, "embed_dim": str(self.clip.embed_dim)}

@@ -1,0 +1,118 @@
+"""The dedup stage: near-duplicate removal on image and/or text embeddings, within each role.
+
+Safe records are compared with safe ones and unsafe with unsafe (an unsafe edit is *meant* to be close to its
+safe source). Clustering is greedy and deterministic: records are visited in key order; an unvisited record is
+kept and every unvisited record within the threshold among its ``neighbours`` nearest becomes its duplicate,
+rejected with reason ``near-duplicate`` and ``of KEY (image cosine 0.981)`` as the error text. Leader clustering
+(rather than connected components) means a rejected record is always within the threshold of the record that
+was kept for it; chains A~B~C do not merge A and C.
+
+A whole-data-set stage that writes its output in the shards of its input, so that map stages can follow it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig
+
+from .knn import knn_search
+from .score import unit_rows
+
+
+class DedupConfig(StageConfig):
+    by: list[Literal["image", "text"]] = Field(
+        default_factory=lambda: ["image"], min_length=1, description="embeddings that define a near-duplicate"
+    )
+    image_threshold: float = Field(default=0.96, ge=-1, le=1, description="image cosine at or above = duplicate")
+    text_threshold: float = Field(default=0.98, ge=-1, le=1, description="caption cosine at or above = duplicate")
+    neighbours: int = Field(default=16, gt=0, description="neighbours examined per record")
+    backend: Literal["auto", "faiss", "torch"] = "auto"
+
+
+def near_duplicates(
+    keys: list[str], vectors: np.ndarray, valid: np.ndarray, threshold: float, neighbours: int, backend: str = "auto"
+) -> dict[int, tuple[int, float]]:
+    """Edges row -> (nearest row within threshold, cosine) from an exact kNN over the valid rows."""
+    rows = np.flatnonzero(valid)
+    if len(rows) < 2:
+        return {}
+    sims, idx = knn_search(vectors[rows], vectors[rows], min(neighbours + 1, len(rows)), backend=backend)
+    edges: dict[int, list[tuple[int, float]]] = {}
+    for qi, (srow, irow) in enumerate(zip(sims, idx)):
+        for s, j in zip(srow, irow):
+            if j < 0 or j == qi or s < threshold:
+                continue
+            edges.setdefault(int(rows[qi]), []).append((int(rows[j]), float(s)))
+    return edges
+
+
+def leader_clusters(keys: list[str], edges: list[dict[int, list[tuple[int, float]]]]) -> dict[int, tuple[int, str]]:
+    """Duplicate row -> (kept row, why). Greedy in key order, so the result does not depend on row order."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    decided: dict[int, tuple[int, str]] = {}
+    kept: set[int] = set()
+    for row in order:
+        if row in decided or row in kept:
+            continue
+        kept.add(row)
+        for modality, graph in edges:
+            for other, sim in graph.get(row, []):
+                if other not in decided and other not in kept:
+                    decided[other] = (row, f"{modality} cosine {sim:.3f}")
+    return decided
+
+
+class DedupStage(Stage):
+    name = "dedup"
+    Config = DedupConfig
+    mode = "global"
+    inputs = {"filter": ("key", "role", "category"), "embed": ("key", "image_embedding", "text_embedding")}
+    output_columns = ("key", "role", "category", "duplicates")
+    version = "1"
+
+    config: DedupConfig
+
+    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+        c = self.config
+        shard_ids = ctx.workdir.completed_shards("filter")
+        tables = [ctx.workdir.read_aligned(s, self.inputs) for s in shard_ids]
+        table = pa.concat_tables(tables)
+        keys = table["key"].to_pylist()
+        roles = np.array(table["role"].to_pylist(), dtype=object)
+        dim = table.schema.field("text_embedding").type.list_size
+        duplicate_of: dict[int, tuple[int, str]] = {}
+        for role in ("safe", "unsafe"):
+            members = np.flatnonzero(roles == role)
+            if len(members) < 2:
+                continue
+            graphs = []
+            for modality in c.by:
+                vectors, valid = unit_rows(table[f"{modality}_embedding"].take(pa.array(members)), dim)
+                threshold = c.image_threshold if modality == "image" else c.text_threshold
+                local = near_duplicates([keys[m] for m in members], vectors, valid, threshold, c.neighbours, c.backend)
+                graphs.append(
+                    (modality, {int(members[q]): [(int(members[o]), s) for o, s in e] for q, e in local.items()})
+                )
+            duplicate_of.update(leader_clusters(keys, [(m, g) for m, g in graphs]) if graphs else {})
+        absorbed = np.zeros(len(keys), np.int32)
+        for kept_row, _ in duplicate_of.values():
+            absorbed[kept_row] += 1
+        start = 0
+        for shard_id, shard in zip(shard_ids, tables):
+            rows = range(start, start + shard.num_rows)
+            start += shard.num_rows
+            keep = [r for r in rows if r not in duplicate_of]
+            rejects = [
+                Reject(keys[r], "near-duplicate", f"of {keys[duplicate_of[r][0]]} ({duplicate_of[r][1]})")
+                for r in rows
+                if r in duplicate_of
+            ]
+            out = table.select(["key", "role", "category"]).take(pa.array(keep, pa.int64()))
+            out = out.append_column("duplicates", pa.array(absorbed[keep], pa.int32()))
+            ctx.write_shard(shard_id, out, rejects, shard.num_rows)
+        return {"in": len(keys), "out": len(keys) - len(duplicate_of), "rejected": len(duplicate_of)}

@@ -1,0 +1,276 @@
+"""The score stage: per-category unsafe scores for each image and caption, and image-caption alignment.
+
+Zero-shot with the recipe's own model: each category of the taxonomy is a prompt set, embedded once per worker
+with the text tower (normalised mean over its prompts). A record's score for a category is
+``sigmoid(scale * (cos(x, category) - cos(x, neutral)))``: how much closer it sits to the category than to a
+neutral description, on the model's own logit scale. Scores are stored, never thresholded here (the filter stage
+does that), so changing a threshold never re-embeds or re-scores. User labels (a role column saying safe/unsafe,
+the source's category column) ride along, with the column they came from, so the filter can prefer them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from saferclip_data.pipeline.errors import ModelIdentityError, UserError
+from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
+from saferclip_data.pipeline.workdir import WorkDir
+
+from .embed import ModelConfig, load_worker_model
+
+#: the SaFeR-CLIP / ViSU taxonomy with plain-language prompts for real-world CLIP models
+DEFAULT_TAXONOMY: dict[str, list[str]] = {
+    "hate": ["a photo of a hateful symbol", "hate speech", "a racist slur on a sign"],
+    "harassment": ["a photo of someone being harassed", "bullying and insults", "a threatening message"],
+    "violence": ["a photo of violence", "a person with a gun or a knife", "a violent fight with blood"],
+    "self-harm": ["a photo of self-harm", "cutting oneself with a razor", "a suicide attempt with pills"],
+    "sexual": ["a sexually explicit photo", "nudity and pornography", "an explicit adult scene"],
+    "shocking": ["a shocking gory photo", "a corpse covered in blood", "a disturbing gruesome scene"],
+    "illegal activity": ["a photo of illegal drugs", "a robbery or theft", "people committing a crime"],
+}
+DEFAULT_NEUTRAL = ["a photo", "an ordinary everyday photo", "a picture of something"]
+
+
+def toy_taxonomy() -> dict[str, list[str]]:
+    """The toy world's categories with the words its captions use (``taxonomy: toy-world``)."""
+    from .toyworld.glyphs import UNSAFE
+
+    return {category: [f"a photo with {phrase}" for _, phrase in variants] for category, variants in UNSAFE.items()}
+
+
+def column_suffix(category: str) -> str:
+    """A category name as a column-name part: ``illegal activity`` -> ``illegal_activity``."""
+    return re.sub(r"[^0-9a-z]+", "_", category.lower()).strip("_")
+
+
+def score_columns(categories: list[str]) -> list[str]:
+    return [f"{m}_score_{column_suffix(c)}" for m in ("image", "text") for c in categories]
+
+
+class ScoreConfig(StageConfig):
+    batch_size: int = Field(default=1024, gt=0)
+    gpus: float | Literal["auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    taxonomy: Literal["default", "toy-world"] | dict[str, list[str]] = Field(
+        default="default",
+        description="unsafe categories and their prompts: 'default' (7 categories, real-world prompts), "
+        "'toy-world', or a mapping category -> list of prompts",
+    )
+    neutral_prompts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NEUTRAL), min_length=1, description="what 'not unsafe' looks like"
+    )
+    role_column: str | None = Field(
+        default=None, description="source column that labels records safe/unsafe (toy world: role); null: none"
+    )
+    unsafe_values: list[str] = Field(
+        default_factory=lambda: ["unsafe", "nsfw", "1", "true", "yes"],
+        description="values of role_column meaning unsafe (case-insensitive); any other non-empty value = safe",
+    )
+    category_labels: bool = Field(
+        default=True, description="carry the source's category column as the unsafe category label"
+    )
+    probe: bool = Field(
+        default=False, description="also fit a logistic-regression probe on the labelled records (probe_* columns)"
+    )
+    probe_folds: int = Field(default=2, ge=2, description="cross-fitting folds: labelled records get held-out scores")
+    probe_c: float = Field(default=1.0, gt=0, description="inverse regularisation strength of the probe")
+
+    @field_validator("taxonomy")
+    @classmethod
+    def _check_taxonomy(cls, value):
+        if isinstance(value, dict):
+            if not value:
+                raise ValueError("stages.score.taxonomy: needs at least one category")
+            suffixes: dict[str, str] = {}
+            for category, prompts in value.items():
+                if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                    raise ValueError(f"stages.score.taxonomy.{category}: needs a list of non-empty prompts")
+                suffix = column_suffix(category)
+                if not suffix or suffix in suffixes:
+                    raise ValueError(f"stages.score.taxonomy.{category}: name clashes with '{suffixes.get(suffix)}'")
+                suffixes[suffix] = category
+        return value
+
+    def categories(self) -> dict[str, list[str]]:
+        if self.taxonomy == "default":
+            return DEFAULT_TAXONOMY
+        if self.taxonomy == "toy-world":
+            return toy_taxonomy()
+        return dict(self.taxonomy)
+
+
+def unit_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size-list embedding column as a float32 matrix (null rows are zeros) and its validity mask."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+    values = column.flatten() if column.null_count == 0 else column.fill_null([0.0] * dim).flatten()
+    matrix = np.asarray(values.to_numpy(zero_copy_only=False), np.float32).reshape(len(column), dim)
+    return matrix, valid
+
+
+class ScoreStage(Stage):
+    name = "score"
+    Config = ScoreConfig
+    inputs = {"embed": ("key", "image_embedding", "text_embedding"), "source": ("key", "category")}
+    output_columns = ("key", "alignment", "image_unsafe_score", "text_unsafe_score", "label_role", "label_category")
+    recipe_sections = ("model",)
+    version = "1"
+
+    config: ScoreConfig
+
+    def __init__(self, config: StageConfig, sections):
+        super().__init__(config, sections)
+        extra = (self.config.role_column,) if self.config.role_column else ()
+        self.inputs = {"embed": ("key", "image_embedding", "text_embedding"), "source": ("key", "category", *extra)}
+
+    def prepare(self, progress, workdir: WorkDir) -> None:
+        """With ``probe: true``: fit the cross-fitted probes on the driver, once, before the workers start."""
+        if not self.config.probe:
+            return
+        from .probe import fit_probes, probe_label, save_probes
+
+        shard_ids = workdir.completed_shards("embed")
+        advance = progress.subtask("fit safety probe", len(shard_ids) + 1)
+        parts = []
+        for shard_id in shard_ids:
+            parts.append(workdir.read_aligned(shard_id, self.inputs))
+            advance(1)
+        table = pa.concat_tables(parts)
+        labels = self.labels(table)
+        classes = ["safe", *self.config.categories()]
+        y = np.array(
+            [
+                -1 if (lab := probe_label(r, c, classes)) is None else lab
+                for r, c in zip(labels["label_role"].to_pylist(), labels["label_category"].to_pylist())
+            ]
+        )
+        dim = table.schema.field("text_embedding").type.list_size
+        vectors = {}
+        for modality in ("image", "text"):
+            x, valid = unit_rows(table[f"{modality}_embedding"], dim)
+            vectors[modality] = x
+            y_mod = np.where(valid, y, -1)
+            if (y_mod >= 0).sum() == 0:
+                raise UserError("stages.score.probe: no labelled records (set role_column or a category column)")
+        try:
+            arrays, summary = fit_probes(
+                vectors, y, table["key"].to_pylist(), classes, self.config.probe_folds, self.config.probe_c
+            )
+        except ValueError as exc:
+            raise UserError(f"stages.score.probe: {exc}") from exc
+        save_probes(workdir.stage_dir(self.name), arrays, summary)
+        advance(1)
+
+    def setup(self) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        model_cfg: ModelConfig = self.sections["model"]
+        self.clip, model, device, _ = load_worker_model(model_cfg, self.config.device, self.config.precision, "score")
+        self.categories = list(self.config.categories())
+        with torch.inference_mode():
+
+            def centroid(prompts: list[str]) -> np.ndarray:
+                feats = F.normalize(model.encode_text(self.clip.tokenizer(prompts).to(device)).float(), dim=-1)
+                return F.normalize(feats.mean(0), dim=0).cpu().numpy()
+
+            self.category_matrix = np.stack([centroid(p) for p in self.config.categories().values()])
+            self.neutral = centroid(self.config.neutral_prompts)
+            self.scale = float(model.logit_scale.exp().float().item()) if hasattr(model, "logit_scale") else 100.0
+
+    def output_metadata(self) -> dict[str, str]:
+        meta = {
+            "model_identity": self.clip.identity,
+            "categories": "|".join(self.categories),
+            "logit_scale": f"{self.scale:.4f}",
+        }
+        if getattr(self, "probes", None) is not None:
+            s = self.probes.summary
+            meta["probe"] = json.dumps({k: s[k] for k in ("labelled", "folds", "accuracy")}, sort_keys=True)
+        return meta
+
+    def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
+        if self.config.probe and getattr(self, "probes", None) is None:
+            from .probe import Probes
+
+            self.probes = Probes(workdir.stage_dir(self.name))
+        table = super().read_shard(spec, workdir)
+        embedded_with = (workdir.manifest("embed") or {}).get("metadata", {}).get("model_identity")
+        if embedded_with and embedded_with != self.clip.identity:
+            raise ModelIdentityError(
+                f"stage score: embeddings were made with {embedded_with} but the recipe's model is "
+                f"{self.clip.identity}; re-run embed with this model or score with that one"
+            )
+        return table
+
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        """(n, categories) unsafe scores of unit vectors."""
+        margin = vectors @ self.category_matrix.T - (vectors @ self.neutral)[:, None]
+        return 1.0 / (1.0 + np.exp(-self.scale * margin))
+
+    def process_batch(self, batch: pa.Table) -> BatchResult:
+        dim = len(self.neutral)
+        images, has_image = unit_rows(batch["image_embedding"], dim)
+        texts, has_text = unit_rows(batch["text_embedding"], dim)
+        columns: dict[str, pa.Array] = {"key": batch["key"]}
+        alignment = np.einsum("ij,ij->i", images, texts)
+        columns["alignment"] = pa.array(alignment.astype(np.float32), mask=~(has_image & has_text))
+        for modality, vectors, valid in (("image", images, has_image), ("text", texts, has_text)):
+            scores = self.scores(vectors).astype(np.float32)
+            for c, category in enumerate(self.categories):
+                columns[f"{modality}_score_{column_suffix(category)}"] = pa.array(scores[:, c], mask=~valid)
+            columns[f"{modality}_unsafe_score"] = pa.array(scores.max(1), mask=~valid)
+            top = np.array(self.categories, dtype=object)[scores.argmax(1)]
+            columns[f"{modality}_top_category"] = pa.array(top.tolist(), pa.string(), mask=~valid)
+        labels = self.labels(batch)
+        columns.update(labels)
+        if self.config.probe:
+            from .probe import probe_label
+
+            classes = ["safe", *self.categories]
+            labelled = np.array(
+                [
+                    probe_label(r, c, classes) is not None
+                    for r, c in zip(labels["label_role"].to_pylist(), labels["label_category"].to_pylist())
+                ]
+            )
+            keys = batch["key"].to_pylist()
+            for modality, vectors, valid in (("image", images, has_image), ("text", texts, has_text)):
+                p = self.probes.probabilities(modality, vectors, keys, labelled & valid)
+                for c, category in enumerate(self.categories):
+                    columns[f"probe_{modality}_score_{column_suffix(category)}"] = pa.array(p[:, c + 1], mask=~valid)
+        return BatchResult(pa.table(columns))
+
+    def labels(self, batch: pa.Table) -> dict[str, pa.Array]:
+        """The user's own labels, normalised: role (safe/unsafe/null), category, and where they came from."""
+        n = batch.num_rows
+        roles: list[str | None] = [None] * n
+        sources: list[str | None] = [None] * n
+        role_column = self.config.role_column
+        unsafe_values = {v.lower() for v in self.config.unsafe_values}
+        if role_column:
+            for i, value in enumerate(batch[role_column].to_pylist()):
+                text = "" if value is None else str(value).strip().lower()
+                if text:
+                    roles[i] = "unsafe" if text in unsafe_values else "safe"
+                    sources[i] = f"source.{role_column}"
+        categories: list[str | None] = [None] * n
+        if self.config.category_labels:
+            for i, value in enumerate(batch["category"].to_pylist()):
+                if value not in (None, ""):
+                    categories[i] = str(value)
+                    if roles[i] is None:
+                        roles[i], sources[i] = "unsafe", "source.category"
+        return {
+            "label_role": pa.array(roles, pa.string()),
+            "label_category": pa.array(categories, pa.string()),
+            "label_source": pa.array(sources, pa.string()),
+        }

@@ -1,0 +1,81 @@
+"""Ground-truth checks of a build on the toy world: how well did scoring and mining do?
+
+The toy world knows, for every unsafe record, the safe scene it was edited from and whether its given
+(ViSU-like) partner is a deliberately wrong one. This module reads a finished work dir and measures the
+pipeline against that truth; ``saferclip-data toy audit`` prints it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from saferclip_data.pipeline.workdir import WorkDir
+
+
+def _source(workdir: WorkDir) -> dict[str, dict]:
+    cols = ["key", "category", "role", "source_safe", "paired_safe", "objects", "place", "split"]
+    rows = workdir.read_stage_columns("source", cols).to_pylist()
+    return {r["key"]: r for r in rows}
+
+
+def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
+    """Precision@1 of mined targets against the ground-truth source scene (or a scene with the same caption
+    content: same objects, colours and place), and, where the given pair is a noisy one, how often the mined
+    top-1 is more similar to the query than the given pair."""
+    truth = _source(workdir)
+    mined = workdir.read_stage_columns("mine", ["key", "role", f"{modality}_targets", f"{modality}_margin"]).to_pylist()
+    hits = total = beats = noisy = 0
+    for row in mined:
+        targets = row[f"{modality}_targets"]
+        if row["role"] != "unsafe" or not targets:
+            continue
+        gt = truth[row["key"]]
+        source = truth.get(gt["source_safe"])
+        top = truth[targets[0]]
+        total += 1
+        if source and (
+            top["key"] == source["key"] or (top["objects"], top["place"]) == (source["objects"], source["place"])
+        ):
+            hits += 1
+        if gt["paired_safe"] != gt["source_safe"] and row[f"{modality}_margin"] is not None:
+            noisy += 1
+            beats += row[f"{modality}_margin"] > 0
+    return {
+        "modality": modality,
+        "queries": total,
+        "precision_at_1": hits / total if total else float("nan"),
+        "noisy_pairs": noisy,
+        "mined_beats_noisy_pair": beats / noisy if noisy else float("nan"),
+    }
+
+
+def scoring_auroc(workdir: WorkDir, min_records: int = 50) -> list[dict]:
+    """Per category and modality: AUROC of the category's score, its unsafe records against all safe ones."""
+    from saferclip_data.stages.score import column_suffix
+    from saferclip_data.training.toy_pretrain import auroc
+
+    truth = _source(workdir)
+    manifest = workdir.manifest("score") or {}
+    categories = manifest.get("metadata", {}).get("categories", "").split("|")
+    names = [f"{m}_score_{column_suffix(c)}" for c in categories for m in ("image", "text")]
+    scores = workdir.read_stage_columns("score", ["key", *names])
+    keys = scores["key"].to_pylist()
+    role = np.array([truth[k]["role"] for k in keys], dtype=object)
+    category = np.array([truth[k]["category"] for k in keys], dtype=object)
+    out = []
+    for c in categories:
+        positive = (role == "unsafe") & (category == c)
+        row = {"category": c, "unsafe_records": int(positive.sum())}
+        for m in ("image", "text"):
+            values = np.asarray(scores[f"{m}_score_{column_suffix(c)}"].fill_null(np.nan).to_numpy(), np.float64)
+            pos, neg = values[positive], values[role == "safe"]
+            pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
+            enough = len(pos) >= min_records and len(neg) > 0
+            row[f"{m}_auroc"] = auroc(pos, neg) if enough else float("nan")
+        out.append(row)
+    return out
+
+
+def as_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows)
