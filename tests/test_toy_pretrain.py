@@ -40,13 +40,18 @@ def test_zero_shot_unsafe_detection_per_category(pretrained):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 open: zero-shot object accuracy of the tiny CLIP is still far "
-    "below 80 % (shape is learned much more slowly than colour and place)",
-)
-def test_zero_shot_object_accuracy_target(pretrained):
-    assert pretrained[1]["object_accuracy"] >= 0.7
+def test_zero_shot_object_accuracy(pretrained):
+    _, metrics, out = pretrained
+    assert f"{metrics['object_accuracy']:.1%}" in out
+    assert metrics["object_accuracy"] >= 0.75
+
+
+@pytest.mark.slow
+def test_unsafe_captions_are_nearest_to_their_safe_twins(pretrained):
+    # what text->text mining relies on (see minimal_edit_loss); images are not taught it
+    _, metrics, out = pretrained
+    assert metrics["nearest_safe_precision"]["text"] >= 0.9
+    assert f"{metrics['nearest_safe_precision']['text']:.1%}" in out
 
 
 @pytest.mark.slow

@@ -88,6 +88,47 @@ def pretrain(
     table.add_row("image->text R@1", f"{metrics['image_to_text_r1']:.1%}", ">= 50%")
     for category, value in metrics["unsafe_auroc"].items():
         table.add_row(f"unsafe AUROC: {category}", f"{value:.3f}", ">= 0.9")
+    for modality, value in metrics["nearest_safe_precision"].items():
+        table.add_row(f"nearest safe {modality} has the same content", f"{value:.1%}", "-")
     table.add_row("training seconds", f"{metrics['train_seconds']:.0f}", "<= 600")
     Console().print(table)
     Console().print(f"checkpoint: {path}  (recipes: model.arch {arch}, model.pretrained toy-world)")
+
+
+@toy_app.command(epilog="Example: saferclip-data toy audit recipes/demo.yaml")
+def audit(
+    recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
+    modality: Annotated[
+        str, typer.Option(help="Mined modality to check: text, image, text_image, image_text.")
+    ] = "text",
+) -> None:
+    """Check a finished toy-world build against the world's ground truth: scoring AUROC per category, mining
+    precision@1 (the mined top-1 is the scene the unsafe record was edited from, or one with the same content)
+    and how often the mined target beats a deliberately wrong given pair."""
+    from saferclip_data.pipeline.cli import _pipeline
+    from saferclip_data.pipeline.errors import UserError
+    from saferclip_data.stages.toyworld.audit import mining_figures, scoring_auroc
+
+    wd = _pipeline(recipe, workdir).workdir
+    for stage in ("source", "score", "neighbours", "mine"):
+        if not (wd.manifest(stage) or {}).get("complete"):
+            raise UserError(
+                f"{wd.root}: stage '{stage}' has not finished; build a toy-world recipe with score, filter, dedup, "
+                "neighbours and mine first (e.g. recipes/demo.yaml)"
+            )
+    table = Table(title="scoring: AUROC of each category's score, its unsafe records vs all safe ones")
+    for column in ("category", "unsafe records", "image AUROC", "text AUROC"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for row in scoring_auroc(wd):
+        table.add_row(
+            row["category"], str(row["unsafe_records"]), f"{row['image_auroc']:.3f}", f"{row['text_auroc']:.3f}"
+        )
+    Console().print(table)
+    figures = mining_figures(wd, modality)
+    Console().print(
+        f"mining ({figures['modality']}): precision@1 {figures['precision_at_1']:.1%} over {figures['queries']:,} "
+        f"unsafe records whose source scene is in the safe pool ({figures['source_not_in_pool']:,} others: source "
+        f"filtered, deduplicated or in an excluded split); mined target beats the noisy given pair in "
+        f"{figures['mined_beats_noisy_pair']:.1%} of {figures['noisy_pairs']:,} noisy pairs"
+    )

@@ -25,18 +25,20 @@ from saferclip_data.pipeline.workdir import cache_root
 from saferclip_data.stages.toyworld.glyphs import COLOURS, SHAPES, UNSAFE
 from saferclip_data.stages.toyworld.world import TRAIN_PLACES, WORLD_VERSION, Scene, encode_jpeg, sample_scene
 
-PRETRAIN_VERSION = "1"
+PRETRAIN_VERSION = "2"
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     arch: str = "toy-resnet-tiny"
     seed: int = 0
-    steps: int = 600
+    steps: int = 550
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.1
     eval_scenes: int = 500
+    label_loss_weight: float = 1.0  # shared label prototypes (see LabelPrototypes); 0 = contrastive only
+    edit_loss_weight: float = 1.0  # unsafe caption -> its safe twin (see minimal_edit_loss)
 
 
 def checkpoint_key(config: PretrainConfig) -> str:
@@ -162,11 +164,103 @@ def evaluate_toy_clip(model, tokenizer, pixels: ToyPixels, seed: int = 12345, sc
         "object_accuracy": object_acc,
         "image_to_text_r1": r1,
         "unsafe_auroc": aurocs,
+        "nearest_safe_precision": nearest_safe_precision(model, tokenizer, pixels, seed + 1, scenes * 3),
         "eval_scenes": scenes,
     }
 
 
+def nearest_safe_precision(model, tokenizer, pixels: ToyPixels, seed: int, pool: int) -> dict[str, float]:
+    """What mining needs of the frozen model: for unsafe captions (and images), is the nearest safe caption
+    (image) of a pool one with the same content (objects, colours, place) as the scene it was edited from?"""
+    import torch
+    import torch.nn.functional as F
+
+    rng = random.Random(seed)
+    world = [sample_scene(rng) for _ in range(pool)]
+    content = [(tuple((k, c) for k, c, _ in s.objects), s.place) for s in world]
+    queries = range(0, pool, 3)
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for modality in ("text", "image"):
+            if modality == "text":
+                encode = lambda unsafe, idx: model.encode_text(tokenizer([world[i].caption(unsafe) for i in idx]))  # noqa: E731
+            else:
+                encode = lambda unsafe, idx: model.encode_image(  # noqa: E731
+                    pixels([world[i].render(pixels.size, unsafe) for i in idx])
+                )
+            safe = F.normalize(encode(False, range(pool)), dim=-1)
+            unsafe = F.normalize(encode(True, queries), dim=-1)
+            top = (unsafe @ safe.T).argmax(1).tolist()
+            out[modality] = float(np.mean([content[t] == content[q] for q, t in zip(queries, top)]))
+    model.train(was_training)
+    return out
+
+
 # ---- training --------------------------------------------------------------------------------------------------
+class LabelPrototypes:
+    """Shared label prototypes for the two towers: an image and any caption that names its main object are
+    pulled to the same object prototype, and likewise to the prototype of their unsafe category (or "safe").
+
+    Why: on this budget, contrastive loss alone learns place and colour (which tell most captions of a batch
+    apart) and stalls before shape: object accuracy stays near 15 %, and the text tower learns to ignore object
+    words, which also ruins text->text mining. The toy world knows its labels, so the towers get them as an
+    auxiliary signal; the prototypes are thrown away after training (the checkpoint is a plain CLIP).
+    """
+
+    SCALE = 10.0
+
+    def __init__(self, embed_dim: int):
+        import torch
+
+        self.kinds = sorted(SHAPES)
+        self.safety = ["safe", *UNSAFE]
+        self.kind_weights = torch.nn.Parameter(torch.randn(len(self.kinds), embed_dim) * 0.02)
+        self.safety_weights = torch.nn.Parameter(torch.randn(len(self.safety), embed_dim) * 0.02)
+
+    def parameters(self):
+        return [self.kind_weights, self.safety_weights]
+
+    def loss(self, image_features, text_features, scenes: list[Scene], unsafe: list[bool], captions: list[str]):
+        import torch
+        import torch.nn.functional as F
+
+        kinds = F.normalize(self.kind_weights, dim=-1)
+        safety = F.normalize(self.safety_weights, dim=-1)
+        main = torch.tensor([self.kinds.index(s.objects[0][0]) for s in scenes])
+        named = torch.tensor([s.objects[0][0] in c for s, c in zip(scenes, captions)])
+        category = torch.tensor([self.safety.index(s.category if u else "safe") for s, u in zip(scenes, unsafe)])
+        objects = F.cross_entropy(self.SCALE * image_features @ kinds.T, main) + F.cross_entropy(
+            self.SCALE * text_features[named] @ kinds.T, main[named]
+        )
+        image_safety = F.cross_entropy(self.SCALE * image_features @ safety.T, category)
+        text_safety = F.cross_entropy(self.SCALE * text_features @ safety.T, category)
+        # the text tower needs less: the unsafe words are in the caption; images must learn the glyphs
+        return objects + image_safety + 0.5 * text_safety
+
+
+def minimal_edit_loss(model, tokenizer, text_features, scenes: list[Scene], unsafe: list[bool], captions: list[str]):
+    """Each unsafe caption must find its safe twin (the same caption without the inserted phrase) among the
+    batch's safe captions.
+
+    Why: a web-scale CLIP embeds "a cat on a sofa" and "a cat on a sofa with a knife" close together, which is
+    what proximity mining relies on; a 3-layer text tower trained for minutes does not learn it (the unsafe
+    phrase dominates, and nearest-safe precision stays near 60 %), so the toy CLIP is taught it explicitly.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    queries = [i for i, u in enumerate(unsafe) if u]
+    if not queries:
+        return text_features.sum() * 0.0
+    twins = [captions[i].replace(scenes[i].inserted_phrase(), "") for i in queries]
+    twin_features = F.normalize(model.encode_text(tokenizer(twins)), dim=-1)
+    keys = torch.cat([twin_features, text_features[[i for i, u in enumerate(unsafe) if not u]]])
+    logits = LabelPrototypes.SCALE * text_features[queries] @ keys.T
+    return F.cross_entropy(logits, torch.arange(len(queries)))
+
+
 def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | None = None):
     """Contrastive pretraining from a seeded random init; returns (loaded model, metrics)."""
     import torch
@@ -178,7 +272,8 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
     clip = load_clip(config.arch, None, init_seed=config.seed)
     model = clip.model.train()
     pixels = ToyPixels(clip.preprocess, clip.image_size)
-    params = [p for p in model.parameters() if p.requires_grad]
+    prototypes = LabelPrototypes(clip.embed_dim)
+    params = [p for p in model.parameters() if p.requires_grad] + prototypes.parameters()
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
 
@@ -193,10 +288,19 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
         scenes = [sample_scene(rng) for _ in range(config.batch_size)]
         unsafe = [rng.random() < 0.5 for _ in scenes]
         images = pixels([s.render(clip.image_size, u) for s, u in zip(scenes, unsafe)])
-        texts = clip.tokenizer([caption_variant(rng, s, u) for s, u in zip(scenes, unsafe)])
+        captions = [caption_variant(rng, s, u) for s, u in zip(scenes, unsafe)]
+        texts = clip.tokenizer(captions)
         image_features, text_features, logit_scale = model(images, texts)[:3]
         logits = logit_scale * image_features @ text_features.T
         loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        if config.edit_loss_weight:
+            loss = loss + config.edit_loss_weight * minimal_edit_loss(
+                model, clip.tokenizer, text_features, scenes, unsafe, captions
+            )
+        if config.label_loss_weight:
+            loss = loss + config.label_loss_weight * prototypes.loss(
+                image_features, text_features, scenes, unsafe, captions
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
