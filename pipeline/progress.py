@@ -86,6 +86,11 @@ class BuildProgress:
     def advance(self, records: int) -> None:
         self.progress.advance(self._task, records)
 
+    def global_done(self, records: int) -> None:
+        """A whole-data-set stage has no per-record progress: fill its bar with its record count at the end."""
+        self.progress.update(self._task, total=records, completed=records)
+        self.shard_done({})
+
     def shard_done(self, _stats: dict) -> None:
         self._shards_done += 1
         self.progress.update(self._task, shards=f"{self._shards_done}/{self._shards_total}")

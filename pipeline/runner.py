@@ -172,7 +172,7 @@ class Pipeline:
         if stage.mode == "global":
             progress.start_stage(name, None, 0, 1)
             result = executor.run_global(job)
-            progress.shard_done({})
+            progress.global_done(result["counts"].get("in", 0))
             progress.finish_stage()
             reasons = Counter()
             for shard in result.get("shards", []):

@@ -7,6 +7,8 @@ pipeline against that truth; ``saferclip-data toy audit`` prints it.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 
@@ -22,10 +24,15 @@ def _source(workdir: WorkDir) -> dict[str, dict]:
 def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
     """Precision@1 of mined targets against the ground-truth source scene (or a scene with the same caption
     content: same objects, colours and place), and, where the given pair is a noisy one, how often the mined
-    top-1 is more similar to the query than the given pair."""
+    top-1 is more similar to the query than the given pair.
+
+    Precision counts only queries whose source scene is in the safe pool: one that the filter or dedup removed,
+    or that sits in an excluded (benchmark) split, cannot be found by design; those are counted apart.
+    """
     truth = _source(workdir)
+    pool = set(json.loads((workdir.stage_dir("neighbours") / "_pool" / "pool.json").read_text())["keys"])
     mined = workdir.read_stage_columns("mine", ["key", "role", f"{modality}_targets", f"{modality}_margin"]).to_pylist()
-    hits = total = beats = noisy = 0
+    hits = total = beats = noisy = unreachable = 0
     for row in mined:
         targets = row[f"{modality}_targets"]
         if row["role"] != "unsafe" or not targets:
@@ -33,17 +40,21 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
         gt = truth[row["key"]]
         source = truth.get(gt["source_safe"])
         top = truth[targets[0]]
-        total += 1
-        if source and (
-            top["key"] == source["key"] or (top["objects"], top["place"]) == (source["objects"], source["place"])
-        ):
-            hits += 1
+        if source is None or source["key"] not in pool:
+            unreachable += 1
+        else:
+            total += 1
+            hits += top["key"] == source["key"] or (top["objects"], top["place"]) == (
+                source["objects"],
+                source["place"],
+            )
         if gt["paired_safe"] != gt["source_safe"] and row[f"{modality}_margin"] is not None:
             noisy += 1
             beats += row[f"{modality}_margin"] > 0
     return {
         "modality": modality,
         "queries": total,
+        "source_not_in_pool": unreachable,
         "precision_at_1": hits / total if total else float("nan"),
         "noisy_pairs": noisy,
         "mined_beats_noisy_pair": beats / noisy if noisy else float("nan"),
