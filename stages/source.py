@@ -8,6 +8,7 @@ be used go to the rejects table with a reason; they never stop the run.
 from __future__ import annotations
 
 import glob
+import hashlib
 import urllib.request
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +24,7 @@ from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage,
 from saferclip_data.pipeline.workdir import WorkDir, cache_root
 
 from . import readers
+from .blocklist import Blocklist, load_blocklist
 from .toyworld import TOY_COLUMNS, WorldConfig, world_fingerprint, write_world
 
 OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
@@ -74,12 +76,15 @@ class SourceConfig(StageConfig):
     shard_size: int = Field(default=1000, gt=0, description="records per shard (manifests, image folders)")
     require_image: bool = True
     require_caption: bool = True
+    blocklist: str | None = Field(
+        default=None, description="file of image-byte digests (sha256 or md5, one per line) to reject at ingestion"
+    )
     url_timeout: float = Field(default=10.0, gt=0)
     batch_size: int = Field(default=256, gt=0)
 
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout"}
 
-    @field_validator("path", "image_root")
+    @field_validator("path", "image_root", "blocklist")
     @classmethod
     def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or "://" in value:
@@ -92,6 +97,13 @@ class SourceConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_path(self):
+        if self.blocklist is not None:
+            if not Path(self.blocklist).is_file():
+                raise ValueError(f"source.blocklist: file not found: {self.blocklist}")
+            try:
+                load_blocklist(self.blocklist)  # a malformed line fails validation, before any work
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
         clash = sorted(set(self.extra_columns) & set(OUTPUT_COLUMNS))
         if clash:
             raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
@@ -161,13 +173,17 @@ class SourceStage(Stage):
         return [root / rel for rel in readers.list_image_folder(root)]
 
     def input_fingerprint(self) -> dict[str, Any]:
-        """Sizes and modification times of the input files: a changed file re-runs the source."""
+        """Sizes and modification times of the input files (and the blocklist's content): a change re-runs
+        the source."""
+        out: dict[str, Any] = {}
+        if self.config.blocklist:
+            out["blocklist"] = hashlib.sha256(Path(self.config.blocklist).read_bytes()).hexdigest()
         if self.config.kind == "toy":
             return {
+                **out,
                 "toy_world": self.config.toy.model_dump(),
                 "world_version": world_fingerprint(self.config.toy.world_config()),
             }
-        out = {}
         for f in self._files():
             st = f.stat()
             out[str(f)] = [st.st_size, st.st_mtime_ns]
@@ -201,6 +217,10 @@ class SourceStage(Stage):
         return specs
 
     # ---- worker side -------------------------------------------------------------------------------------
+    @cached_property
+    def blocklist(self) -> Blocklist | None:
+        return load_blocklist(self.config.blocklist) if self.config.blocklist else None
+
     @cached_property
     def manifest_table(self) -> pa.Table:
         c = self.config
@@ -303,6 +323,10 @@ class SourceStage(Stage):
                     continue
             if c.require_image and not image:
                 rejects.append(Reject(key, "missing image", "no image path, URL or bytes"))
+                continue
+            blocked = self.blocklist.match(image) if image and self.blocklist else None
+            if blocked:
+                rejects.append(Reject(key, "blocklisted", f"{blocked} in {c.blocklist}"))
                 continue
             keep.append(i)
             images.append(image)
