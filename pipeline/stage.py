@@ -42,8 +42,9 @@ class StageConfig(BaseModel):
     )
 
     def fingerprint_dict(self) -> dict[str, Any]:
-        """The settings that change results (everything but the runtime fields)."""
-        return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
+        """The settings that change results (everything but the runtime fields). Unset options (None) are left
+        out, so that a release adding an optional setting does not invalidate work dirs that never used it."""
+        return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS), exclude_none=True)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from saferclip_data.pipeline.stage import Stage
 
+from .benchmark import BenchmarkStage
 from .dedup import DedupStage
 from .embed import EmbedStage, ModelConfig
 from .filter import FilterStage
 from .mine import MineStage
 from .neighbours import NeighboursStage
 from .score import ScoreStage
+from .shards import ShardsStage
 from .source import SourceConfig, SourceStage
 
 #: stage name -> class, in the order the runner executes them
@@ -21,6 +23,8 @@ REGISTRY: dict[str, type[Stage]] = {
     "dedup": DedupStage,
     "neighbours": NeighboursStage,
     "mine": MineStage,
+    "benchmark": BenchmarkStage,
+    "shards": ShardsStage,
 }
 
 #: top-level recipe sections besides ``stages``: name -> (model, required)

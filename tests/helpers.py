@@ -92,3 +92,28 @@ def write_tar_shards(folder: Path, n: int, per_shard: int, *, truncate_last: boo
         cut = final_jpg.offset_data + final_jpg.size // 2  # inside the last sample's image data
         last.write_bytes(last.read_bytes()[:cut])
     return paths
+
+
+def safety_recipe(work, **stages) -> dict:
+    defaults = {
+        "embed": {"batch_size": 128},
+        "score": {"taxonomy": "toy-world", "role_column": "role", "probe": True},
+        "filter": {},
+        "dedup": {"by": ["image"], "image_threshold": 0.99995},
+        "neighbours": {
+            "modalities": ["text", "image-text"],
+            "exclude_splits": ["shift", "test"],
+            "pair_column": "paired_safe",
+            "candidates": 12,
+        },
+        "mine": {"k": 3, "reuse_cap": 2},
+    }
+    for name, override in stages.items():
+        defaults[name] = {**defaults[name], **override}
+    return {
+        "name": "safety",
+        "workdir": str(work),
+        "source": {"kind": "toy", "toy": {"seed": 3, "scenes": 150, "shifted_scenes": 30, "shard_size": 60}},
+        "model": {"arch": "toy-resnet-tiny", "pretrained": None, "init_seed": 0},
+        "stages": defaults,
+    }

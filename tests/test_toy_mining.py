@@ -44,7 +44,9 @@ def test_zero_shot_scores_flag_every_category(demo_build):
 def test_text_mining_finds_the_source_scene(demo_build):
     _, workdir = demo_build
     figures = mining_figures(workdir, "text")
-    assert figures["queries"] >= 3000  # nearly every unsafe record got targets
+    # 3,400 unsafe records; those whose source scene was filtered, deduplicated or held out are counted apart
+    assert figures["queries"] + figures["source_not_in_pool"] == 3400
+    assert figures["queries"] >= 2800
     assert figures["precision_at_1"] >= 0.9, figures
     assert figures["noisy_pairs"] >= 1000
     assert figures["mined_beats_noisy_pair"] >= 0.95, figures

@@ -1,0 +1,261 @@
+"""The benchmark stage: NSFW-Caps-style highly aligned safe/unsafe quadruplets, disjoint from training.
+
+A candidate is a group of the benchmark split(s) with a safe and an unsafe record that both survived filter,
+dedup and mine: (safe image, safe caption, unsafe image, unsafe caption). Kept are candidates whose safe and
+unsafe image–caption alignments reach the configured percentiles and whose safe↔unsafe caption similarity is
+high (the unsafe caption is a minimal edit of the safe one); then, per category, the most similar captions
+first, up to a balanced quota, skipping near-duplicates of what is already selected. Shortfalls are reported.
+
+Disjointness is checked, not assumed: a training record (any record outside the benchmark splits) that shares
+a group with a selected quadruplet, or lies within ``leak_threshold`` cosine of one of its four members on image
+or text, is listed in ``benchmark/leakage.parquet`` and counted in the datasheet — never silently fixed.
+
+Every record passes through (the stage rejects nothing); selected records carry their ``benchmark_id`` and every
+record of a benchmark split is marked ``held_out`` (the shards stage never trains on those).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+
+from .knn import knn_search
+from .score import unit_rows
+
+
+class BenchmarkConfig(StageConfig):
+    size: int = Field(default=1000, gt=0, description="quadruplets to select")
+    splits: list[str] = Field(min_length=1, description="values of split_column the benchmark is drawn from")
+    split_column: str = "split"
+    group_column: str = "group"
+    alignment_percentile: float = Field(
+        default=50, ge=0, le=100, description="safe and unsafe image-caption alignment at or above this percentile"
+    )
+    caption_similarity_percentile: float = Field(
+        default=50, ge=0, le=100, description="safe<->unsafe caption cosine at or above this percentile"
+    )
+    min_caption_similarity: float = Field(default=0.0, ge=-1, le=1, description="and at least this cosine")
+    duplicate_threshold: float = Field(
+        default=0.95, ge=-1, le=1, description="a candidate this close (image or text) to a selected one is skipped"
+    )
+    leak_threshold: float = Field(
+        default=0.95, ge=-1, le=1, description="a training record this close to a benchmark member is a leak"
+    )
+    leak_neighbours: int = Field(default=4, gt=0, description="training neighbours examined per benchmark member")
+    backend: str = Field(default="auto", pattern="^(auto|faiss|torch)$")
+
+
+@dataclass
+class Candidate:
+    group: str
+    category: str
+    safe_row: int
+    unsafe_row: int
+    safe_alignment: float
+    unsafe_alignment: float
+    caption_similarity: float
+    image_similarity: float
+
+
+def quotas(size: int, categories: list[str]) -> dict[str, int]:
+    """A balanced quota per category: size // n each, the remainder one by one in sorted category order."""
+    ordered = sorted(categories)
+    base, extra = divmod(size, len(ordered))
+    return {c: base + (i < extra) for i, c in enumerate(ordered)}
+
+
+def select(
+    candidates: list[Candidate], quota: dict[str, int], vectors: dict[str, np.ndarray], duplicate_threshold: float
+) -> tuple[list[int], dict[str, int]]:
+    """Greedy per category, most similar captions first (ties: group); a candidate whose safe or unsafe member
+    is within ``duplicate_threshold`` of a member already selected (image or text) is skipped. Returns selected
+    candidate indices and the near-duplicates skipped per category."""
+    chosen: list[int] = []
+    skipped = {c: 0 for c in quota}
+    members: dict[str, list[np.ndarray]] = {m: [] for m in vectors}
+    for category in sorted(quota):
+        order = sorted(
+            (i for i, c in enumerate(candidates) if c.category == category),
+            key=lambda i: (-candidates[i].caption_similarity, candidates[i].group),
+        )
+        taken = 0
+        for i in order:
+            if taken >= quota[category]:
+                break
+            rows = (candidates[i].safe_row, candidates[i].unsafe_row)
+            if any(
+                members[m] and float(np.max(np.stack(members[m]) @ vectors[m][list(rows)].T)) >= duplicate_threshold
+                for m in vectors
+            ):
+                skipped[category] += 1
+                continue
+            for m in vectors:
+                members[m].extend(vectors[m][r] for r in rows)
+            chosen.append(i)
+            taken += 1
+    return chosen, skipped
+
+
+class BenchmarkStage(Stage):
+    name = "benchmark"
+    Config = BenchmarkConfig
+    mode = "global"
+    inputs = {
+        "mine": ("key", "role", "category"),
+        "score": ("key", "alignment"),
+        "embed": ("key", "image_embedding", "text_embedding"),
+    }
+    output_columns = ("key", "role", "category", "benchmark_id", "held_out")
+    version = "1"
+
+    config: BenchmarkConfig
+
+    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+        from .benchmark_export import export_benchmark
+
+        c = self.config
+        wd = ctx.workdir
+        shard_ids = wd.completed_shards("mine")
+        source_cols = ("key", c.split_column, c.group_column)
+        tables = [wd.read_aligned(s, {**self.inputs, "source": source_cols}) for s in shard_ids]
+        table = pa.concat_tables(tables)
+        for col in (c.split_column, c.group_column):
+            if col not in table.column_names:
+                raise UserError(f"stages.benchmark: the source has no column '{col}' (set split_column/group_column)")
+        dim = table.schema.field("text_embedding").type.list_size
+        vectors = {m: unit_rows(table[f"{m}_embedding"], dim)[0] for m in ("image", "text")}
+        candidates = self._candidates(table, vectors)
+        if not candidates:
+            raise UserError(
+                f"stages.benchmark: no group of split(s) {', '.join(c.splits)} has both a safe and an unsafe record "
+                "left after filtering"
+            )
+        eligible, cuts = self._thresholds(candidates)
+        categories = sorted({cand.category for cand in candidates})
+        quota = quotas(c.size, categories)
+        picked, skipped = select([candidates[i] for i in eligible], quota, vectors, c.duplicate_threshold)
+        selected = [candidates[eligible[i]] for i in picked]
+        selected.sort(key=lambda cand: (cand.category, -cand.caption_similarity, cand.group))
+        keys = table["key"].to_pylist()
+        bench_id = [None] * len(keys)
+        rows = []
+        for n, cand in enumerate(selected):
+            qid = f"bench-{n:05d}"
+            bench_id[cand.safe_row] = bench_id[cand.unsafe_row] = qid
+            rows.append({"benchmark_id": qid, **cand.__dict__, "safe_key": keys[cand.safe_row],
+                         "unsafe_key": keys[cand.unsafe_row]})  # fmt: skip
+        leaks = self._leaks(table, vectors, selected, [r["benchmark_id"] for r in rows])
+        supply = {cat: sum(candidates[i].category == cat for i in eligible) for cat in categories}
+        per_category = {
+            cat: {
+                "candidates": sum(cand.category == cat for cand in candidates),
+                "eligible": supply[cat],
+                "quota": quota[cat],
+                "selected": sum(cand.category == cat for cand in selected),
+                "near_duplicates_skipped": skipped[cat],
+            }
+            for cat in categories
+        }
+        for counts in per_category.values():
+            counts["shortfall"] = counts["quota"] - counts["selected"]
+        self.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
+        export_benchmark(ctx, self, rows, leaks, per_category, cuts)
+        wanted = set(c.splits)
+        held_out = [s in wanted for s in table[c.split_column].to_pylist()]
+        start = 0
+        for shard_id, shard in zip(shard_ids, tables):
+            part = shard.select(["key", "role", "category"]).append_column(
+                "benchmark_id", pa.array(bench_id[start : start + shard.num_rows], pa.string())
+            )
+            part = part.append_column("held_out", pa.array(held_out[start : start + shard.num_rows], pa.bool_()))
+            start += shard.num_rows
+            ctx.write_shard(shard_id, part, [], shard.num_rows)
+        return {"in": len(keys), "out": len(keys), "rejected": 0}
+
+    def _candidates(self, table: pa.Table, vectors: dict[str, np.ndarray]) -> list[Candidate]:
+        c = self.config
+        roles, splits = table["role"].to_pylist(), table[c.split_column].to_pylist()
+        groups, categories = table[c.group_column].to_pylist(), table["category"].to_pylist()
+        keys, alignment = table["key"].to_pylist(), table["alignment"].to_pylist()
+        wanted = set(c.splits)
+        by_group: dict[str, dict[str, int]] = {}
+        for row in sorted(range(len(keys)), key=lambda r: keys[r]):  # first safe / unsafe by key
+            if splits[row] in wanted and roles[row] in ("safe", "unsafe"):
+                by_group.setdefault(groups[row], {}).setdefault(roles[row], row)
+        out = []
+        for group in sorted(by_group):
+            pair = by_group[group]
+            if "safe" not in pair or "unsafe" not in pair:
+                continue
+            s, u = pair["safe"], pair["unsafe"]
+            if alignment[s] is None or alignment[u] is None:
+                continue  # text-only or image-only records cannot be benchmark quadruplets
+            out.append(
+                Candidate(
+                    group,
+                    categories[u] or "unknown",
+                    s,
+                    u,
+                    float(alignment[s]),
+                    float(alignment[u]),
+                    float(vectors["text"][s] @ vectors["text"][u]),
+                    float(vectors["image"][s] @ vectors["image"][u]),
+                )
+            )
+        return out
+
+    def _thresholds(self, candidates: list[Candidate]) -> tuple[list[int], dict[str, float]]:
+        c = self.config
+        safe_cut = float(np.percentile([x.safe_alignment for x in candidates], c.alignment_percentile))
+        unsafe_cut = float(np.percentile([x.unsafe_alignment for x in candidates], c.alignment_percentile))
+        sim_cut = max(
+            c.min_caption_similarity,
+            float(np.percentile([x.caption_similarity for x in candidates], c.caption_similarity_percentile)),
+        )
+        eligible = [
+            i
+            for i, x in enumerate(candidates)
+            if x.safe_alignment >= safe_cut and x.unsafe_alignment >= unsafe_cut and x.caption_similarity >= sim_cut
+        ]
+        cuts = {"safe_alignment": safe_cut, "unsafe_alignment": unsafe_cut, "caption_similarity": sim_cut}
+        return eligible, {k: round(v, 6) for k, v in cuts.items()}
+
+    def _leaks(self, table: pa.Table, vectors, selected: list[Candidate], ids: list[str]) -> list[dict]:
+        """Training records sharing a group with, or within leak_threshold of, a selected quadruplet's member."""
+        c = self.config
+        keys, groups = table["key"].to_pylist(), table[c.group_column].to_pylist()
+        splits = table[c.split_column].to_pylist()
+        training = np.array([s not in set(c.splits) for s in splits])
+        leaks: list[dict] = []
+        bench_groups = {cand.group: qid for cand, qid in zip(selected, ids)}
+        for row in np.flatnonzero(training):
+            if groups[row] in bench_groups:
+                leaks.append(
+                    {"benchmark_id": bench_groups[groups[row]], "benchmark_key": None, "modality": "group",
+                     "training_key": keys[row], "cosine": None}
+                )  # fmt: skip
+        train_rows = np.flatnonzero(training)
+        if not selected or len(train_rows) == 0:
+            return leaks
+        members = [(qid, r) for cand, qid in zip(selected, ids) for r in (cand.safe_row, cand.unsafe_row)]
+        k = min(c.leak_neighbours, len(train_rows))
+        for modality, matrix in vectors.items():
+            scores, idx = knn_search(matrix[[r for _, r in members]], matrix[train_rows], k, backend=c.backend)
+            for (qid, row), s_row, i_row in zip(members, scores, idx):
+                for s, i in zip(s_row, i_row):
+                    if i >= 0 and s >= c.leak_threshold:
+                        leaks.append(
+                            {"benchmark_id": qid, "benchmark_key": keys[row], "modality": modality,
+                             "training_key": keys[train_rows[i]], "cosine": round(float(s), 6)}
+                        )  # fmt: skip
+        return leaks
+
+    def output_metadata(self) -> dict[str, str]:
+        summary = getattr(self, "summary", None)
+        return {"selected": str(summary["selected"]), "leaks": str(summary["leaks"])} if summary else {}

@@ -1,0 +1,206 @@
+"""Exports of the benchmark stage: a parquet table, clip_benchmark-style WebDataset retrieval sets, the leakage
+table and a datasheet (JSON + Markdown) with the sha256 of every exported file.
+
+Layout, under ``<workdir>/benchmark/``::
+
+    benchmark.parquet         one row per quadruplet: keys, captions, category, alignments, similarities
+    leakage.parquet           training records too close to (or sharing a group with) a benchmark record
+    export/safe/, export/unsafe/
+        dataset_type.txt      "retrieval" (clip_benchmark's wds loader reads it)
+        test/nshards.txt, test/0.tar, ...   samples: <benchmark_id>.jpg|png|webp, .txt (caption), .json (roles)
+    datasheet.json, datasheet.md
+
+clip_benchmark's WebDataset loader expects ``<root>/<split>/nshards.txt`` and ``{0..n-1}.tar`` whose samples
+have an image member and a ``txt`` member (one caption per line); the ``json`` member carries our role keys and
+is ignored by it. Tars are written with fixed member times, so the same selection gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from saferclip_data.pipeline.stage import GlobalContext
+
+if TYPE_CHECKING:
+    from .benchmark import BenchmarkStage
+
+SAMPLES_PER_TAR = 1000
+LEAK_SCHEMA = pa.schema(
+    [
+        ("benchmark_id", pa.string()),
+        ("benchmark_key", pa.string()),
+        ("modality", pa.string()),
+        ("training_key", pa.string()),
+        ("cosine", pa.float32()),
+    ]
+)
+
+
+def image_extension(data: bytes) -> str:
+    """The member extension for encoded image bytes (clip_benchmark decodes webp, png, jpg)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    raise ValueError("image is not JPEG, PNG or WebP")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_rows(ctx: GlobalContext, keys: set[str]) -> dict[str, dict]:
+    """Caption and image bytes of the given keys, read shard by shard (only those rows are kept in memory)."""
+    out: dict[str, dict] = {}
+    for shard in ctx.workdir.completed_shards("source"):
+        table = ctx.workdir.read_shard("source", shard, ["key", "caption", "image"])
+        mask = pc.is_in(table["key"], value_set=pa.array(sorted(keys), pa.string()))
+        for row in table.filter(mask).to_pylist():
+            out[row["key"]] = row
+    return out
+
+
+def _write_retrieval_set(folder: Path, samples: list[tuple[str, bytes, str, dict]]) -> list[Path]:
+    import webdataset as wds
+
+    test = folder / "test"
+    test.mkdir(parents=True, exist_ok=True)
+    written = []
+    shards = [samples[i : i + SAMPLES_PER_TAR] for i in range(0, len(samples), SAMPLES_PER_TAR)] or [[]]
+    for n, chunk in enumerate(shards):
+        final = test / f"{n}.tar"
+        tmp = test / f".{n}.tar.tmp-{os.getpid()}"
+        with wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip", mode=0o444) as writer:
+            for key, image, caption, meta in chunk:
+                writer.write({"__key__": key, image_extension(image): image, "txt": caption, "json": meta})
+        os.replace(tmp, final)
+        written.append(final)
+    (test / "nshards.txt").write_text(f"{len(shards)}\n")
+    (folder / "dataset_type.txt").write_text("retrieval\n")
+    return [*written, test / "nshards.txt", folder / "dataset_type.txt"]
+
+
+def export_benchmark(
+    ctx: GlobalContext,
+    stage: BenchmarkStage,
+    rows: list[dict],
+    leaks: list[dict],
+    per_category: dict[str, dict],
+    thresholds: dict[str, float],
+) -> None:
+    wd = ctx.workdir
+    folder = wd.stage_dir(stage.name)
+    sources = _source_rows(ctx, {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows})
+    table_rows = []
+    sets: dict[str, list[tuple[str, bytes, str, dict]]] = {"safe": [], "unsafe": []}
+    for r in rows:
+        safe, unsafe = sources[r["safe_key"]], sources[r["unsafe_key"]]
+        table_rows.append(
+            {
+                "benchmark_id": r["benchmark_id"],
+                "group": r["group"],
+                "category": r["category"],
+                "safe_key": r["safe_key"],
+                "unsafe_key": r["unsafe_key"],
+                "safe_caption": safe["caption"],
+                "unsafe_caption": unsafe["caption"],
+                "safe_alignment": r["safe_alignment"],
+                "unsafe_alignment": r["unsafe_alignment"],
+                "caption_similarity": r["caption_similarity"],
+                "image_similarity": r["image_similarity"],
+            }
+        )
+        for role, rec, partner in (("safe", safe, unsafe), ("unsafe", unsafe, safe)):
+            meta = {
+                "benchmark_id": r["benchmark_id"],
+                "role": role,
+                "key": rec["key"],
+                "partner_key": partner["key"],
+                "category": r["category"],
+            }
+            sets[role].append((f"{r['benchmark_id']}-{role}", rec["image"], rec["caption"], meta))
+    ctx.write_table("benchmark", pa.Table.from_pylist(table_rows) if table_rows else pa.table({}))
+    ctx.write_table("leakage", pa.Table.from_pylist(leaks, schema=LEAK_SCHEMA))
+    exported = [folder / "benchmark.parquet", folder / "leakage.parquet"]
+    for role, samples in sets.items():
+        exported += _write_retrieval_set(folder / "export" / role, samples)
+    sheet = datasheet(ctx, stage, table_rows, leaks, per_category, thresholds, exported)
+    (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2) + "\n")
+    (folder / "datasheet.md").write_text(datasheet_markdown(sheet))
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    a = np.asarray(values, np.float64)
+    return {k: round(float(v), 4) for k, v in {"mean": a.mean(), "min": a.min(), "median": np.median(a),
+                                                "max": a.max()}.items()}  # fmt: skip
+
+
+def datasheet(ctx, stage, rows, leaks, per_category, thresholds, exported: list[Path]) -> dict:
+    wd = ctx.workdir
+    manifest = wd.manifest(stage.name) or {}
+    source = stage.sections.get("source")
+    root = wd.stage_dir(stage.name)
+    return {
+        "name": "NSFW-Caps-style benchmark",
+        "recipe_fingerprint": manifest.get("fingerprint"),
+        "source": source.model_dump(mode="json", include={"kind", "path", "toy"}) if source is not None else None,
+        "model": (wd.manifest("embed") or {}).get("metadata", {}).get("model_identity"),
+        "settings": stage.config.fingerprint_dict(),
+        "thresholds": thresholds,
+        "quadruplets": len(rows),
+        "per_category": per_category,
+        "similarity": {
+            "caption_safe_unsafe": _stats([r["caption_similarity"] for r in rows]),
+            "image_safe_unsafe": _stats([r["image_similarity"] for r in rows]),
+            "alignment_safe": _stats([r["safe_alignment"] for r in rows]),
+            "alignment_unsafe": _stats([r["unsafe_alignment"] for r in rows]),
+        },
+        "leakage": {
+            "findings": len(leaks),
+            "by_modality": {m: sum(x["modality"] == m for x in leaks) for m in ("group", "image", "text")},
+            "table": "leakage.parquet",
+        },
+        "files": {str(p.relative_to(root)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in exported},
+    }
+
+
+def datasheet_markdown(sheet: dict) -> str:
+    lines = [
+        f"# {sheet['name']}",
+        "",
+        f"- quadruplets: **{sheet['quadruplets']}**; recipe fingerprint `{sheet['recipe_fingerprint']}`",
+        f"- source: `{json.dumps(sheet['source'])}`; model: `{sheet['model']}`",
+        f"- thresholds: {', '.join(f'{k} ≥ {v:.4f}' for k, v in sheet['thresholds'].items())}",
+        f"- leakage findings: {sheet['leakage']['findings']} ({sheet['leakage']['by_modality']})",
+        "",
+        "| category | candidates | eligible | quota | selected | shortfall | near-duplicates skipped |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cat, c in sheet["per_category"].items():
+        lines.append(
+            f"| {cat} | {c['candidates']} | {c['eligible']} | {c['quota']} | {c['selected']} | {c['shortfall']} "
+            f"| {c['near_duplicates_skipped']} |"
+        )
+    lines += ["", "| similarity | mean | min | median | max |", "|---|---:|---:|---:|---:|"]
+    for name, s in sheet["similarity"].items():
+        if s:
+            lines.append(f"| {name} | {s['mean']} | {s['min']} | {s['median']} | {s['max']} |")
+    lines += ["", "| file | sha256 | bytes |", "|---|---|---:|"]
+    lines += [f"| {p} | `{f['sha256']}` | {f['bytes']} |" for p, f in sheet["files"].items()]
+    return "\n".join(lines) + "\n"

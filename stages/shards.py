@@ -1,0 +1,236 @@
+"""The shards stage: the only stage that writes training tars.
+
+Selection happens first and is written as an id list (``shards/selection.parquet``: key, kind, shuffled order,
+tar); then the tars are materialised from it. Two views:
+
+- ``quad/quad-000000.tar``: one sample per unsafe training record — ``unsafe.jpg``/``unsafe.txt``, the given safe
+  pair as ``safe.jpg``/``safe.txt`` (when the source gave one), the frozen embeddings of its mined targets
+  (``targets_text.npy``, ``targets_image.npy``: k × dim, float16, best first) and ``json`` (category,
+  difficulty, target keys, ranks, similarities and captions), so the trainer needs no random access.
+- ``plain/plain-000000.tar``: the safe training records as ``jpg`` + ``txt``, which open_clip's own WebDataset
+  training loader reads unchanged.
+
+Each folder has ``sizes.json`` (open_clip's loader reads it) and ``stats.json`` (per tar: samples, bytes,
+sha256, categories, difficulties). Keys are dot-free, a sample's members are contiguous, order is a seeded hash
+shuffle (same seed, same bytes). Records of benchmark splits (``held_out``) never enter a tar; every record keeps
+a ``training`` status in the stage output saying where it went and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+
+from .benchmark_export import image_extension
+from .score import column_suffix, unit_rows
+
+
+class ShardsConfig(StageConfig):
+    modality: str = Field(
+        default="text", pattern="^(text|image|text-image|image-text)$", description="whose mined targets to ship"
+    )
+    samples_per_shard: int = Field(default=1000, gt=0, description="target samples per tar")
+    seed: int = Field(default=0, description="seed of the deterministic shuffle")
+    exclude_splits: list[str] = Field(default_factory=list, description="further splits kept out of training")
+    split_column: str = "split"
+    plain_view: bool = Field(default=True, description="also write safe records as jpg+txt for open_clip")
+
+
+def shuffle_order(keys: list[str], seed: int) -> list[int]:
+    """Row indices in a seeded, key-determined order: stable under re-runs and independent of input order."""
+    digests = [hashlib.sha256(f"{seed}:{k}".encode()).hexdigest() for k in keys]
+    return sorted(range(len(keys)), key=lambda i: (digests[i], keys[i]))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+class ShardsStage(Stage):
+    name = "shards"
+    Config = ShardsConfig
+    mode = "global"
+    inputs = {
+        "benchmark": ("key", "role", "category", "benchmark_id", "held_out"),
+        "mine": ("key", "given_pair"),
+        "embed": ("key", "image_embedding", "text_embedding"),
+    }
+    output_columns = ("key", "role", "training", "tar")
+    version = "1"
+
+    config: ShardsConfig
+
+    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+        c = self.config
+        wd = ctx.workdir
+        m = column_suffix(c.modality)
+        shard_ids = wd.completed_shards("benchmark")
+        mine_cols = (f"{m}_targets", f"{m}_similarities", f"{m}_difficulty")
+        if f"{m}_targets" not in wd.shard_columns("mine", shard_ids[0]):
+            raise UserError(f"stages.shards.modality: mine has no '{c.modality}' targets (add it to neighbours)")
+        inputs = {
+            **self.inputs,
+            "mine": ("key", "given_pair", *mine_cols),
+            "source": ("key", "caption", c.split_column),
+        }
+        tables = [wd.read_aligned(s, inputs) for s in shard_ids]
+        table = pa.concat_tables(tables)
+        keys, roles = table["key"].to_pylist(), table["role"].to_pylist()
+        held, splits = table["held_out"].to_pylist(), table[c.split_column].to_pylist()
+        excluded = set(c.exclude_splits)
+        row_of = {k: i for i, k in enumerate(keys)}
+        # a target from a held-out or excluded split would leak it into training: such targets are dropped
+        admissible = [not held[i] and splits[i] not in excluded for i in range(len(keys))]
+        sims = table[f"{m}_similarities"].to_pylist()
+        self.targets: list[list[tuple[str, float]]] = [
+            [(t, s) for t, s in zip(ts or [], ss or []) if t in row_of and admissible[row_of[t]]]
+            for ts, ss in zip(table[f"{m}_targets"].to_pylist(), sims)
+        ]
+        status: list[str] = []
+        for i in range(len(keys)):
+            if held[i]:
+                status.append("held out for the benchmark")
+            elif splits[i] in excluded:
+                status.append(f"split {splits[i]} excluded")
+            elif roles[i] == "unsafe":
+                status.append("quad" if self.targets[i] else "unsafe without admissible targets")
+            else:
+                status.append("plain" if c.plain_view else "safe (plain view off)")
+        folder = wd.stage_dir(self.name)
+        tar_of: list[str | None] = [None] * len(keys)
+        selection = []
+        for kind in ("quad", "plain"):
+            rows = [i for i in shuffle_order(keys, c.seed) if status[i] == kind]
+            for n, i in enumerate(rows):
+                tar_of[i] = f"{kind}/{kind}-{n // c.samples_per_shard:06d}.tar"
+                selection.append({"key": keys[i], "kind": kind, "order": n, "tar": tar_of[i]})
+        ctx.write_table("selection", pa.Table.from_pylist(selection) if selection else pa.table({}))
+        self._materialise(ctx, folder, table, selection)
+        start = 0
+        for shard_id, shard in zip(shard_ids, tables):
+            span = slice(start, start + shard.num_rows)
+            start += shard.num_rows
+            part = pa.table(
+                {
+                    "key": shard["key"],
+                    "role": shard["role"],
+                    "training": pa.array(status[span], pa.string()),
+                    "tar": pa.array(tar_of[span], pa.string()),
+                }
+            )
+            ctx.write_shard(shard_id, part, [], shard.num_rows)
+        self.counts = dict(Counter(status))
+        return {"in": len(keys), "out": len(keys), "rejected": 0}
+
+    def _materialise(self, ctx: GlobalContext, folder: Path, table: pa.Table, selection: list[dict]) -> None:
+        """Write the tars listed in the selection, with the images and frozen target embeddings they need."""
+        import webdataset as wds
+
+        c = self.config
+        m = column_suffix(c.modality)
+        row_of = {k: i for i, k in enumerate(table["key"].to_pylist())}
+        dim = table.schema.field("text_embedding").type.list_size
+        vectors = {mod: unit_rows(table[f"{mod}_embedding"], dim)[0].astype(np.float16) for mod in ("image", "text")}
+        captions = self._captions = table["caption"].to_pylist()
+        needed = {s["key"] for s in selection}
+        given = table["given_pair"].to_pylist()
+        needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
+        images = self._images(ctx, needed)
+        by_tar: dict[str, list[dict]] = {}
+        for s in selection:
+            by_tar.setdefault(s["tar"], []).append(s)
+        stats: dict[str, dict[str, dict]] = {"quad": {}, "plain": {}}
+        for tar, samples in sorted(by_tar.items()):
+            kind = samples[0]["kind"]
+            path = folder / tar
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            categories: Counter = Counter()
+            difficulties: Counter = Counter()
+            with wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip", mode=0o444) as writer:
+                for s in samples:
+                    i = row_of[s["key"]]
+                    if kind == "plain":
+                        image = images[s["key"]]
+                        writer.write({"__key__": s["key"], image_extension(image): image, "txt": captions[i]})
+                        continue
+                    sample, category, difficulty = self._quad_sample(table, i, row_of, vectors, images, m)
+                    writer.write(sample)
+                    categories[category] += 1
+                    difficulties[difficulty] += 1
+            os.replace(tmp, path)
+            stats[kind][path.name] = {
+                "samples": len(samples),
+                "bytes": path.stat().st_size,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                **({"categories": dict(sorted(categories.items())), "difficulty": dict(sorted(difficulties.items()))}
+                   if kind == "quad" else {}),
+            }  # fmt: skip
+        for kind, per_tar in stats.items():
+            if per_tar:
+                sizes = {name: s["samples"] for name, s in per_tar.items()}
+                (folder / kind / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
+                (folder / kind / "stats.json").write_text(json.dumps(per_tar, indent=2) + "\n")
+
+    def _quad_sample(self, table, i, row_of, vectors, images, m) -> tuple[dict, str, str]:
+        captions = self._captions
+        key = table["key"][i].as_py()
+        targets = [t for t, _ in self.targets[i]]
+        sims = [s for _, s in self.targets[i]]
+        given = table["given_pair"][i].as_py()
+        category = table["category"][i].as_py() or "unknown"
+        difficulty = table[f"{m}_difficulty"][i].as_py() or "unknown"
+        rows = [row_of[t] for t in targets]
+        image = images[key]
+        sample = {
+            "__key__": key,
+            f"unsafe.{image_extension(image)}": image,
+            "unsafe.txt": captions[i],
+            "targets_text.npy": _npy(vectors["text"][rows]),
+            "targets_image.npy": _npy(vectors["image"][rows]),
+        }
+        has_pair = given in row_of and given in images  # the given partner survived filter and dedup
+        if has_pair:
+            sample[f"safe.{image_extension(images[given])}"] = images[given]
+            sample["safe.txt"] = captions[row_of[given]]
+        meta = {
+            "key": key,
+            "category": category,
+            "difficulty": difficulty,
+            "modality": self.config.modality,
+            "given_pair": given if has_pair else None,
+            "targets": [
+                {"key": t, "rank": r + 1, "similarity": round(float(s), 6), "caption": captions[row_of[t]]}
+                for r, (t, s) in enumerate(zip(targets, sims))
+            ],
+        }
+        sample["json"] = json.dumps(meta, sort_keys=True).encode()
+        return sample, category, difficulty
+
+    def _images(self, ctx: GlobalContext, keys: set[str]) -> dict[str, bytes]:
+        """Image bytes of the given keys, reading the source shard by shard and keeping only those rows."""
+        out: dict[str, bytes] = {}
+        wanted = pa.array(sorted(keys), pa.string())
+        for shard in ctx.workdir.completed_shards("source"):
+            table = ctx.workdir.read_shard("source", shard, ["key", "image"])
+            table = table.filter(pc.is_in(table["key"], value_set=wanted))
+            out.update(zip(table["key"].to_pylist(), table["image"].to_pylist()))
+        return out
+
+    def output_metadata(self) -> dict[str, str]:
+        counts = getattr(self, "counts", None)
+        return {"training": json.dumps(counts, sort_keys=True)} if counts else {}
