@@ -182,10 +182,12 @@ def status(
 
 def _add_subapps() -> None:
     from saferclip_data.stages.bench_cli import bench_app
+    from saferclip_data.stages.report_cli import report_command
     from saferclip_data.training.toy_cli import toy_app
 
     app.add_typer(toy_app, name="toy")
     app.add_typer(bench_app, name="bench")
+    app.command(name="report", epilog="Example: saferclip-data report work/demo --out audit/")(report_command)
 
 
 _add_subapps()

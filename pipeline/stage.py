@@ -93,6 +93,8 @@ class Stage(ABC):
     mode: ClassVar[Literal["map", "global"]] = "map"
     #: upstream stage name -> columns this stage reads from it (the first entry drives the shard list)
     inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: stages this one reads when the recipe enables them (optional upstreams): their changes re-run it too
+    after: ClassVar[tuple[str, ...]] = ()
     #: output column names, for the plan and for downstream validation
     output_columns: ClassVar[tuple[str, ...]] = ()
     #: top-level recipe sections (e.g. "model") whose content belongs to this stage's fingerprint

@@ -10,6 +10,7 @@ from .embed import EmbedStage, ModelConfig
 from .filter import FilterStage
 from .mine import MineStage
 from .neighbours import NeighboursStage
+from .report import ReportStage
 from .score import ScoreStage
 from .shards import ShardsStage
 from .source import SourceConfig, SourceStage
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Stage]] = {
     "mine": MineStage,
     "benchmark": BenchmarkStage,
     "shards": ShardsStage,
+    "report": ReportStage,
 }
 
 #: top-level recipe sections besides ``stages``: name -> (model, required)

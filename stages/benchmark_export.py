@@ -63,7 +63,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _source_rows(ctx: GlobalContext, keys: set[str]) -> dict[str, dict]:
+def source_rows(ctx: GlobalContext, keys: set[str]) -> dict[str, dict]:
     """Caption and image bytes of the given keys, read shard by shard (only those rows are kept in memory)."""
     out: dict[str, dict] = {}
     for shard in ctx.workdir.completed_shards("source"):
@@ -104,7 +104,7 @@ def export_benchmark(
 ) -> None:
     wd = ctx.workdir
     folder = wd.stage_dir(stage.name)
-    sources = _source_rows(ctx, {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows})
+    sources = source_rows(ctx, {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows})
     table_rows = []
     sets: dict[str, list[tuple[str, bytes, str, dict]]] = {"safe": [], "unsafe": []}
     for r in rows:

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
 
-from .benchmark_export import image_extension
+from .benchmark_export import image_extension, source_rows
 from .score import column_suffix, unit_rows
 
 
@@ -149,7 +148,7 @@ class ShardsStage(Stage):
         needed = {s["key"] for s in selection}
         given = table["given_pair"].to_pylist()
         needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
-        images = self._images(ctx, needed)
+        images = {k: r["image"] for k, r in source_rows(ctx, needed).items()}
         by_tar: dict[str, list[dict]] = {}
         for s in selection:
             by_tar.setdefault(s["tar"], []).append(s)
@@ -220,16 +219,6 @@ class ShardsStage(Stage):
         }
         sample["json"] = json.dumps(meta, sort_keys=True).encode()
         return sample, category, difficulty
-
-    def _images(self, ctx: GlobalContext, keys: set[str]) -> dict[str, bytes]:
-        """Image bytes of the given keys, reading the source shard by shard and keeping only those rows."""
-        out: dict[str, bytes] = {}
-        wanted = pa.array(sorted(keys), pa.string())
-        for shard in ctx.workdir.completed_shards("source"):
-            table = ctx.workdir.read_shard("source", shard, ["key", "image"])
-            table = table.filter(pc.is_in(table["key"], value_set=wanted))
-            out.update(zip(table["key"].to_pylist(), table["image"].to_pylist()))
-        return out
 
     def output_metadata(self) -> dict[str, str]:
         counts = getattr(self, "counts", None)

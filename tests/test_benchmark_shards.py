@@ -1,12 +1,17 @@
-"""The benchmark stage (balanced selection, planted leaks found, exports that hash and read back) and the shards
-stage (quadruplet tars complete, a plain view open_clip's own loader reads, nothing held out ever shipped)."""
+"""The benchmark stage (balanced selection, planted leaks found, exports that hash and read back), the shards
+stage (quadruplet tars complete, a plain view open_clip's own loader reads, nothing held out ever shipped) and
+the report (renders in headless Chromium, every plot present, unsafe thumbnails blurred)."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import random
+import re
+import shutil
+import subprocess
 from collections import Counter
 
 import numpy as np
@@ -15,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.benchmark import BenchmarkConfig, BenchmarkStage, Candidate, quotas, select
@@ -104,6 +110,7 @@ def built(tmp_path_factory, cli_module):
         "duplicate_threshold": 1.0,
     }
     recipe["stages"]["shards"] = {"samples_per_shard": 40, "exclude_splits": ["test"]}
+    recipe["stages"]["report"] = {"samples": 6}
     path = write_recipe(base / "r.yaml", recipe)
     code, _, err = cli_module("build", str(path), "--executor", "local", "--no-progress")
     assert code == 0, err
@@ -246,3 +253,63 @@ def test_shards_are_deterministic_and_stats_match(built, tmp_path):
     assert [s["order"] for s in quad] == list(range(len(quad)))
     assert [s["key"] for s in quad] == [x["__key__"] for x in _tar_samples(
         str(built / "shards" / "quad" / f"quad-{{000000..{len(stats) - 1:06d}}}.tar"))]  # fmt: skip
+
+
+def _images_of(html_text: str, css_class: str) -> list[bytes]:
+    pattern = rf"class='{css_class}'[^>]*src='data:image/png;base64,([^']+)'"
+    return [base64.b64decode(b) for b in re.findall(pattern, html_text)]
+
+
+def test_report_has_every_plot_and_the_numbers(built):
+    folder = built / "report"
+    stats = json.loads((folder / "report.json").read_text())
+    page = (folder / "report.html").read_text()
+    plots = _images_of(page, "plot")
+    assert len(plots) == len(stats["plots"]) >= 9  # 2 score, alignment, and per mined modality: 4 or 5
+    for png in plots:
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.size[0] > 100 and np.asarray(image).std() > 0
+    wd = WorkDir(built)
+    reasons = Counter(wd.rejects("filter")["reason"].to_pylist())
+    reported = {(r["stage"], r["reason"]): r["records"] for r in stats["rejects_by_reason"]}
+    assert all(reported[("filter", reason)] == n for reason, n in reasons.items())
+    targets = pq.read_table(built / "mine" / "targets.parquet").to_pandas()
+    text = targets[targets.modality == "text"]
+    assert stats["mining"]["text"]["distinct_targets"] == text.target.nunique()
+    assert stats["mining"]["text"]["reuse_max"] == text.target.value_counts().max() <= 2  # the recipe's reuse cap
+    assert stats["benchmark"]["quadruplets"] == pq.read_table(built / "benchmark" / "benchmark.parquet").num_rows
+
+
+def test_unsafe_thumbnails_are_blurred_unless_asked(built, tmp_path, cli_module):
+    from saferclip_data.stages.report import thumbnail
+
+    source = {r["key"]: r["image"] for r in WorkDir(built).read_stage_columns("source", ["key", "image"]).to_pylist()}
+    stats = json.loads((built / "report" / "report.json").read_text())
+    shown = _images_of((built / "report" / "report.html").read_text(), "unsafe-thumb")
+    assert len(shown) == len(stats["samples"]) == 6 and stats["unsafe_thumbnails"] == "blurred"
+    for png, sample in zip(shown, stats["samples"]):
+        original = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbnail(source[sample["key"]], blur=False)))))
+        in_report = np.asarray(Image.open(io.BytesIO(png)))
+        assert in_report.shape == original.shape
+        assert np.abs(in_report.astype(int) - original.astype(int)).mean() > 5  # visibly different
+        assert in_report.astype(float).std() < original.astype(float).std()  # and smoother
+    code, _, err = cli_module("report", str(built), "--out", str(tmp_path / "r"), "--samples", "6", "--show-unsafe")
+    assert code == 0, err
+    opened = _images_of((tmp_path / "r" / "report.html").read_text(), "unsafe-thumb")
+    for png, sample in zip(opened, stats["samples"]):
+        assert png == base64.b64decode(thumbnail(source[sample["key"]], blur=False))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium_without_console_errors(built, tmp_path):
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+         "--v=0", "--window-size=1200,4000", f"--screenshot={shot}", (built / "report" / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert console == []
+    image = np.asarray(Image.open(shot).convert("L"))
+    assert image.shape == (4000, 1200) and image.std() > 10  # a page with content, not a blank

@@ -1,0 +1,301 @@
+"""The audit report: a self-contained HTML page (plots embedded as PNG), a Markdown summary and JSON stats.
+
+Built from the work dir alone (Polars over its parquet tables, see ``report_data``), by the ``report`` stage at
+the end of a build or by ``saferclip-data report WORKDIR`` at any time. Unsafe thumbnails are blurred unless
+``show_unsafe`` is set: the report is meant to be shared.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+
+from . import report_data as data
+
+BLUR_RADIUS = 6
+THUMB = 96
+
+
+class ReportConfig(StageConfig):
+    show_unsafe: bool = Field(default=False, description="show unsafe thumbnails unblurred")
+    samples: int = Field(default=12, ge=0, description="pairs in the sample table")
+    modality: str = Field(default="text", description="mined modality of the sample table")
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(columns: int = 1):
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; PNGs only
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(5.5 if columns == 1 else 9, 3.2))
+
+
+def thumbnail(image: bytes | None, blur: bool) -> str | None:
+    """A small PNG (base64) of encoded image bytes; blurred when it shows unsafe content."""
+    if not image:
+        return None
+    from PIL import Image, ImageFilter
+
+    img = Image.open(io.BytesIO(image)).convert("RGB")
+    img.thumbnail((THUMB, THUMB))
+    if blur:
+        img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(root: Path, stats: dict) -> list[tuple[str, str]]:
+    """(title, base64 PNG) of every plot the work dir supports."""
+    plots = []
+    scores = data.scores_and_roles(root)
+    if scores is not None:
+        for column in ("image_unsafe_score", "text_unsafe_score"):
+            if column not in scores.columns:
+                continue
+            fig, ax = _figure()
+            bins = np.linspace(0, 1, 41)
+            before = scores[column].drop_nulls().to_numpy()
+            after = scores.filter(scores["kept"])[column].drop_nulls().to_numpy()
+            ax.hist(before, bins=bins, alpha=0.5, label=f"scored ({len(before):,})")
+            ax.hist(after, bins=bins, alpha=0.5, label=f"kept by filter ({len(after):,})")
+            ax.set_xlabel(column)
+            ax.set_ylabel("records")
+            ax.legend()
+            plots.append((f"{column}: before and after thresholds", _png(fig)))
+        if "alignment" in scores.columns:
+            fig, ax = _figure()
+            for role in ("safe", "unsafe"):
+                values = scores.filter(scores["role"] == role)["alignment"].drop_nulls().to_numpy()
+                if len(values):
+                    ax.hist(values, bins=40, alpha=0.5, label=f"{role} ({len(values):,})")
+            ax.set_xlabel("image-caption cosine")
+            ax.legend()
+            plots.append(("image-caption alignment by role", _png(fig)))
+    for modality, m in stats.get("mining_arrays", {}).items():
+        fig, (a1, a2) = _figure(columns=2)
+        a1.hist(m["top1"], bins=40)
+        a1.set_xlabel("top-1 target similarity")
+        ranks = [r["rank"] for r in m["by_rank"]]
+        a2.plot(ranks, [r["mean"] for r in m["by_rank"]], marker="o")
+        a2.set_xlabel("rank")
+        a2.set_ylabel("mean similarity")
+        plots.append((f"mined targets ({modality}): similarity and rank", _png(fig)))
+        fig, ax = _figure()
+        ax.hist(m["reuse"], bins=range(1, int(m["reuse"].max()) + 2) if len(m["reuse"]) else 10)
+        ax.set_xlabel("times a safe record is a target")
+        ax.set_ylabel("safe records")
+        ax.set_title(f"Gini {m['reuse_gini']:.3f}")
+        plots.append((f"target reuse ({modality})", _png(fig)))
+        if len(m["pair"]):
+            fig, ax = _figure()
+            ax.scatter(m["pair"], m["pair_top1"], s=4, alpha=0.4)
+            low = float(min(m["pair"].min(), m["pair_top1"].min()))
+            ax.plot([low, 1], [low, 1], color="grey", linewidth=1)
+            ax.set_xlabel("given pair similarity")
+            ax.set_ylabel("mined top-1 similarity")
+            plots.append((f"given pair vs mined target ({modality})", _png(fig)))
+        fig, ax = _figure()
+        buckets = [d["bucket"] or "(none)" for d in m["difficulty"]]
+        ax.bar(buckets, [d["n"] for d in m["difficulty"]])
+        ax.set_ylabel("unsafe records")
+        plots.append((f"difficulty buckets ({modality})", _png(fig)))
+    return plots
+
+
+def collect(root: Path) -> dict[str, Any]:
+    """All report numbers as JSON-ready values (arrays summarised), plus the raw arrays under mining_arrays."""
+    mining = data.mining(root)
+    summary = {}
+    for modality, m in mining.items():
+        margin = m["pair_top1"] - m["pair"] if len(m["pair"]) else np.array([])
+        summary[modality] = {
+            "queries": m["queries"],
+            "top1_similarity_mean": float(np.mean(m["top1"])) if len(m["top1"]) else None,
+            "mean_similarity_by_rank": m["by_rank"],
+            "difficulty": m["difficulty"],
+            "distinct_targets": m["distinct_targets"],
+            "reuse_max": m["reuse_max"],
+            "reuse_gini": m["reuse_gini"],
+            "mined_beats_given_pair": float((margin > 1e-6).mean()) if len(margin) else None,
+            "mined_is_given_pair": float((np.abs(margin) <= 1e-6).mean()) if len(margin) else None,
+        }
+    rejects = data.rejects_by_reason(root)
+    return {
+        "work_dir": str(root),
+        "stages": data.stage_counts(root),
+        "composition": data.composition(root),
+        "rejects_by_reason": rejects.to_dicts(),
+        "mining": summary,
+        "benchmark": data.benchmark(root),
+        "mining_arrays": mining,
+    }
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p class='empty'>none</p>"
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:,.4f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], show_unsafe: bool) -> str:
+    bench = stats["benchmark"]
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saferclip-data report</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
+        "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}figure{display:inline-block;"
+        "margin:.5em}figcaption{font-size:13px}.empty{color:#888}</style></head><body>",
+        f"<h1>saferclip-data report</h1><p>work dir: <code>{html.escape(stats['work_dir'])}</code></p>",
+        "<h2>Stages</h2>",
+        _table(stats["stages"]),
+        "<h2>Composition</h2>",
+    ]
+    for column, rows in stats["composition"].items():
+        parts += [f"<h3>by {html.escape(column)}</h3>", _table(rows)]
+    parts += ["<h2>Rejects by stage and reason</h2>", _table(stats["rejects_by_reason"])]
+    parts += [
+        "<h2>Mining</h2>",
+        _table(
+            [
+                {"modality": k, **{x: y for x, y in v.items() if not isinstance(y, list)}}
+                for k, v in stats["mining"].items()
+            ]
+        ),
+    ]
+    parts.append("<h2>Plots</h2>")
+    for title, png in plots:
+        alt = html.escape(title)
+        parts.append(
+            f"<figure><img class='plot' alt='{alt}' src='data:image/png;base64,{png}'>"
+            f"<figcaption>{alt}</figcaption></figure>"
+        )
+    parts.append("<h2>Benchmark datasheet</h2>")
+    if bench:
+        parts.append(
+            f"<p>{bench['quadruplets']:,} quadruplets; thresholds {html.escape(json.dumps(bench['thresholds']))}"
+            f"; recipe fingerprint <code>{html.escape(str(bench['recipe_fingerprint']))}</code></p>"
+        )
+        parts.append(_table([{"category": k, **v} for k, v in bench["per_category"].items()]))
+        parts.append(_table([{"similarity": k, **v} for k, v in bench["similarity"].items() if v]))
+        parts.append(f"<h3>Leakage findings: {bench['leakage']['findings']:,}</h3>")
+        parts.append(_table(bench["leak_rows"]))
+    else:
+        parts.append("<p class='empty'>no benchmark stage in this work dir</p>")
+    note = "shown unblurred (--show-unsafe)" if show_unsafe else "blurred; --show-unsafe shows them"
+    parts.append(
+        f"<h2>Sample pairs</h2><p>Unsafe images are {note}.</p><table><thead><tr><th>unsafe</th>"
+        "<th>caption</th><th>mined safe target</th><th>caption</th><th>similarity</th><th>difficulty</th>"
+        "</tr></thead><tbody>"
+    )
+    for s in samples:
+        cells = []
+        for image, cls in ((s["unsafe_thumb"], "unsafe-thumb"), (s["target_thumb"], "safe-thumb")):
+            cells.append(f"<img class='{cls}' alt='{cls}' src='data:image/png;base64,{image}'>" if image else "")
+        parts.append(
+            f"<tr><td>{cells[0]}</td><td>{html.escape(s['unsafe_caption'] or '')}</td><td>{cells[1]}</td>"
+            f"<td>{html.escape(s['target_caption'] or '')}</td><td>{_fmt(s['similarity'])}</td>"
+            f"<td>{html.escape(str(s['difficulty']))}</td></tr>"
+        )
+    parts.append("</tbody></table></body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(stats: dict) -> str:
+    lines = ["# saferclip-data report", "", "| stage | in | out | rejected |", "|---|---:|---:|---:|"]
+    lines += [f"| {s['stage']} | {_fmt(s['in'])} | {_fmt(s['out'])} | {_fmt(s['rejected'])} |" for s in stats["stages"]]
+    lines += ["", "## Rejects by reason", ""]
+    lines += [f"- {r['stage']}: {r['reason']} — {r['records']:,}" for r in stats["rejects_by_reason"]] or ["- none"]
+    for modality, m in stats["mining"].items():
+        beats = m["mined_beats_given_pair"]
+        lines += [
+            "",
+            f"## Mining ({modality})",
+            "",
+            f"- {m['queries']:,} unsafe records with targets; mean top-1 similarity {_fmt(m['top1_similarity_mean'])}",
+            f"- {m['distinct_targets']:,} distinct targets, reuse max {m['reuse_max']}, Gini {_fmt(m['reuse_gini'])}",
+        ]
+        if beats is not None:
+            lines.append(
+                f"- mined top-1 more similar than the given pair in {beats:.1%}; it is the given pair itself in "
+                f"{m['mined_is_given_pair']:.1%}"
+            )
+    if stats["benchmark"]:
+        b = stats["benchmark"]
+        lines += [
+            "",
+            "## Benchmark",
+            "",
+            f"- {b['quadruplets']:,} quadruplets, {b['leakage']['findings']} leakage findings",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    root: Path, out: Path | None = None, show_unsafe: bool = False, samples: int = 12, modality: str = "text"
+) -> Path:
+    """Write report.html, report.md and report.json into ``out`` (default: <workdir>/report); returns the HTML path."""
+    out = out or root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    stats = collect(root)
+    plots = _plots(root, stats)
+    rows = data.sample_pairs(root, modality, samples)
+    for r in rows:
+        r["unsafe_thumb"] = thumbnail(r.pop("unsafe_image"), blur=not show_unsafe)
+        r["target_thumb"] = thumbnail(r.pop("target_image"), blur=False)
+    stats.pop("mining_arrays")
+    stats["plots"] = [title for title, _ in plots]
+    stats["samples"] = [{k: r[k] for k in ("key", "category", "target", "similarity", "difficulty")} for r in rows]
+    stats["unsafe_thumbnails"] = "shown" if show_unsafe else "blurred"
+    (out / "report.html").write_text(render_html(stats, plots, rows, show_unsafe), encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(stats), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    return out / "report.html"
+
+
+class ReportStage(Stage):
+    name = "report"
+    Config = ReportConfig
+    mode = "global"
+    inputs = {"mine": ("key",)}
+    after = ("benchmark", "shards")  # reported when the recipe has them
+    output_columns = ()
+    version = "1"
+
+    config: ReportConfig
+
+    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+        c = self.config
+        write_report(ctx.workdir.root, show_unsafe=c.show_unsafe, samples=c.samples, modality=c.modality)
+        n = sum(ctx.workdir.shard_stats("mine", s)["out"] for s in ctx.workdir.completed_shards("mine"))
+        return {"in": n, "out": n, "rejected": 0}

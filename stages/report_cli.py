@@ -1,0 +1,33 @@
+"""`saferclip-data report WORKDIR`: the audit report of a work dir, at any time (also of a partial build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from saferclip_data.pipeline.errors import UserError
+
+
+def report_command(
+    workdir: Annotated[Path, typer.Argument(help="The work dir of a build (e.g. work/demo).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where to write it (default: WORKDIR/report).")
+    ] = None,
+    show_unsafe: Annotated[
+        bool, typer.Option("--show-unsafe", help="Show unsafe thumbnails unblurred (they are blurred by default).")
+    ] = False,
+    samples: Annotated[int, typer.Option(help="Unsafe records (with their top-1 target) in the sample table.")] = 12,
+    modality: Annotated[str, typer.Option(help="Mined modality of the sample table: text, image, ...")] = "text",
+) -> None:
+    """Write report.html (self-contained, plots embedded), report.md and report.json: counts per source, split and
+    category, rejects by stage and reason, score and alignment histograms before and after thresholds, mined
+    target similarity, rank, difficulty and reuse (Gini), given pair vs mined target, the benchmark datasheet and
+    leakage findings, and a sample table of pairs with thumbnails."""
+    from saferclip_data.stages.report import write_report
+
+    if not (workdir / "source" / "_manifest.json").is_file():
+        raise UserError(f"{workdir}: not a work dir with a finished source stage (run build first)")
+    path = write_report(workdir, out, show_unsafe=show_unsafe, samples=samples, modality=modality)
+    typer.echo(f"report: {path}  (also report.md, report.json)")

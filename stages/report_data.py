@@ -1,0 +1,178 @@
+"""The numbers of the audit report, computed with Polars over a work dir's parquet tables.
+
+Every function takes the work dir and returns plain dicts / Polars frames; a stage that is absent gives an empty
+section rather than an error, so ``saferclip-data report`` works on a partial build too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+BUCKET_ORDER = {"easy": 0, "medium": 1, "hard": 2}
+
+
+def stage_frame(root: Path, stage: str, columns: list[str] | None = None) -> pl.DataFrame | None:
+    """All kept records of a stage (its ``part-NNNNN.parquet`` files), or None when the stage has none."""
+    files = sorted((root / stage).glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    if not files:
+        return None
+    frame = pl.scan_parquet(files)
+    if columns is not None:
+        present = [c for c in columns if c in frame.collect_schema().names()]
+        frame = frame.select(present)
+    return frame.collect()
+
+
+def stage_counts(root: Path) -> list[dict]:
+    rows = []
+    for manifest in sorted(root.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime_ns):
+        m = json.loads(manifest.read_text())
+        counts = m.get("counts", {})
+        rows.append(
+            {
+                "stage": manifest.parent.name,
+                "complete": bool(m.get("complete")),
+                "in": counts.get("in"),
+                "out": counts.get("out"),
+                "rejected": counts.get("rejected"),
+                "seconds": m.get("seconds"),
+            }
+        )
+    return rows
+
+
+def rejects_by_reason(root: Path) -> pl.DataFrame:
+    files = sorted(root.glob("*/*rejects.parquet"))
+    frames = [pl.read_parquet(f, columns=["key", "stage", "reason"]) for f in files if f.stat().st_size]
+    frames = [f for f in frames if f.height]
+    if not frames:
+        return pl.DataFrame({"stage": [], "reason": [], "records": []}, schema_overrides={"records": pl.UInt32})
+    return (
+        pl.concat(frames)
+        .group_by("stage", "reason")
+        .agg(pl.len().alias("records"))
+        .sort(["stage", "records", "reason"], descending=[False, True, False])
+    )
+
+
+def composition(root: Path) -> dict[str, list[dict]]:
+    """Record counts per split, role and category of the source (whichever of those columns exist)."""
+    source = stage_frame(root, "source", ["key", "split", "role", "label", "category"])
+    if source is None:
+        return {}
+    out = {}
+    for column in ("split", "role", "label", "category"):
+        if column in source.columns and source[column].null_count() < source.height:
+            counts = source.group_by(column).agg(pl.len().alias("records")).sort(column, nulls_last=True)
+            out[column] = counts.with_columns(pl.col(column).fill_null("(none)")).to_dicts()
+    return out
+
+
+def gini(counts: np.ndarray) -> float:
+    """Gini coefficient of target reuse: 0 = every target used equally often, towards 1 = a few hubs."""
+    if len(counts) == 0 or counts.sum() == 0:
+        return float("nan")
+    x = np.sort(counts.astype(np.float64))
+    n = len(x)
+    return float((2 * np.arange(1, n + 1) - n - 1).dot(x) / (n * x.sum()))
+
+
+def scores_and_roles(root: Path) -> pl.DataFrame | None:
+    """Score columns of every scored record, with the filter's verdict (kept or not) and role."""
+    score = stage_frame(root, "score", ["key", "alignment", "image_unsafe_score", "text_unsafe_score", "label_role"])
+    if score is None:
+        return None
+    kept = stage_frame(root, "filter", ["key", "role"])
+    if kept is None:
+        return score.with_columns(pl.lit(None, pl.Utf8).alias("role"), pl.lit(False).alias("kept"))
+    return score.join(kept.with_columns(pl.lit(True).alias("kept")), on="key", how="left").with_columns(
+        pl.col("kept").fill_null(False), pl.coalesce("role", "label_role").alias("role")
+    )
+
+
+def mining(root: Path) -> dict:
+    """Per mined modality: top-1 similarities, similarity by rank, difficulty, margin over the given pair, reuse."""
+    path = root / "mine" / "targets.parquet"
+    mine = stage_frame(root, "mine")
+    if mine is None or not path.is_file():
+        return {}
+    targets = pl.read_parquet(path)
+    out = {}
+    for modality in targets["modality"].unique().sort().to_list():
+        t = targets.filter(pl.col("modality") == modality)
+        m = modality.replace("-", "_")
+        by_rank = t.group_by("rank").agg(pl.col("similarity").mean().alias("mean"), pl.len().alias("n")).sort("rank")
+        reuse = t.group_by("target").agg(pl.len().alias("uses"))["uses"].to_numpy()
+        queries = mine.filter(pl.col(f"{m}_targets").is_not_null())
+        top1 = queries[f"{m}_similarities"].list.first().cast(pl.Float64)
+        pair = queries[f"{m}_pair_similarity"].cast(pl.Float64)
+        has_pair = pair.is_not_null()
+        out[modality] = {
+            "queries": queries.height,
+            "top1": top1.to_numpy(),
+            "by_rank": by_rank.to_dicts(),
+            "difficulty": sorted(
+                queries.group_by(f"{m}_difficulty")
+                .agg(pl.len().alias("n"))
+                .rename({f"{m}_difficulty": "bucket"})
+                .to_dicts(),
+                key=lambda d: BUCKET_ORDER.get(d["bucket"], 9),
+            ),
+            "reuse": reuse,
+            "reuse_gini": gini(reuse),
+            "reuse_max": int(reuse.max()) if len(reuse) else 0,
+            "distinct_targets": len(reuse),
+            "pair": pair.filter(has_pair).to_numpy(),
+            "pair_top1": top1.filter(has_pair).to_numpy(),
+        }
+    return out
+
+
+def benchmark(root: Path) -> dict:
+    sheet = root / "benchmark" / "datasheet.json"
+    if not sheet.is_file():
+        return {}
+    data = json.loads(sheet.read_text())
+    leaks = root / "benchmark" / "leakage.parquet"
+    data["leak_rows"] = pl.read_parquet(leaks).head(50).to_dicts() if leaks.is_file() else []
+    return data
+
+
+def sample_pairs(root: Path, modality: str, n: int = 12) -> list[dict]:
+    """A few unsafe records with their top-1 mined target, chosen deterministically across difficulty buckets."""
+    mine = stage_frame(root, "mine")
+    m = modality.replace("-", "_")
+    if mine is None or f"{m}_targets" not in mine.columns:
+        return []
+    picked = (
+        mine.filter(pl.col(f"{m}_targets").is_not_null())
+        .with_columns(
+            pl.col(f"{m}_targets").list.first().alias("target"),
+            pl.col(f"{m}_similarities").list.first().alias("similarity"),
+        )
+        .sort("key")
+        .gather_every(max(1, mine.height // (4 * n)))
+        .head(n)
+        .select("key", "category", "target", "similarity", pl.col(f"{m}_difficulty").alias("difficulty"))
+    )
+    keys = set(picked["key"].to_list()) | set(picked["target"].to_list())
+    source_files = sorted((root / "source").glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    source = pl.scan_parquet(source_files).filter(pl.col("key").is_in(list(keys))).select("key", "caption", "image")
+    lookup = {r["key"]: r for r in source.collect().to_dicts()}
+    rows = []
+    for r in picked.to_dicts():
+        unsafe, target = lookup.get(r["key"], {}), lookup.get(r["target"], {})
+        rows.append(
+            {
+                **r,
+                "unsafe_caption": unsafe.get("caption"),
+                "unsafe_image": unsafe.get("image"),
+                "target_caption": target.get("caption"),
+                "target_image": target.get("image"),
+            }
+        )
+    return rows
