@@ -165,6 +165,18 @@ def test_retrieval_export_follows_clip_benchmark_layout_and_reads_back(built):
             assert captions.splitlines() == [row[f"{role}_caption"]]
 
 
+def test_clip_benchmark_retrieval_loader_reads_the_export(built):
+    from clip_benchmark.datasets.builder import build_wds_dataset
+
+    table = pq.read_table(built / "benchmark" / "benchmark.parquet").to_pylist()
+    for role in ("safe", "unsafe"):
+        root = str(built / "benchmark" / "export" / role)
+        dataset = build_wds_dataset("nsfw-caps-style", transform=lambda image: image.size, data_dir=root)
+        samples = list(dataset)
+        assert [captions for _, captions in samples] == [[row[f"{role}_caption"]] for row in table]
+        assert all(size[0] > 0 for size, _ in samples)
+
+
 def test_same_selection_gives_byte_identical_exports(built, tmp_path, cli_module):
     recipe = safety_recipe(tmp_path / "w2")
     recipe["stages"]["benchmark"] = json.loads((built / "benchmark" / "datasheet.json").read_text())["settings"]
