@@ -325,3 +325,55 @@ def test_report_renders_in_headless_chromium_without_console_errors(built, tmp_p
     assert console == []
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape == (4000, 1200) and image.std() > 10  # a page with content, not a blank
+
+
+def _quad_urls(built) -> list[str]:
+    return sorted(str(p) for p in (built / "shards" / "quad").glob("quad-*.tar"))
+
+
+def _stream(built, epoch: int, seed: int = 0, workers: int = 0) -> list[dict]:
+    from saferclip_data.training.data import quad_pipeline
+
+    def tokenizer(texts):
+        return torch.tensor([[len(t), t.count(" ")] for t in texts])
+
+    def preprocess(image):
+        return torch.as_tensor(np.asarray(image.resize((16, 16)), np.float32)).permute(2, 0, 1)
+
+    pipeline = quad_pipeline(_quad_urls(built), preprocess, tokenizer, 16, epoch=epoch, batch_size=7, seed=seed)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
+    return list(loader)
+
+
+def test_progressive_schedule_admits_easy_then_medium_then_all(built):
+    from saferclip_data.training.data import buckets_for_epoch
+
+    assert buckets_for_epoch(0) == {"easy"} and buckets_for_epoch(1) == {"easy", "medium"}
+    assert buckets_for_epoch(5) == {"easy", "medium", "hard"}
+    stats = json.loads((built / "shards" / "quad" / "stats.json").read_text())
+    supply = Counter()
+    for info in stats.values():
+        supply.update(info["difficulty"])
+    for epoch, admitted in ((0, {"easy"}), (1, {"easy", "medium"}), (2, {"easy", "medium", "hard"})):
+        batches = _stream(built, epoch)
+        seen = [d for b in batches for d in b["difficulty"]]
+        assert set(seen) <= admitted and len(seen) == sum(supply[d] for d in admitted)
+        assert all(len(b["key"]) <= 7 for b in batches)
+
+
+def test_stream_order_is_seeded_per_epoch_and_workers_see_each_sample_once(built):
+    keys = [k for b in _stream(built, epoch=2) for k in b["key"]]
+    assert keys == [k for b in _stream(built, epoch=2) for k in b["key"]]  # same seed and epoch: same order
+    assert keys != [k for b in _stream(built, epoch=3) for k in b["key"]]  # next epoch: reshuffled
+    assert sorted(keys) == sorted(k for b in _stream(built, epoch=2, workers=2) for k in b["key"])
+
+
+def test_streamed_targets_are_the_frozen_top1_embeddings(built):
+    wd = WorkDir(built)
+    embed = {r["key"]: r for r in wd.read_stage_columns("embed", ["key", "text_embedding"]).to_pylist()}
+    mine = {r["key"]: r["text_targets"] for r in wd.read_stage_columns("mine", ["key", "text_targets"]).to_pylist()}
+    batch = _stream(built, epoch=2)[0]
+    for key, target in zip(batch["key"], batch["target_text"]):
+        frozen = np.asarray(embed[mine[key][0]]["text_embedding"], np.float32)
+        assert np.allclose(target.numpy(), frozen / np.linalg.norm(frozen), atol=2e-3)
+    assert batch["unsafe_image"].shape[1:] == (3, 16, 16) and batch["has_image"].all()

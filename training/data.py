@@ -1,0 +1,111 @@
+"""Streaming the quadruplet shards into training, with SaFeR-CLIP's easy-to-hard schedule.
+
+The shards stage writes one sample per unsafe record (``unsafe.jpg``/``.txt``, the given pair ``safe.*``, the
+frozen embeddings of its mined targets, and ``json`` with its difficulty bucket). This module streams them with
+webdataset: shards and samples shuffled from (seed, epoch), so the order is reproducible and changes per
+epoch; the curriculum admits only the buckets of the current epoch (default: easy; easy + medium; all); shards
+are split over DataLoader workers. Records without an image (text-only sources) come with ``has_image`` false and
+a zero image, so the trainer can leave the image terms out for them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+#: epoch i trains on DEFAULT_SCHEDULE[min(i, len - 1)]
+DEFAULT_SCHEDULE: tuple[tuple[str, ...], ...] = (("easy",), ("easy", "medium"), ("easy", "medium", "hard"))
+
+
+def buckets_for_epoch(epoch: int, schedule: Sequence[Sequence[str]] = DEFAULT_SCHEDULE) -> frozenset[str]:
+    """Difficulty buckets admitted in ``epoch`` (0-based); the last entry holds for every later epoch."""
+    if not schedule:
+        raise ValueError("the progressive schedule needs at least one epoch's buckets")
+    return frozenset(schedule[min(epoch, len(schedule) - 1)])
+
+
+def _image(sample: dict, prefix: str) -> bytes | None:
+    for ext in ("jpg", "jpeg", "png", "webp"):
+        if f"{prefix}.{ext}" in sample:
+            return sample[f"{prefix}.{ext}"]
+    return None
+
+
+def decode_quad(sample: dict, preprocess: Callable, tokenizer: Callable, image_size: int) -> dict:
+    """One tar sample -> tensors: unsafe and safe image/tokens, top-1 target embeddings, flags, metadata."""
+    from PIL import Image
+
+    meta = json.loads(sample["json"])
+
+    def pixels(data: bytes | None) -> tuple[torch.Tensor, bool]:
+        if data is None:
+            return torch.zeros(3, image_size, image_size), False
+        return preprocess(Image.open(io.BytesIO(data)).convert("RGB")), True
+
+    unsafe_image, has_image = pixels(_image(sample, "unsafe"))
+    safe_image, has_safe_image = pixels(_image(sample, "safe"))
+    safe_text = sample.get("safe.txt", b"").decode("utf-8")
+    targets_text = np.load(io.BytesIO(sample["targets_text.npy"]))
+    targets_image = np.load(io.BytesIO(sample["targets_image.npy"]))
+    return {
+        "key": sample["__key__"],
+        "unsafe_image": unsafe_image,
+        "has_image": has_image,
+        "unsafe_text": tokenizer([sample["unsafe.txt"].decode("utf-8")])[0],
+        "safe_image": safe_image,
+        "has_safe_image": has_safe_image,
+        "safe_text": tokenizer([safe_text])[0],
+        "has_safe_pair": meta.get("given_pair") is not None,
+        "target_text": torch.from_numpy(targets_text[0].astype(np.float32)),
+        "target_image": torch.from_numpy(targets_image[0].astype(np.float32)),
+        "difficulty": meta["difficulty"],
+        "category": meta["category"],
+    }
+
+
+def collate(samples: list[dict]) -> dict:
+    out: dict = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            out[name] = torch.stack(values)
+        elif isinstance(values[0], bool):
+            out[name] = torch.tensor(values)
+        else:
+            out[name] = values
+    return out
+
+
+def quad_pipeline(
+    urls: Sequence[str],
+    preprocess: Callable,
+    tokenizer: Callable,
+    image_size: int,
+    *,
+    epoch: int,
+    batch_size: int,
+    seed: int = 0,
+    schedule: Sequence[Sequence[str]] = DEFAULT_SCHEDULE,
+    shuffle_buffer: int = 1000,
+):
+    """A webdataset pipeline over the quadruplet tars for one epoch (iterate it, or wrap it in a DataLoader with
+    ``batch_size=None``; each worker then reads its own shards)."""
+    import webdataset as wds
+
+    admitted = buckets_for_epoch(epoch, schedule)
+    urls = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(urls)  # shard order: from (seed, epoch)
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.select(lambda s: json.loads(s["json"])["difficulty"] in admitted),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 7919 + epoch)),
+        wds.map(lambda s: decode_quad(s, preprocess, tokenizer, image_size)),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
