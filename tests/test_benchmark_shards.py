@@ -377,3 +377,37 @@ def test_streamed_targets_are_the_frozen_top1_embeddings(built):
         frozen = np.asarray(embed[mine[key][0]]["text_embedding"], np.float32)
         assert np.allclose(target.numpy(), frozen / np.linalg.norm(frozen), atol=2e-3)
     assert batch["unsafe_image"].shape[1:] == (3, 16, 16) and batch["has_image"].all()
+
+
+@pytest.mark.parametrize("method", ["saferclip", "safeclip"])
+def test_reference_encoders_stay_unchanged_while_the_model_trains(built, method):
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.models import load_clip
+    from saferclip_data.training.reference import TrainedWithReference
+
+    torch.manual_seed(0)
+    clip = load_clip("toy-resnet-tiny", None, init_seed=0)
+    pipeline = quad_pipeline(_quad_urls(built), clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+                             batch_size=16)  # fmt: skip
+    batches = list(pipeline)[:3]
+    pair = TrainedWithReference(clip.model)
+    probe = batches[0]
+    with torch.no_grad():
+        ref_before = [
+            pair.reference.encode_image(probe["unsafe_image"]),
+            pair.reference.encode_text(probe["unsafe_text"]),
+        ]
+        model_before = pair.model.encode_text(probe["unsafe_text"]).clone()
+    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=1e-3)
+    for batch in batches:
+        loss, parts = pair.loss(batch, method)
+        assert torch.isfinite(loss) and len(parts) >= 6
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not pair.reference.training and not any(p.requires_grad for p in pair.reference.parameters())
+    assert all(p.grad is None for p in pair.reference.parameters())
+    with torch.no_grad():
+        assert torch.equal(pair.reference.encode_image(probe["unsafe_image"]), ref_before[0])
+        assert torch.equal(pair.reference.encode_text(probe["unsafe_text"]), ref_before[1])
+        assert not torch.allclose(pair.model.encode_text(probe["unsafe_text"]), model_before)
