@@ -411,3 +411,58 @@ def test_reference_encoders_stay_unchanged_while_the_model_trains(built, method)
         assert torch.equal(pair.reference.encode_image(probe["unsafe_image"]), ref_before[0])
         assert torch.equal(pair.reference.encode_text(probe["unsafe_text"]), ref_before[1])
         assert not torch.allclose(pair.model.encode_text(probe["unsafe_text"]), model_before)
+
+
+TRAIN_SCRIPT = """
+import sys
+from pathlib import Path
+from saferclip_data.training.models import load_clip
+from saferclip_data.training.trainer import TrainConfig, train
+clip = load_clip("toy-resnet-tiny", None, init_seed=0)
+config = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, seed=1)
+train(clip, Path(sys.argv[1]), Path(sys.argv[2]), config)
+"""
+
+
+def _steps(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_to_the_same_steps_and_data_order(built, tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    from saferclip_data.training.models import load_clip
+    from saferclip_data.training.trainer import TrainConfig, train
+
+    shard_dir = built / "shards" / "quad"
+    config = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, seed=1)
+    straight = load_clip("toy-resnet-tiny", None, init_seed=0)
+    result = train(straight, shard_dir, tmp_path / "straight", config)
+    reference = _steps(tmp_path / "straight")
+    assert result["step"] == len(reference) >= 12 and not result["stopped"]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(shard_dir), str(out)])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "last.pt").is_file() and (out / "log.jsonl").is_file() and len(_steps(out)) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_steps(out))
+    assert 7 <= killed_at < len(reference)
+
+    resumed = load_clip("toy-resnet-tiny", None, init_seed=0)
+    result = train(resumed, shard_dir, out, config)
+    steps = _steps(out)
+    assert result["step"] == len(reference) and [s["step"] for s in steps] == list(range(1, len(reference) + 1))
+    assert [s["keys"] for s in steps] == [s["keys"] for s in reference]  # same data, same order
+    assert [s["epoch"] for s in steps] == [s["epoch"] for s in reference]
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
