@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from saferclip_data.pipeline.stage import Stage
+from saferclip_data.training.train_cli import TrainingSection
 
 from .benchmark import BenchmarkStage
 from .dedup import DedupStage
@@ -30,6 +31,6 @@ REGISTRY: dict[str, type[Stage]] = {
 }
 
 #: top-level recipe sections besides ``stages``: name -> (model, required)
-SECTIONS = {"source": (SourceConfig, True), "model": (ModelConfig, True)}
+SECTIONS = {"source": (SourceConfig, True), "model": (ModelConfig, True), "training": (TrainingSection, False)}
 
 __all__ = ["REGISTRY", "SECTIONS", "EmbedStage", "SourceStage", "ModelConfig", "SourceConfig"]

@@ -398,6 +398,8 @@ def test_reference_encoders_stay_unchanged_while_the_model_trains(built, method)
             pair.reference.encode_text(probe["unsafe_text"]),
         ]
         model_before = pair.model.encode_text(probe["unsafe_text"]).clone()
+    _, first = pair.loss(batches[0], method)  # before any step the model is its reference: nothing to preserve
+    assert first["preserve_image" if method == "saferclip" else "vision_safe"] < 1e-5
     optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=1e-3)
     for batch in batches:
         loss, parts = pair.loss(batch, method)
@@ -466,3 +468,14 @@ def test_training_killed_with_sigkill_resumes_to_the_same_steps_and_data_order(b
     assert [s["epoch"] for s in steps] == [s["epoch"] for s in reference]
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_train_command_streams_the_build_into_the_trainer(built, cli_module):
+    recipe = built.parent / "r.yaml"
+    code, out, err = cli_module("train", str(recipe), "--method", "safeclip", "--max-steps", "2")
+    assert code == 0, err
+    log = _steps(built / "train" / "safeclip")
+    assert [s["step"] for s in log] == [1, 2] and "unsafe_vision_to_tref" in log[0]["terms"]
+    assert "stopped at --max-steps after 2 steps" in out
+    code, _, err = cli_module("train", str(recipe), "--method", "nope")
+    assert code == 2 and "--method" in err

@@ -23,6 +23,11 @@ class TrainedWithReference:
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.model = model.train()
+        for module in self.model.modules():
+            # batch-norm statistics stay as pretrained: in train mode they would follow each batch, and the
+            # preservation terms would measure the mode switch instead of the fine-tuning
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
