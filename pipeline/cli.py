@@ -184,12 +184,13 @@ def _add_subapps() -> None:
     from saferclip_data.stages.bench_cli import bench_app
     from saferclip_data.stages.report_cli import report_command
     from saferclip_data.training.toy_cli import toy_app
-    from saferclip_data.training.train_cli import train_command
+    from saferclip_data.training.train_cli import eval_command, train_command
 
     app.add_typer(toy_app, name="toy")
     app.add_typer(bench_app, name="bench")
     app.command(name="report", epilog="Example: saferclip-data report work/demo --out audit/")(report_command)
     app.command(name="train", epilog="Example: saferclip-data train recipes/demo.yaml --method safeclip")(train_command)
+    app.command(name="eval", epilog="Example: saferclip-data eval recipes/demo.yaml")(eval_command)
 
 
 _add_subapps()

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from saferclip_data.pipeline.stage import GlobalContext
+from saferclip_data.pipeline.workdir import WorkDir
 
 if TYPE_CHECKING:
     from .benchmark import BenchmarkStage
@@ -63,11 +64,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def source_rows(ctx: GlobalContext, keys: set[str]) -> dict[str, dict]:
+def source_rows(workdir: WorkDir, keys: set[str]) -> dict[str, dict]:
     """Caption and image bytes of the given keys, read shard by shard (only those rows are kept in memory)."""
     out: dict[str, dict] = {}
-    for shard in ctx.workdir.completed_shards("source"):
-        table = ctx.workdir.read_shard("source", shard, ["key", "caption", "image"])
+    for shard in workdir.completed_shards("source"):
+        table = workdir.read_shard("source", shard, ["key", "caption", "image"])
         mask = pc.is_in(table["key"], value_set=pa.array(sorted(keys), pa.string()))
         for row in table.filter(mask).to_pylist():
             out[row["key"]] = row
@@ -104,7 +105,7 @@ def export_benchmark(
 ) -> None:
     wd = ctx.workdir
     folder = wd.stage_dir(stage.name)
-    sources = source_rows(ctx, {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows})
+    sources = source_rows(ctx.workdir, {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows})
     table_rows = []
     sets: dict[str, list[tuple[str, bytes, str, dict]]] = {"safe": [], "unsafe": []}
     for r in rows:

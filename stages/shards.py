@@ -148,7 +148,7 @@ class ShardsStage(Stage):
         needed = {s["key"] for s in selection}
         given = table["given_pair"].to_pylist()
         needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
-        images = {k: r["image"] for k, r in source_rows(ctx, needed).items()}
+        images = {k: r["image"] for k, r in source_rows(ctx.workdir, needed).items()}
         by_tar: dict[str, list[dict]] = {}
         for s in selection:
             by_tar.setdefault(s["tar"], []).append(s)

@@ -479,3 +479,20 @@ def test_train_command_streams_the_build_into_the_trainer(built, cli_module):
     assert "stopped at --max-steps after 2 steps" in out
     code, _, err = cli_module("train", str(recipe), "--method", "nope")
     assert code == 2 and "--method" in err
+
+
+def test_eval_command_compares_base_and_trained_models(built, cli_module):
+    recipe = built.parent / "r.yaml"
+    code, _, err = cli_module("train", str(recipe), "--method", "saferclip", "--max-steps", "2")
+    assert code == 0, err
+    code, out, err = cli_module("eval", str(recipe), "--checkpoint", str(built / "train" / "saferclip" / "last.pt"))
+    assert code == 0, err
+    results = json.loads((built / "eval" / "eval.json").read_text())
+    assert list(results) == ["base", "saferclip"]
+    quads = pq.read_table(built / "benchmark" / "benchmark.parquet").num_rows
+    for r in results.values():
+        assert r["quadruplets"] == quads and len(r["retrieval"]) == 8
+        assert all(0 <= v <= 1 for d in r["retrieval"].values() for v in d.values())
+        assert "object_accuracy" in r["zero_shot"]
+    assert results["base"]["weight_l2_to_original"] == 0 and results["saferclip"]["weight_l2_to_original"] > 0
+    assert "| saferclip |" in out

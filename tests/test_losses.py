@@ -136,3 +136,20 @@ def test_unknown_weight_names_are_refused():
     assert weights_from({"relative_text": 0.5}).relative_text == 0.5
     with pytest.raises(ValueError, match="relativ_text"):
         weights_from({"relativ_text": 0.5})
+
+
+def test_recall_at_k_by_hand():
+    from saferclip_data.training.evaluate import recall_at_k, retrieval_table
+
+    eye = torch.eye(4)
+    assert recall_at_k(eye, eye, torch.arange(4)) == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+    # query i's hit is row (i+1) % 4, which is orthogonal to it while row i is identical: rank 1 for all
+    assert recall_at_k(eye, eye, (torch.arange(4) + 1) % 4, ks=(1, 2)) == {"R@1": 0.0, "R@2": 1.0}
+    # unsafe captions that sit exactly on their unsafe images: found among safe images only by chance,
+    # but in a safe+unsafe gallery they retrieve the unsafe image first
+    v, t = torch.eye(6)[:3], torch.eye(6)[:3]
+    v_star = t_star = torch.eye(6)[3:]
+    table = retrieval_table(v, t, v_star, t_star + 0.1 * v)
+    assert table["T->V safe"]["R@1"] == 1.0 and table["V->T safe+unsafe"]["R@1"] == 1.0
+    assert table["T*->V safe"]["R@1"] == 1.0  # only its safe partner has a positive cosine
+    assert table["T*->V safe+unsafe"]["R@1"] == 0.0  # its own unsafe image is closer

@@ -63,3 +63,47 @@ def train_command(
     result = train(clip, shard_dir, out_dir, TrainConfig(**settings), stop_after=max_steps)
     state = "stopped at --max-steps" if result["stopped"] else "finished"
     typer.echo(f"{settings['method']}: {state} after {result['step']} steps; checkpoint {out_dir / 'last.pt'}")
+
+
+def eval_command(
+    recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
+    checkpoint: Annotated[
+        list[Path] | None, typer.Option(help="Trainer checkpoints to compare (default: WORKDIR/train/*/last.pt).")
+    ] = None,
+) -> None:
+    """Compare the recipe's base model with fine-tuned checkpoints on the build's benchmark: R@1/5/10 for T->V,
+    V->T, T*->V, V*->T on safe-only and safe+unsafe galleries, zero-shot accuracy (toy models), weight and
+    embedding drift. Writes WORKDIR/eval/eval.md and eval.json and prints the table."""
+    from saferclip_data.pipeline.cli import _pipeline
+    from saferclip_data.stages.benchmark_export import source_rows
+    from saferclip_data.training.evaluate import checkpoint_into, evaluate, write_results
+    from saferclip_data.training.models import load_clip
+
+    pipeline = _pipeline(recipe, workdir)
+    wd = pipeline.workdir
+    bench = wd.stage_dir("benchmark")
+    if not (wd.manifest("benchmark") or {}).get("complete"):
+        raise UserError(f"{wd.root}: no finished benchmark stage; add stages.benchmark to the recipe and build")
+    checkpoints = checkpoint or sorted(wd.root.glob("train/*/last.pt"))
+    for path in checkpoints:
+        if not path.is_file():
+            raise UserError(f"--checkpoint: no file {path}")
+    model = pipeline.recipe.model
+
+    def fresh():
+        return load_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(bench / "benchmark.parquet", columns=["safe_key", "unsafe_key"]).to_pylist()
+    keys = {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows}
+    images = {k: r["image"] for k, r in source_rows(wd, keys).items()}
+    original = fresh()
+    toy = model.arch.startswith("toy-")
+    results = {"base": evaluate(fresh(), original, bench, images, toy)}
+    for path in checkpoints:
+        results[path.parent.name] = evaluate(checkpoint_into(fresh(), path), original, bench, images, toy)
+    md = write_results(results, wd.root / "eval")
+    typer.echo(md.read_text())
+    typer.echo(f"written: {md} and eval.json")
