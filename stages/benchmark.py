@@ -78,7 +78,9 @@ def select(
     candidate indices and the near-duplicates skipped per category."""
     chosen: list[int] = []
     skipped = {c: 0 for c in quota}
-    members: dict[str, list[np.ndarray]] = {m: [] for m in vectors}
+    # members selected so far, per modality, in a preallocated matrix (2 rows per quadruplet)
+    members = {m: np.empty((2 * sum(quota.values()), v.shape[1]), v.dtype) for m, v in vectors.items()}
+    filled = 0
     for category in sorted(quota):
         order = sorted(
             (i for i, c in enumerate(candidates) if c.category == category),
@@ -89,14 +91,14 @@ def select(
             if taken >= quota[category]:
                 break
             rows = (candidates[i].safe_row, candidates[i].unsafe_row)
-            if any(
-                members[m] and float(np.max(np.stack(members[m]) @ vectors[m][list(rows)].T)) >= duplicate_threshold
-                for m in vectors
+            if filled and any(
+                float(np.max(members[m][:filled] @ vectors[m][list(rows)].T)) >= duplicate_threshold for m in vectors
             ):
                 skipped[category] += 1
                 continue
             for m in vectors:
-                members[m].extend(vectors[m][r] for r in rows)
+                members[m][filled : filled + 2] = vectors[m][list(rows)]
+            filled += 2
             chosen.append(i)
             taken += 1
     return chosen, skipped
@@ -231,7 +233,8 @@ class BenchmarkStage(Stage):
         c = self.config
         keys, groups = table["key"].to_pylist(), table[c.group_column].to_pylist()
         splits = table[c.split_column].to_pylist()
-        training = np.array([s not in set(c.splits) for s in splits])
+        wanted = set(c.splits)
+        training = np.array([s not in wanted for s in splits])
         leaks: list[dict] = []
         bench_groups = {cand.group: qid for cand, qid in zip(selected, ids)}
         for row in np.flatnonzero(training):

@@ -18,6 +18,7 @@ is ignored by it. Tars are written with fixed member times, so the same selectio
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -45,18 +46,21 @@ LEAK_SCHEMA = pa.schema(
 )
 
 
+EXTENSION_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
 def image_extension(data: bytes) -> str:
-    """The member extension for encoded image bytes (clip_benchmark decodes webp, png, jpg)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    raise ValueError("image is not JPEG, PNG or WebP")
+    """The member extension for encoded image bytes (clip_benchmark decodes webp, png, jpg); PIL reads only the
+    header to tell the format."""
+    from PIL import Image
+
+    fmt = Image.open(io.BytesIO(data)).format
+    if fmt not in EXTENSION_OF_FORMAT:
+        raise ValueError(f"image format {fmt} is not JPEG, PNG or WebP")
+    return EXTENSION_OF_FORMAT[fmt]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -177,7 +181,7 @@ def datasheet(ctx, stage, rows, leaks, per_category, thresholds, exported: list[
             "by_modality": {m: sum(x["modality"] == m for x in leaks) for m in ("group", "image", "text")},
             "table": "leakage.parquet",
         },
-        "files": {str(p.relative_to(root)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in exported},
+        "files": {str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in exported},
     }
 
 

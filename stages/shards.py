@@ -32,7 +32,7 @@ from pydantic import Field
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
 
-from .benchmark_export import image_extension, source_rows
+from .benchmark_export import image_extension, sha256_file, source_rows
 from .score import column_suffix, unit_rows
 
 
@@ -145,6 +145,8 @@ class ShardsStage(Stage):
         dim = table.schema.field("text_embedding").type.list_size
         vectors = {mod: unit_rows(table[f"{mod}_embedding"], dim)[0].astype(np.float16) for mod in ("image", "text")}
         captions = self._captions = table["caption"].to_pylist()
+        # python lists once: per-row pyarrow scalar access in the sample loop costs more than the tar writing
+        self._columns = {c: table[c].to_pylist() for c in ("key", "given_pair", "category", f"{m}_difficulty")}
         needed = {s["key"] for s in selection}
         given = table["given_pair"].to_pylist()
         needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
@@ -175,7 +177,7 @@ class ShardsStage(Stage):
             stats[kind][path.name] = {
                 "samples": len(samples),
                 "bytes": path.stat().st_size,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "sha256": sha256_file(path),
                 **({"categories": dict(sorted(categories.items())), "difficulty": dict(sorted(difficulties.items()))}
                    if kind == "quad" else {}),
             }  # fmt: skip
@@ -186,13 +188,13 @@ class ShardsStage(Stage):
                 (folder / kind / "stats.json").write_text(json.dumps(per_tar, indent=2) + "\n")
 
     def _quad_sample(self, table, i, row_of, vectors, images, m) -> tuple[dict, str, str]:
-        captions = self._captions
-        key = table["key"][i].as_py()
+        captions, columns = self._captions, self._columns
+        key = columns["key"][i]
         targets = [t for t, _ in self.targets[i]]
         sims = [s for _, s in self.targets[i]]
-        given = table["given_pair"][i].as_py()
-        category = table["category"][i].as_py() or "unknown"
-        difficulty = table[f"{m}_difficulty"][i].as_py() or "unknown"
+        given = columns["given_pair"][i]
+        category = columns["category"][i] or "unknown"
+        difficulty = columns[f"{m}_difficulty"][i] or "unknown"
         rows = [row_of[t] for t in targets]
         image = images[key]
         sample = {

@@ -75,13 +75,17 @@ def weight_distance(model: torch.nn.Module, original: torch.nn.Module) -> float:
     return total**0.5
 
 
-def evaluate(clip, original, benchmark_dir: Path, images: dict[str, bytes], toy: bool = False) -> dict:
-    """Every figure for one model; ``original`` is the model before fine-tuning (for drift)."""
+def benchmark_rows(benchmark_dir: Path) -> list[dict]:
     rows = pq.read_table(benchmark_dir / "benchmark.parquet").to_pylist()
     if not rows:
         raise ValueError(f"{benchmark_dir}: the benchmark is empty")
+    return rows
+
+
+def evaluate(clip, original, rows: list[dict], images: dict[str, bytes], base: dict, toy: bool = False) -> dict:
+    """Every figure for one model; ``original`` is the model before fine-tuning and ``base`` its benchmark
+    embeddings (``embed_benchmark``, computed once for all models compared), for drift."""
     e = embed_benchmark(clip, rows, images)
-    base = embed_benchmark(original, rows, images)
     result = {
         "quadruplets": len(rows),
         "retrieval": retrieval_table(e["v"], e["t"], e["v_star"], e["t_star"]),

@@ -77,7 +77,13 @@ def eval_command(
     embedding drift. Writes WORKDIR/eval/eval.md and eval.json and prints the table."""
     from saferclip_data.pipeline.cli import _pipeline
     from saferclip_data.stages.benchmark_export import source_rows
-    from saferclip_data.training.evaluate import checkpoint_into, evaluate, write_results
+    from saferclip_data.training.evaluate import (
+        benchmark_rows,
+        checkpoint_into,
+        embed_benchmark,
+        evaluate,
+        write_results,
+    )
     from saferclip_data.training.models import load_clip
 
     pipeline = _pipeline(recipe, workdir)
@@ -94,16 +100,15 @@ def eval_command(
     def fresh():
         return load_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
 
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(bench / "benchmark.parquet", columns=["safe_key", "unsafe_key"]).to_pylist()
+    rows = benchmark_rows(bench)
     keys = {r["safe_key"] for r in rows} | {r["unsafe_key"] for r in rows}
     images = {k: r["image"] for k, r in source_rows(wd, keys).items()}
     original = fresh()
+    base = embed_benchmark(original, rows, images)
     toy = model.arch.startswith("toy-")
-    results = {"base": evaluate(fresh(), original, bench, images, toy)}
+    results = {"base": evaluate(fresh(), original, rows, images, base, toy)}
     for path in checkpoints:
-        results[path.parent.name] = evaluate(checkpoint_into(fresh(), path), original, bench, images, toy)
+        results[path.parent.name] = evaluate(checkpoint_into(fresh(), path), original, rows, images, base, toy)
     md = write_results(results, wd.root / "eval")
     typer.echo(md.read_text())
     typer.echo(f"written: {md} and eval.json")
