@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from saferclip_data.pipeline.stage import Stage
-from saferclip_data.training.train_cli import TrainingSection
+from saferclip_data.training.train_cli import EvaluationSection, TrainingSection
 
 from .benchmark import BenchmarkStage
 from .dedup import DedupStage
@@ -31,6 +31,11 @@ REGISTRY: dict[str, type[Stage]] = {
 }
 
 #: top-level recipe sections besides ``stages``: name -> (model, required)
-SECTIONS = {"source": (SourceConfig, True), "model": (ModelConfig, True), "training": (TrainingSection, False)}
+SECTIONS = {
+    "source": (SourceConfig, True),
+    "model": (ModelConfig, True),
+    "training": (TrainingSection, False),
+    "evaluation": (EvaluationSection, False),
+}
 
 __all__ = ["REGISTRY", "SECTIONS", "EmbedStage", "SourceStage", "ModelConfig", "SourceConfig"]

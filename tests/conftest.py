@@ -83,26 +83,52 @@ def cli(capsys):
     return call
 
 
-@pytest.fixture(scope="module")
-def cli_module():
-    """The CLI in-process for module-scoped fixtures: returns (exit code, stdout, stderr)."""
+def _call_cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in-process with its output captured: (exit code, stdout, stderr)."""
     import contextlib
     import io
 
     from saferclip_data.pipeline import cli as cli_module
 
-    def call(*args: str):
-        old = sys.argv
-        sys.argv = ["saferclip-data", *args]
-        out, err = io.StringIO(), io.StringIO()
-        code = 0
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                cli_module.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        finally:
-            sys.argv = old
-        return code, out.getvalue(), err.getvalue()
+    old = sys.argv
+    sys.argv = ["saferclip-data", *args]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli_module.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, out.getvalue(), err.getvalue()
 
-    return call
+
+@pytest.fixture(scope="module")
+def cli_module():
+    """The CLI in-process for module-scoped fixtures: returns (exit code, stdout, stderr)."""
+    return _call_cli
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """One small safety build with a benchmark, shards and a report, shared by the benchmark/shards and the
+    training tests (their work dir; the recipe is ``../r.yaml``)."""
+    from helpers import safety_recipe
+
+    base = tmp_path_factory.mktemp("bench")
+    work = base / "w"
+    recipe = safety_recipe(work)
+    recipe["stages"]["benchmark"] = {
+        "splits": ["shift"],
+        "size": 14,
+        "alignment_percentile": 0,
+        "caption_similarity_percentile": 0,
+        "duplicate_threshold": 1.0,
+    }
+    recipe["stages"]["shards"] = {"samples_per_shard": 40, "exclude_splits": ["test"]}
+    recipe["stages"]["report"] = {"samples": 6}
+    path = write_recipe(base / "r.yaml", recipe)
+    code, _, err = _call_cli("build", str(path), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    return work

@@ -3,17 +3,19 @@
 The shards stage writes one sample per unsafe record (``unsafe.jpg``/``.txt``, the given pair ``safe.*``, the
 frozen embeddings of its mined targets, and ``json`` with its difficulty bucket). This module streams them with
 webdataset: shards and samples shuffled from (seed, epoch), so the order is reproducible and changes per
-epoch; the curriculum admits only the buckets of the current epoch (default: easy; easy + medium; all); shards
-are split over DataLoader workers. Records without an image (text-only sources) come with ``has_image`` false and
-a zero image, so the trainer can leave the image terms out for them.
+epoch; the curriculum admits only the buckets of the current epoch (default: easy; easy + medium; all);
+samples are shared out over processes (DDP) and DataLoader workers. Records without an image (text-only
+sources) come with ``has_image`` false and a zero image, so the trainer leaves them out of the image terms.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -81,6 +83,16 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
+def _share(samples: Iterable[dict], rank: int, world_size: int, limit: int | None) -> Iterator[dict]:
+    """This process's (and DataLoader worker's) share of the epoch's stream; see :func:`quad_pipeline`."""
+    mine = itertools.islice(samples, rank, None, world_size)
+    mine = itertools.islice(mine, limit) if limit is not None else mine
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        mine = itertools.islice(mine, info.id, None, info.num_workers)
+    yield from mine
+
+
 def quad_pipeline(
     urls: Sequence[str],
     preprocess: Callable,
@@ -92,9 +104,18 @@ def quad_pipeline(
     seed: int = 0,
     schedule: Sequence[Sequence[str]] = DEFAULT_SCHEDULE,
     shuffle_buffer: int = 1000,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
 ):
     """A webdataset pipeline over the quadruplet tars for one epoch (iterate it, or wrap it in a DataLoader with
-    ``batch_size=None``; each worker then reads its own shards)."""
+    ``batch_size=None``).
+
+    Every process and DataLoader worker reads the same shuffled stream of (still encoded) samples and keeps its
+    share: rank ``rank`` of ``world_size`` takes every ``world_size``-th sample, at most ``limit`` of them (so
+    that all ranks run the same number of steps), and worker w of W takes every W-th of those before decoding.
+    Tar reading is repeated per process; the decoding, which costs, is not.
+    """
     import webdataset as wds
 
     admitted = buckets_for_epoch(epoch, schedule)
@@ -102,10 +123,10 @@ def quad_pipeline(
     random.Random(seed * 1_000_003 + epoch).shuffle(urls)  # shard order: from (seed, epoch)
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.split_by_worker,
         wds.tarfile_to_samples(),
         wds.select(lambda s: json.loads(s["json"])["difficulty"] in admitted),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 7919 + epoch)),
+        partial(_share, rank=rank, world_size=world_size, limit=limit),
         wds.map(lambda s: decode_quad(s, preprocess, tokenizer, image_size)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )

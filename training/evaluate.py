@@ -3,7 +3,9 @@
 Retrieval (R@1/5/10) in four directions, each on a safe-only gallery and a safe∪unsafe gallery; the hit is always
 the paired *safe* item: T→V and V→T (safe queries: utility), T*→V and V*→T (unsafe queries: does the model
 redirect them to the safe side?). Drift: weight L2 distance to the original model and mean cosine drift of the
-benchmark's safe embeddings. Toy models add zero-shot place and object accuracy on held-out toy scenes.
+benchmark's safe embeddings. The same retrieval table on the held-out split (quadruplets from its groups: a
+second, in-distribution view). Zero-shot accuracy on image-folder sets the recipe names (class names and prompt
+templates); toy models add place and object accuracy on held-out toy scenes.
 """
 
 from __future__ import annotations
@@ -75,6 +77,44 @@ def weight_distance(model: torch.nn.Module, original: torch.nn.Module) -> float:
     return total**0.5
 
 
+def heldout_rows(workdir, splits: list[str], split_column: str = "split", group_column: str = "group") -> list[dict]:
+    """Quadruplets of the held-out split(s): per group, its first safe and first unsafe record with an image
+    (the unsafe record's minimal-edit source, where the source has groups). Built from the mine stage's roles
+    and the source's captions, in key order."""
+    wd = workdir
+    inputs = {"mine": ("key", "role"), "source": ("key", "caption", split_column, group_column)}
+    tables = [wd.read_aligned(s, inputs) for s in wd.completed_shards("mine")]
+    wanted = set(splits)
+    by_group: dict[str, dict[str, dict]] = {}
+    for table in tables:
+        for row in table.to_pylist():
+            if row[split_column] in wanted and row["caption"]:
+                by_group.setdefault(row[group_column], {}).setdefault(row["role"], row)
+    rows = [{"safe_key": m["safe"]["key"], "unsafe_key": m["unsafe"]["key"], "safe_caption": m["safe"]["caption"],
+             "unsafe_caption": m["unsafe"]["caption"]}
+            for _, m in sorted(by_group.items()) if "safe" in m and "unsafe" in m]  # fmt: skip
+    return rows
+
+
+def zero_shot_folder(clip, root: Path, templates: list[str], batch: int = 128) -> dict:
+    """Top-1 zero-shot accuracy on an image-folder set (one sub-folder per class). Class names are the folder
+    names with '_' as spaces, or the lines of ``classnames.txt`` (in sorted folder order) when it exists."""
+    from torchvision.datasets import ImageFolder
+
+    data = ImageFolder(str(root), transform=clip.preprocess)
+    names_file = root / "classnames.txt"
+    names = names_file.read_text().splitlines() if names_file.is_file() else [c.replace("_", " ") for c in data.classes]
+    if len(names) != len(data.classes):
+        raise ValueError(f"{names_file}: {len(names)} names for {len(data.classes)} class folders")
+    model = clip.model.eval()
+    with torch.no_grad():
+        prompts = [[t.format(n) for t in templates] for n in names]
+        classes = torch.stack([F.normalize(model.encode_text(clip.tokenizer(p)), dim=-1).mean(0) for p in prompts])
+        loader = torch.utils.data.DataLoader(data, batch_size=batch)
+        correct = sum(int(((model.encode_image(x) @ classes.T).argmax(1) == y).sum()) for x, y in loader)
+    return {"accuracy": correct / max(1, len(data)), "images": len(data), "classes": len(names)}
+
+
 def benchmark_rows(benchmark_dir: Path) -> list[dict]:
     rows = pq.read_table(benchmark_dir / "benchmark.parquet").to_pylist()
     if not rows:
@@ -82,9 +122,20 @@ def benchmark_rows(benchmark_dir: Path) -> list[dict]:
     return rows
 
 
-def evaluate(clip, original, rows: list[dict], images: dict[str, bytes], base: dict, toy: bool = False) -> dict:
+def evaluate(
+    clip,
+    original,
+    rows: list[dict],
+    images: dict[str, bytes],
+    base: dict,
+    toy: bool = False,
+    heldout: list[dict] | None = None,
+    zero_shot_sets: dict[str, tuple[Path, list[str]]] | None = None,
+) -> dict:
     """Every figure for one model; ``original`` is the model before fine-tuning and ``base`` its benchmark
-    embeddings (``embed_benchmark``, computed once for all models compared), for drift."""
+    embeddings (``embed_benchmark``, computed once for all models compared), for drift. ``heldout``: quadruplets
+    of the held-out split (their images in ``images`` too); ``zero_shot_sets``: name -> (image folder, prompt
+    templates)."""
     e = embed_benchmark(clip, rows, images)
     result = {
         "quadruplets": len(rows),
@@ -95,30 +146,47 @@ def evaluate(clip, original, rows: list[dict], images: dict[str, bytes], base: d
             "text": max(0.0, float((1 - F.cosine_similarity(e["t"], base["t"])).mean())),
         },
     }
+    if heldout:
+        h = embed_benchmark(clip, heldout, images)
+        result["heldout_quadruplets"] = len(heldout)
+        result["heldout_retrieval"] = retrieval_table(h["v"], h["t"], h["v_star"], h["t_star"])
+    zero_shot: dict[str, float] = {}
     if toy:
         from .toy_pretrain import ToyPixels, evaluate_toy_clip
 
         toy_figures = evaluate_toy_clip(clip.model, clip.tokenizer, ToyPixels(clip.preprocess, clip.image_size))
-        result["zero_shot"] = {k: toy_figures[k] for k in ("place_accuracy", "object_accuracy")}
+        zero_shot.update({"toy place": toy_figures["place_accuracy"], "toy object": toy_figures["object_accuracy"]})
+    for name, (folder, templates) in (zero_shot_sets or {}).items():
+        zero_shot[name] = zero_shot_folder(clip, folder, templates)["accuracy"]
+    if zero_shot:
+        result["zero_shot"] = zero_shot
     return result
 
 
-def markdown_table(results: dict[str, dict]) -> str:
-    """One row per model: R@1 of each direction and gallery, zero-shot accuracy, drift."""
-    first = next(iter(results.values()))
-    directions = list(first["retrieval"])
+def _retrieval_rows(results: dict[str, dict], field: str) -> list[str]:
+    directions = list(next(iter(results.values()))[field])
     head = ["model", *[f"{d} R@1" for d in directions]]
-    zero_shot = "zero_shot" in first
-    if zero_shot:
-        head += ["place acc", "object acc"]
-    head += ["weight L2", "image drift", "text drift"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        cells = [name, *[f"{r['retrieval'][d]['R@1']:.3f}" for d in directions]]
-        if zero_shot:
-            cells += [f"{r['zero_shot']['place_accuracy']:.3f}", f"{r['zero_shot']['object_accuracy']:.3f}"]
-        cells += [f"{r['weight_l2_to_original']:.3f}", f"{r['safe_embedding_drift']['image']:.4f}",
-                  f"{r['safe_embedding_drift']['text']:.4f}"]  # fmt: skip
+        lines.append("| " + " | ".join([name, *[f"{r[field][d]['R@1']:.3f}" for d in directions]]) + " |")
+    return lines
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """Safety tables (R@1 per direction and gallery, benchmark and held-out split), then utility (zero-shot
+    accuracy) and drift, one row per model."""
+    first = next(iter(results.values()))
+    lines = [f"Benchmark ({first['quadruplets']} quadruplets), R@1; the hit is always the safe item:", ""]
+    lines += _retrieval_rows(results, "retrieval")
+    if "heldout_retrieval" in first:
+        lines += ["", f"Held-out split ({first['heldout_quadruplets']} quadruplets), R@1:", ""]
+        lines += _retrieval_rows(results, "heldout_retrieval")
+    sets = list(first.get("zero_shot", {}))
+    head = ["model", *[f"{s} acc" for s in sets], "weight L2", "image drift", "text drift"]
+    lines += ["", "Utility and drift:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name, *[f"{r['zero_shot'][s]:.3f}" for s in sets], f"{r['weight_l2_to_original']:.3f}",
+                 f"{r['safe_embedding_drift']['image']:.4f}", f"{r['safe_embedding_drift']['text']:.4f}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -128,10 +196,3 @@ def write_results(results: dict[str, dict], out_dir: Path) -> Path:
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "eval.md").write_text(markdown_table(results))
     return out_dir / "eval.md"
-
-
-def checkpoint_into(clip, path: Path):
-    """Load a trainer checkpoint (``last.pt``) into ``clip.model``; returns ``clip``."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    clip.model.load_state_dict(state["model"] if "model" in state else state["state_dict"])
-    return clip

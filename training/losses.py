@@ -73,13 +73,25 @@ class Embeddings:
     ref_safe_text: torch.Tensor  # T0(t)
     target_image: torch.Tensor | None = None  # V0(v̂), the mined target (frozen; shipped in the shards)
     target_text: torch.Tensor | None = None  # T0(t̂)
+    #: which batch rows the image fields belong to (a bool mask over the text rows); None = all rows. A batch
+    #: mixing text-only and image records trains the image terms on the image rows and the text terms on all.
+    image_rows: torch.Tensor | None = None
+
+    def paired(self, text_side: torch.Tensor) -> torch.Tensor:
+        """The rows of a text-side tensor that have images, aligned with the image fields."""
+        return text_side if self.image_rows is None else text_side[self.image_rows]
+
+    @property
+    def has_images(self) -> bool:
+        return self.unsafe_image is not None and len(self.unsafe_image) > 0
 
 
 def saferclip_loss(e: Embeddings, w: SaferWeights = SaferWeights()) -> tuple[torch.Tensor, dict[str, float]]:
     """SaFeR-CLIP: relative cross-modal redirection, proximity uni-modal redirection, preservation of safe data.
 
-    Returns the weighted sum and each term's value (for logging). Image terms are skipped when the batch has no
-    images (text-only records train the text tower only).
+    Returns the weighted sum and each term's value (for logging). Image terms run over the batch rows with images
+    (``e.image_rows``) and are left out when there are none; text terms run over every row, so text-only records
+    train the text tower only.
     """
     if e.target_text is None:
         raise ValueError("SaFeR-CLIP needs the mined targets' frozen text embeddings (target_text)")
@@ -87,20 +99,20 @@ def saferclip_loss(e: Embeddings, w: SaferWeights = SaferWeights()) -> tuple[tor
         "proximity_text": (w.proximity_text, cosine_distance(e.unsafe_text, e.target_text)),
         "preserve_text": (w.preserve_text, cosine_distance(e.safe_text, e.ref_safe_text)),
     }
-    has_images = e.unsafe_image is not None and e.target_image is not None
-    if has_images:
+    if e.has_images and e.target_image is not None:
         terms["relative_image"] = (
             w.relative_image,
-            relative_redirection(e.unsafe_image, e.ref_unsafe_text, e.target_text),
+            relative_redirection(e.unsafe_image, e.paired(e.ref_unsafe_text), e.paired(e.target_text)),
         )
         terms["relative_text"] = (
             w.relative_text,
-            relative_redirection(e.unsafe_text, e.ref_unsafe_image, e.target_image),
+            relative_redirection(e.paired(e.unsafe_text), e.ref_unsafe_image, e.target_image),
         )
         terms["proximity_image"] = (w.proximity_image, cosine_distance(e.unsafe_image, e.target_image))
-    if e.safe_image is not None and e.ref_safe_image is not None:
+    if e.has_images and e.safe_image is not None and e.ref_safe_image is not None:
         terms["preserve_image"] = (w.preserve_image, cosine_distance(e.safe_image, e.ref_safe_image))
-        cross = (info_nce(e.safe_text, e.ref_safe_image) + info_nce(e.safe_image, e.ref_safe_text)) / 2
+        safe_text, ref_safe_text = e.paired(e.safe_text), e.paired(e.ref_safe_text)
+        cross = (info_nce(safe_text, e.ref_safe_image) + info_nce(e.safe_image, ref_safe_text)) / 2
         terms["preserve_cross"] = (w.preserve_cross, cross)
     return _weighted(terms)
 
@@ -126,13 +138,18 @@ def safeclip_loss(e: Embeddings, lambdas: dict[str, float] | None = None) -> tup
         "text_safe": (lam["text_safe"], cosine_distance(e.safe_text, e.ref_safe_text)),
         "text_nsfw": (lam["text_nsfw"], cosine_distance(e.unsafe_text, e.ref_safe_text)),
     }
-    if e.safe_image is not None and e.unsafe_image is not None and e.ref_safe_image is not None:
+    if e.has_images and e.safe_image is not None and e.ref_safe_image is not None:
+        safe_text, unsafe_text, ref_safe_text = (
+            e.paired(e.safe_text),
+            e.paired(e.unsafe_text),
+            e.paired(e.ref_safe_text),
+        )
         terms["vision_safe"] = (lam["vision_safe"], cosine_distance(e.safe_image, e.ref_safe_image))
         terms["vision_nsfw"] = (lam["vision_nsfw"], cosine_distance(e.unsafe_image, e.ref_safe_image))
-        terms["safe_text_to_vref"] = (lam["safe_text_to_vref"], info_nce(e.safe_text, e.ref_safe_image))
-        terms["unsafe_text_to_vref"] = (lam["unsafe_text_to_vref"], info_nce(e.unsafe_text, e.ref_safe_image))
-        terms["vision_to_tref"] = (lam["vision_to_tref"], info_nce(e.safe_image, e.ref_safe_text))
-        terms["unsafe_vision_to_tref"] = (lam["unsafe_vision_to_tref"], info_nce(e.unsafe_image, e.ref_safe_text))
+        terms["safe_text_to_vref"] = (lam["safe_text_to_vref"], info_nce(safe_text, e.ref_safe_image))
+        terms["unsafe_text_to_vref"] = (lam["unsafe_text_to_vref"], info_nce(unsafe_text, e.ref_safe_image))
+        terms["vision_to_tref"] = (lam["vision_to_tref"], info_nce(e.safe_image, ref_safe_text))
+        terms["unsafe_vision_to_tref"] = (lam["unsafe_vision_to_tref"], info_nce(e.unsafe_image, ref_safe_text))
     total_weight = sum(weight for weight, _ in terms.values())
     return _weighted({k: (weight / total_weight, v) for k, (weight, v) in terms.items()})
 

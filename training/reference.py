@@ -12,51 +12,77 @@ import copy
 
 import torch
 
+from .adapters import AdapterSettings, attach
 from .losses import Embeddings, SaferWeights, safeclip_loss, saferclip_loss
 
 
-class TrainedWithReference:
-    """``model`` is trained; ``reference`` is the frozen copy of it as it was when this object was made."""
+class BatchEncoder(torch.nn.Module):
+    """The trained side's embeddings of a batch in one forward call, so that DistributedDataParallel sees (and
+    synchronises) every trained weight; unsafe and safe items go through each tower as one batch."""
 
     def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, unsafe_text, safe_text, unsafe_image=None, safe_image=None):
+        texts = self.model.encode_text(torch.cat([unsafe_text, safe_text])).chunk(2)
+        if unsafe_image is None or len(unsafe_image) == 0:
+            return (*texts, None, None)
+        images = self.model.encode_image(torch.cat([unsafe_image, safe_image])).chunk(2)
+        return (*texts, *images)
+
+
+class TrainedWithReference:
+    """``model`` is trained (as ``adapter`` says); ``reference`` is the frozen copy of it as it was before."""
+
+    def __init__(self, model: torch.nn.Module, adapter: AdapterSettings | None = None):
         self.reference = copy.deepcopy(model).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
         self.model = model.train()
+        #: what a checkpoint saves (the peft wrapper with LoRA; the model itself for a full fine-tune)
+        self.wrapper = attach(self.model, adapter or AdapterSettings(finetune="full"))
         for module in self.model.modules():
             # batch-norm statistics stay as pretrained: in train mode they would follow each batch, and the
             # preservation terms would measure the mode switch instead of the fine-tuning
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
+        #: the module called for the trained embeddings; the trainer swaps in a DDP wrapper of it
+        self.encoder: torch.nn.Module = BatchEncoder(self.model)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @torch.no_grad()
     def reference_embeddings(self, images: torch.Tensor | None, texts: torch.Tensor):
-        image = self.reference.encode_image(images) if images is not None else None
+        image = self.reference.encode_image(images) if images is not None and len(images) else None
         return image, self.reference.encode_text(texts)
 
     def embeddings(self, batch: dict) -> Embeddings:
-        """Trained and frozen embeddings of a streamed batch (``training.data.collate``); batches whose unsafe
-        records lack images train the text side only."""
-        with_images = bool(batch["has_image"].all()) and bool(batch["has_safe_image"].all())
-        m = self.model
-        unsafe_img = batch["unsafe_image"] if with_images else None
-        safe_img = batch["safe_image"] if with_images else None
+        """Trained and frozen embeddings of a streamed batch (``training.data.collate``). Image fields cover
+        the rows whose unsafe and safe items both have images (``image_rows``); text fields cover every row."""
+        rows = batch["has_image"] & batch["has_safe_image"]
+        all_rows = bool(rows.all())
+        unsafe_img = batch["unsafe_image"] if all_rows else batch["unsafe_image"][rows]
+        safe_img = batch["safe_image"] if all_rows else batch["safe_image"][rows]
         ref_unsafe_image, ref_unsafe_text = self.reference_embeddings(unsafe_img, batch["unsafe_text"])
         ref_safe_image, ref_safe_text = self.reference_embeddings(safe_img, batch["safe_text"])
+        unsafe_text, safe_text, unsafe_image, safe_image = self.encoder(
+            batch["unsafe_text"], batch["safe_text"], unsafe_img, safe_img
+        )
+        target_image = batch["target_image"] if all_rows else batch["target_image"][rows]
         return Embeddings(
-            unsafe_image=m.encode_image(unsafe_img) if with_images else None,
-            unsafe_text=m.encode_text(batch["unsafe_text"]),
-            safe_image=m.encode_image(safe_img) if with_images else None,
-            safe_text=m.encode_text(batch["safe_text"]),
+            unsafe_image=unsafe_image,
+            unsafe_text=unsafe_text,
+            safe_image=safe_image,
+            safe_text=safe_text,
             ref_unsafe_image=ref_unsafe_image,
             ref_unsafe_text=ref_unsafe_text,
             ref_safe_image=ref_safe_image,
             ref_safe_text=ref_safe_text,
-            target_image=batch["target_image"] if with_images else None,
+            target_image=target_image if unsafe_image is not None else None,
             target_text=batch["target_text"],
+            image_rows=None if all_rows else rows,
         )
 
     def loss(self, batch: dict, method: str = "saferclip", weights: SaferWeights | None = None):

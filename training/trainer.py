@@ -1,13 +1,20 @@
 """The fine-tuning loop: streamed quadruplet shards, SaFeR-CLIP or the Safe-CLIP baseline, checkpoint and resume.
 
-Resume is exact: a checkpoint holds the model, optimiser, scheduler, the epoch, how many batches of that epoch
-were consumed, and the global step; the data stream of an epoch is a pure function of (seed, epoch), so a
-resumed run skips the consumed batches and sees the same data in the same order as an uninterrupted one.
-Checkpoints are written to a temp file and renamed, so a kill at any moment leaves the previous one intact.
+Resume is exact: a checkpoint holds what trains (LoRA adapters or all weights), the optimiser, the scheduler,
+the epoch, how many batches of that epoch were consumed, and the global step; the data stream of an epoch is a
+pure function of (seed, epoch), so a resumed run skips the consumed batches and sees the same data in the same
+order as an uninterrupted one. Checkpoints are written to a temp file and renamed, so a kill at any moment leaves
+the previous one intact.
+
+One process trains on one device (CUDA when there is one, bf16 autocast there). Under ``torchrun`` (or any
+launcher that sets WORLD_SIZE/RANK and MASTER_ADDR) each process takes every WORLD_SIZE-th sample of the same
+shuffled stream, the encoders run inside DistributedDataParallel, and rank 0 writes the log and checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -15,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from .adapters import AdapterSettings, attach, load_trainable, merged, trainable_state
 from .data import DEFAULT_SCHEDULE, buckets_for_epoch, quad_pipeline
 from .losses import SaferWeights
 from .reference import TrainedWithReference
@@ -34,6 +43,17 @@ class TrainConfig:
     checkpoint_every: int = 50  # optimiser steps
     schedule: list[list[str]] = field(default_factory=lambda: [list(b) for b in DEFAULT_SCHEDULE])
     weights: dict[str, float] = field(default_factory=dict)
+    finetune: str = "lora"  # or "full"
+    towers: list[str] = field(default_factory=lambda: ["image", "text"])
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    device: str = "auto"  # auto: CUDA when available
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
+    num_workers: int = 0  # DataLoader processes decoding images
+
+    def adapter(self) -> AdapterSettings:
+        return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
 
 
 def samples_per_epoch(shard_dir: Path, epoch: int, schedule) -> int:
@@ -55,26 +75,71 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size): joins the process group a launcher set up through the environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """bf16 autocast on CUDA by default (weights stay fp32 for the optimiser); fp32 otherwise."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision: '{precision}' is not auto, fp32 or bf16")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast_for(device: torch.device, precision: str):
+    if not uses_bf16(device, precision):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def train(clip, shard_dir: Path, out_dir: Path, config: TrainConfig, stop_after: int | None = None) -> dict:
     """Train ``clip.model`` in place on the quad shards in ``shard_dir``; resumes from ``out_dir/last.pt``.
 
-    Writes ``out_dir/log.jsonl`` (one line per optimiser step: step, epoch, loss, terms, the batch's keys) and
-    checkpoints. ``stop_after`` ends the run after that many optimiser steps (for tests and budgets).
+    Writes ``out_dir/log.jsonl`` (one line per optimiser step: step, epoch, loss, terms, the batch's keys),
+    checkpoints, and at the end ``out_dir/model.pt``: the fine-tuned model as a plain open_clip state dict
+    (adapters merged), loadable as ``model.pretrained``. ``stop_after`` ends the run after that many optimiser
+    steps (for tests and budgets).
     """
     from .losses import weights_from
 
+    rank, world = _process_group()
+    device = _device(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"no training tars in {shard_dir}")
-    pair = TrainedWithReference(clip.model)
     weights: SaferWeights = weights_from(config.weights)
-    params = pair.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    per_epoch = [math.ceil(samples_per_epoch(shard_dir, e, config.schedule) / config.batch_size)
-                 for e in range(config.epochs)]  # fmt: skip
-    total_steps = max(1, sum(math.ceil(n / config.grad_accum) for n in per_epoch))
+    pair = TrainedWithReference(clip.model.to(device), config.adapter())
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        pair.encoder = torch.nn.parallel.DistributedDataParallel(
+            pair.encoder,
+            device_ids=ids,
+            find_unused_parameters=True,  # text-only batches leave the image tower out
+        )
+    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")  # fmt: skip
+    per_rank = [samples_per_epoch(shard_dir, e, config.schedule) // world for e in range(config.epochs)]
+    total_steps = max(1, sum(math.ceil(n / config.batch_size / config.grad_accum) for n in per_rank))
 
     def lr_factor(step: int) -> float:
         warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
@@ -84,49 +149,90 @@ def train(clip, shard_dir: Path, out_dir: Path, config: TrainConfig, stop_after:
     start_epoch, skip_batches, step = 0, 0, 0
     checkpoint = out_dir / "last.pt"
     if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        pair.model.load_state_dict(state["model"])
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state.get("base") != clip.identity:
+            raise ValueError(f"{checkpoint} was trained from {state.get('base')}, not {clip.identity}")
+        load_trainable(pair.wrapper, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, skip_batches, step = state["epoch"], state["batches_done"], state["step"]
-        torch.set_rng_state(state["rng"])
-    _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
-    log = (out_dir / "log.jsonl").open("a")
+        torch.set_rng_state(state["rng"].cpu())
+    if rank == 0:
+        _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
+    log = (out_dir / "log.jsonl").open("a") if rank == 0 else None
+    autocast = autocast_for(device, config.precision)
 
     def save(epoch: int, batches_done: int) -> None:
-        _save(checkpoint, {"model": pair.model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch, "batches_done": batches_done,
-                           "step": step, "rng": torch.get_rng_state(), "config": asdict(config)})  # fmt: skip
+        if rank == 0:
+            _save(checkpoint, {"trainable": trainable_state(pair.wrapper), "base": clip.identity,
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "epoch": epoch, "batches_done": batches_done, "step": step,
+                               "rng": torch.get_rng_state(), "config": asdict(config)})  # fmt: skip
 
+    def optimiser_step(epoch: int, loss: torch.Tensor, parts: dict, keys: list[str]) -> None:
+        nonlocal step
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if log:
+            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), "terms": parts,
+                                  "lr": scheduler.get_last_lr()[0], "keys": keys}) + "\n")  # fmt: skip
+            log.flush()
+
+    stopped = False
     for epoch in range(start_epoch, config.epochs):
         stream = quad_pipeline(urls, clip.preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
-                               batch_size=config.batch_size, seed=config.seed, schedule=config.schedule)  # fmt: skip
-        done = 0
+                               batch_size=config.batch_size, seed=config.seed, schedule=config.schedule,
+                               rank=rank, world_size=world, limit=per_rank[epoch])  # fmt: skip
+        if config.num_workers:
+            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
+                                                 pin_memory=device.type == "cuda")  # fmt: skip
+        done, pending = 0, 0
         keys: list[str] = []
-        parts: dict[str, float] = {}
+        loss, parts = torch.zeros(()), {}
         for batch in stream:
             done += 1
             if epoch == start_epoch and done <= skip_batches:
                 continue  # consumed before the checkpoint: same stream, same order
-            loss, parts = pair.loss(batch, config.method, weights)
+            with autocast:
+                loss, parts = pair.loss(_to(batch, device), config.method, weights)
             (loss / config.grad_accum).backward()
             keys += batch["key"]
-            if done % config.grad_accum and done != per_epoch[epoch]:
+            pending += 1
+            if pending < config.grad_accum:
                 continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), "terms": parts,
-                                  "keys": keys}) + "\n")  # fmt: skip
-            log.flush()
-            keys = []
-            if step % config.checkpoint_every == 0:
+            optimiser_step(epoch, loss, parts, keys)
+            pending, keys = 0, []
+            if step % config.checkpoint_every == 0 or (stop_after is not None and step >= stop_after):
                 save(epoch, done)
             if stop_after is not None and step >= stop_after:
-                save(epoch, done)
-                log.close()
-                return {"step": step, "epoch": epoch, "stopped": True}
+                stopped = True
+                break
+        if stopped:
+            break
+        if pending:  # the epoch's last micro-batches
+            optimiser_step(epoch, loss, parts, keys)
         save(epoch + 1, 0)
-    log.close()
-    return {"step": step, "epoch": config.epochs, "stopped": False}
+    if log:
+        log.close()
+    if rank == 0 and not stopped:
+        export = merged(copy.deepcopy(pair.wrapper)).to("cpu")
+        _save(out_dir / "model.pt", export.state_dict())
+    return {"step": step, "epoch": epoch if stopped else config.epochs, "stopped": stopped}
+
+
+def load_checkpoint(clip, path: Path):
+    """Put a trainer checkpoint (``last.pt``) into ``clip.model`` (adapters merged); returns ``clip``.
+
+    A plain state dict (``model.pt``, or any open_clip checkpoint) loads as it is."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "trainable" not in state:
+        clip.model.load_state_dict(state.get("state_dict", state))
+        return clip
+    if state.get("base") != clip.identity:
+        raise ValueError(f"{path} was trained from {state.get('base')}, not {clip.identity}")
+    wrapper = attach(clip.model, TrainConfig(**state["config"]).adapter())
+    load_trainable(wrapper, state["trainable"])
+    clip.model = merged(wrapper).eval()
+    return clip

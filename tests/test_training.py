@@ -1,0 +1,401 @@
+"""The trainer's data stream (schedule, seeded order, shares per process and worker), adapters (LoRA through
+peft on both towers, or full), mixed text-only batches, frozen reference, checkpoints and exact resume after
+SIGKILL, two-process DDP, bf16 autocast, zero-shot on image folders, and the train/eval commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from saferclip_data.pipeline.workdir import WorkDir
+
+
+def _quad_urls(built) -> list[str]:
+    return sorted(str(p) for p in (built / "shards" / "quad").glob("quad-*.tar"))
+
+
+def _stream(built, epoch: int, seed: int = 0, workers: int = 0) -> list[dict]:
+    from saferclip_data.training.data import quad_pipeline
+
+    def tokenizer(texts):
+        return torch.tensor([[len(t), t.count(" ")] for t in texts])
+
+    def preprocess(image):
+        return torch.as_tensor(np.asarray(image.resize((16, 16)), np.float32)).permute(2, 0, 1)
+
+    pipeline = quad_pipeline(_quad_urls(built), preprocess, tokenizer, 16, epoch=epoch, batch_size=7, seed=seed)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
+    return list(loader)
+
+
+def test_progressive_schedule_admits_easy_then_medium_then_all(built):
+    from saferclip_data.training.data import buckets_for_epoch
+
+    assert buckets_for_epoch(0) == {"easy"} and buckets_for_epoch(1) == {"easy", "medium"}
+    assert buckets_for_epoch(5) == {"easy", "medium", "hard"}
+    stats = json.loads((built / "shards" / "quad" / "stats.json").read_text())
+    supply = Counter()
+    for info in stats.values():
+        supply.update(info["difficulty"])
+    for epoch, admitted in ((0, {"easy"}), (1, {"easy", "medium"}), (2, {"easy", "medium", "hard"})):
+        batches = _stream(built, epoch)
+        seen = [d for b in batches for d in b["difficulty"]]
+        assert set(seen) <= admitted and len(seen) == sum(supply[d] for d in admitted)
+        assert all(len(b["key"]) <= 7 for b in batches)
+
+
+def test_stream_order_is_seeded_per_epoch_and_workers_see_each_sample_once(built):
+    keys = [k for b in _stream(built, epoch=2) for k in b["key"]]
+    assert keys == [k for b in _stream(built, epoch=2) for k in b["key"]]  # same seed and epoch: same order
+    assert keys != [k for b in _stream(built, epoch=3) for k in b["key"]]  # next epoch: reshuffled
+    assert sorted(keys) == sorted(k for b in _stream(built, epoch=2, workers=2) for k in b["key"])
+
+
+def test_streamed_targets_are_the_frozen_top1_embeddings(built):
+    wd = WorkDir(built)
+    embed = {r["key"]: r for r in wd.read_stage_columns("embed", ["key", "text_embedding"]).to_pylist()}
+    mine = {r["key"]: r["text_targets"] for r in wd.read_stage_columns("mine", ["key", "text_targets"]).to_pylist()}
+    batch = _stream(built, epoch=2)[0]
+    for key, target in zip(batch["key"], batch["target_text"]):
+        frozen = np.asarray(embed[mine[key][0]]["text_embedding"], np.float32)
+        assert np.allclose(target.numpy(), frozen / np.linalg.norm(frozen), atol=2e-3)
+    assert batch["unsafe_image"].shape[1:] == (3, 16, 16) and batch["has_image"].all()
+
+
+@pytest.mark.parametrize("method", ["saferclip", "safeclip"])
+def test_reference_encoders_stay_unchanged_while_the_model_trains(built, method):
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.models import load_clip
+    from saferclip_data.training.reference import TrainedWithReference
+
+    torch.manual_seed(0)
+    clip = load_clip("toy-resnet-tiny", None, init_seed=0)
+    pipeline = quad_pipeline(_quad_urls(built), clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+                             batch_size=16)  # fmt: skip
+    batches = list(pipeline)[:3]
+    pair = TrainedWithReference(clip.model)
+    probe = batches[0]
+    with torch.no_grad():
+        ref_before = [
+            pair.reference.encode_image(probe["unsafe_image"]),
+            pair.reference.encode_text(probe["unsafe_text"]),
+        ]
+        model_before = pair.model.encode_text(probe["unsafe_text"]).clone()
+    _, first = pair.loss(batches[0], method)  # before any step the model is its reference: nothing to preserve
+    assert first["preserve_image" if method == "saferclip" else "vision_safe"] < 1e-5
+    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=1e-3)
+    for batch in batches:
+        loss, parts = pair.loss(batch, method)
+        assert torch.isfinite(loss) and len(parts) >= 6
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert not pair.reference.training and not any(p.requires_grad for p in pair.reference.parameters())
+    assert all(p.grad is None for p in pair.reference.parameters())
+    with torch.no_grad():
+        assert torch.equal(pair.reference.encode_image(probe["unsafe_image"]), ref_before[0])
+        assert torch.equal(pair.reference.encode_text(probe["unsafe_text"]), ref_before[1])
+        assert not torch.allclose(pair.model.encode_text(probe["unsafe_text"]), model_before)
+
+
+TRAIN_SCRIPT = """
+import sys
+from pathlib import Path
+from saferclip_data.training.models import load_clip
+from saferclip_data.training.trainer import TrainConfig, train
+clip = load_clip("toy-resnet-tiny", None, init_seed=0)
+config = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, seed=1)
+train(clip, Path(sys.argv[1]), Path(sys.argv[2]), config)
+"""
+
+
+def _steps(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_resumes_to_the_same_steps_and_data_order(built, tmp_path):
+    import os
+    import signal
+    import time
+
+    from saferclip_data.training.models import load_clip
+    from saferclip_data.training.trainer import TrainConfig, train
+
+    shard_dir = built / "shards" / "quad"
+    config = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, seed=1)
+    straight = load_clip("toy-resnet-tiny", None, init_seed=0)
+    result = train(straight, shard_dir, tmp_path / "straight", config)
+    reference = _steps(tmp_path / "straight")
+    assert result["step"] == len(reference) >= 12 and not result["stopped"]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(shard_dir), str(out)])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "last.pt").is_file() and (out / "log.jsonl").is_file() and len(_steps(out)) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_steps(out))
+    assert 7 <= killed_at < len(reference)
+
+    resumed = load_clip("toy-resnet-tiny", None, init_seed=0)
+    result = train(resumed, shard_dir, out, config)
+    steps = _steps(out)
+    assert result["step"] == len(reference) and [s["step"] for s in steps] == list(range(1, len(reference) + 1))
+    assert [s["keys"] for s in steps] == [s["keys"] for s in reference]  # same data, same order
+    assert [s["epoch"] for s in steps] == [s["epoch"] for s in reference]
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_train_command_streams_the_build_into_the_trainer(built, cli_module):
+    recipe = built.parent / "r.yaml"
+    code, out, err = cli_module("train", str(recipe), "--method", "safeclip", "--max-steps", "2")
+    assert code == 0, err
+    log = _steps(built / "train" / "safeclip")
+    assert [s["step"] for s in log] == [1, 2] and "unsafe_vision_to_tref" in log[0]["terms"]
+    assert "stopped at --max-steps after 2 steps" in out
+    code, _, err = cli_module("train", str(recipe), "--method", "nope")
+    assert code == 2 and "--method" in err
+
+
+def test_eval_command_compares_base_and_trained_models(built, cli_module):
+    recipe = built.parent / "r.yaml"
+    code, _, err = cli_module("train", str(recipe), "--method", "saferclip", "--max-steps", "2")
+    assert code == 0, err
+    code, out, err = cli_module("eval", str(recipe), "--checkpoint", str(built / "train" / "saferclip" / "last.pt"))
+    assert code == 0, err
+    results = json.loads((built / "eval" / "eval.json").read_text())
+    assert list(results) == ["base", "saferclip"]
+    quads = pq.read_table(built / "benchmark" / "benchmark.parquet").num_rows
+    wd = WorkDir(built)
+    role = dict(zip(*wd.read_stage_columns("mine", ["key", "role"]).to_pydict().values()))
+    roles_of_group: dict[str, set] = {}
+    for key, split, group in zip(*wd.read_stage_columns("source", ["key", "split", "group"]).to_pydict().values()):
+        if split == "test" and key in role:  # the shards' exclude_splits: the held-out split
+            roles_of_group.setdefault(group, set()).add(role[key])
+    held = sum(roles == {"safe", "unsafe"} for roles in roles_of_group.values())
+    assert held > 5
+    for r in results.values():
+        assert r["quadruplets"] == quads and len(r["retrieval"]) == 8
+        assert all(0 <= v <= 1 for d in r["retrieval"].values() for v in d.values())
+        assert "toy object" in r["zero_shot"] and r["heldout_quadruplets"] == held and len(r["heldout_retrieval"]) == 8
+    assert results["base"]["weight_l2_to_original"] == 0 and results["saferclip"]["weight_l2_to_original"] > 0
+    assert "| saferclip |" in out
+
+
+def _tiny(arch: str = "toy-vit-tiny"):
+    from saferclip_data.training.models import load_clip
+
+    return load_clip(arch, None, init_seed=0)
+
+
+def test_lora_adapts_every_attention_block_of_both_towers_and_merges_exactly():
+    from saferclip_data.training.adapters import AdapterSettings, attach, lora_targets, merged
+
+    clip = _tiny()
+    attention = [n for n, m in clip.model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert any(n.startswith("visual.") for n in attention) and any(not n.startswith("visual.") for n in attention)
+    targets = lora_targets(clip.model, ["image", "text"])
+    assert set(attention) <= set(targets)
+    assert not any(t.endswith("out_proj") for t in targets)  # left to the attention block's own adapter
+    images, texts = torch.randn(2, 3, clip.image_size, clip.image_size), clip.tokenizer(["a red cube", "a dog"])
+    wrapper = attach(clip.model, AdapterSettings("lora", ("image", "text"), lora_rank=4, lora_alpha=8))
+    trainable = {n: p for n, p in wrapper.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for name, p in trainable.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # peft starts B at zero: make the adapters do something
+    (clip.model.encode_image(images).sum() + clip.model.encode_text(texts).sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    with torch.no_grad():
+        adapted = clip.model.encode_image(images), clip.model.encode_text(texts)
+        with wrapper.disable_adapter():
+            plain = clip.model.encode_image(images)
+        assert (adapted[0] - plain).abs().max() > 1e-3
+        plain_model = merged(wrapper)
+        assert type(plain_model).__name__ == "CLIP" and not any("lora" in k for k in plain_model.state_dict())
+        assert torch.allclose(plain_model.encode_image(images), adapted[0], atol=1e-5)
+        assert torch.allclose(plain_model.encode_text(texts), adapted[1], atol=1e-5)
+
+
+def test_convolutional_toy_tower_gets_adapters_and_towers_option_limits_training():
+    from saferclip_data.training.adapters import AdapterSettings, attach, lora_targets
+
+    clip = _tiny("toy-resnet-tiny")
+    assert any(isinstance(clip.model.get_submodule(t), torch.nn.Conv2d) for t in lora_targets(clip.model, ["image"]))
+    wrapper = attach(clip.model, AdapterSettings("lora", ("text",)))
+    names = [n for n, p in wrapper.named_parameters() if p.requires_grad]
+    assert names and not any(".visual." in n for n in names)
+    full = _tiny("toy-resnet-tiny")
+    attach(full.model, AdapterSettings("full", ("image",)))
+    trains = {n.startswith("visual.") for n, p in full.model.named_parameters() if p.requires_grad}
+    assert trains == {True}
+    with pytest.raises(ValueError, match="towers"):
+        attach(_tiny("toy-resnet-tiny").model, AdapterSettings("full", ("audio",)))
+
+
+def test_text_only_rows_train_the_text_terms_and_image_rows_the_image_terms(built):
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.losses import saferclip_loss
+    from saferclip_data.training.reference import TrainedWithReference
+
+    clip = _tiny("toy-resnet-tiny")
+    batch = next(iter(quad_pipeline(_quad_urls(built), clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+                                    batch_size=12)))  # fmt: skip
+    pair = TrainedWithReference(clip.model)
+    full = pair.embeddings(batch)
+    mixed_batch = {**batch, "has_image": torch.tensor([i % 3 != 0 for i in range(12)])}
+    mixed = pair.embeddings(mixed_batch)
+    rows = mixed_batch["has_image"]
+    assert mixed.unsafe_image.shape[0] == int(rows.sum()) and mixed.unsafe_text.shape[0] == 12
+    _, parts_mixed = saferclip_loss(mixed)
+    _, parts_full = saferclip_loss(full)
+    for term in ("proximity_text", "preserve_text"):  # text terms: every row, whatever the images
+        assert parts_mixed[term] == pytest.approx(parts_full[term], rel=1e-5)
+    own = torch.nn.functional.cosine_similarity(full.unsafe_image[rows], full.target_image[rows]).detach()
+    assert parts_mixed["proximity_image"] == pytest.approx(float((1 - own).mean()), rel=1e-5)  # image rows only
+    assert parts_mixed["proximity_image"] != pytest.approx(parts_full["proximity_image"], rel=1e-4)
+
+    text_only = {**batch, "has_image": torch.zeros(12, dtype=torch.bool)}
+    loss, parts = pair.loss(text_only)
+    assert "relative_image" not in parts and "preserve_cross" not in parts
+    loss.backward()
+    grads = {n.startswith("visual."): p.grad is not None for n, p in pair.model.named_parameters()}
+    assert grads == {True: False, False: True}  # the text tower only
+
+
+def test_every_rank_and_worker_gets_an_equal_disjoint_share(built):
+    from saferclip_data.training.data import _share
+
+    samples = [{"__key__": f"k{i}"} for i in range(23)]
+    shares = [[s["__key__"] for s in _share(iter(samples), r, 3, limit=23 // 3)] for r in range(3)]
+    assert [len(s) for s in shares] == [7, 7, 7]
+    flat = [k for s in shares for k in s]
+    assert len(set(flat)) == 21 and set(flat) <= {s["__key__"] for s in samples}
+
+
+def test_lora_checkpoint_holds_only_adapters_and_loads_back_merged(built, tmp_path):
+    from saferclip_data.training.trainer import TrainConfig, load_checkpoint, train
+
+    shard_dir = built / "shards" / "quad"
+    config = TrainConfig(epochs=1, batch_size=8, lr=5e-3, warmup_steps=1, lora_rank=4, schedule=[["easy", "medium",
+                         "hard"]])  # fmt: skip
+    clip = _tiny("toy-resnet-tiny")
+    result = train(clip, shard_dir, tmp_path / "out", config)
+    assert not result["stopped"]
+    state = torch.load(tmp_path / "out" / "last.pt", weights_only=False)
+    assert state["trainable"] and all("lora_" in n for n in state["trainable"])
+    assert state["base"] == clip.identity
+    exported = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    loaded = load_checkpoint(_tiny("toy-resnet-tiny"), tmp_path / "out" / "last.pt")
+    for name, value in loaded.model.state_dict().items():
+        assert torch.allclose(value, exported[name], atol=1e-6), name
+    base = _tiny("toy-resnet-tiny").model.state_dict()
+    assert any(not torch.allclose(base[n], exported[n]) for n in base if base[n].is_floating_point())
+    other = _tiny("toy-vit-tiny")
+    with pytest.raises(ValueError, match="trained from"):
+        load_checkpoint(other, tmp_path / "out" / "last.pt")
+
+
+def test_bf16_autocast_step_trains_and_auto_means_fp32_on_cpu(built, tmp_path):
+    from saferclip_data.training.trainer import TrainConfig, train, uses_bf16
+
+    assert not uses_bf16(torch.device("cpu"), "auto") and uses_bf16(torch.device("cuda"), "auto")
+    assert not uses_bf16(torch.device("cuda"), "fp32") and uses_bf16(torch.device("cpu"), "bf16")
+    config = TrainConfig(epochs=1, batch_size=8, precision="bf16", finetune="full", warmup_steps=1)
+    result = train(_tiny("toy-resnet-tiny"), built / "shards" / "quad", tmp_path / "bf16", config, stop_after=2)
+    steps = _steps(tmp_path / "bf16")
+    assert result["step"] == 2 and all(np.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+import torch.distributed as dist
+from saferclip_data.training.models import load_clip, state_dict_digest
+from saferclip_data.training.trainer import TrainConfig, train
+clip = load_clip("toy-resnet-tiny", None, init_seed=0)
+config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, warmup_steps=1, lora_rank=4, schedule=[["easy", "hard"]])
+out = Path(sys.argv[2])
+train(clip, Path(sys.argv[1]), out, config, stop_after=3)
+(out / f"rank{dist.get_rank()}.digest").write_text(state_dict_digest(clip.model))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_replicas_identical(built, tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(script), str(built / "shards" / "quad"), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = {p.name: p.read_text() for p in out.glob("rank*.digest")}
+    assert len(digests) == 2 and len(set(digests.values())) == 1  # gradients were all-reduced
+    single = _tiny("toy-resnet-tiny")
+    from saferclip_data.training.models import state_dict_digest
+
+    assert state_dict_digest(single.model) != next(iter(digests.values()))  # and they did train
+    steps = _steps(out)
+    assert [s["step"] for s in steps] == [1, 2, 3] and all(len(s["keys"]) == 4 for s in steps)
+
+
+def test_zero_shot_on_an_image_folder_matches_the_direct_computation(tmp_path):
+    import random
+
+    from saferclip_data.stages.toyworld.world import TRAIN_PLACES, sample_scene
+    from saferclip_data.training.evaluate import zero_shot_folder
+    from saferclip_data.training.models import load_clip
+
+    clip = load_clip("toy-resnet-tiny", "toy-world", init_seed=0)
+    rng = random.Random(7)
+    places = sorted(TRAIN_PLACES)
+    truth = []
+    for i in range(120):
+        scene = sample_scene(rng)
+        folder = tmp_path / "places" / scene.place.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        scene.render(clip.image_size, False).save(folder / f"{i:04d}.png")
+        truth.append(scene.place)
+    templates = ["a photo of the {}", "a picture at the {}"]
+    result = zero_shot_folder(clip, tmp_path / "places", templates)
+    present = sorted(set(truth))
+    assert result["images"] == 120 and result["classes"] == len(present) <= len(places)
+    assert result["accuracy"] >= 0.9  # the toy CLIP knows its places (99.6 % in `toy pretrain`)
+    (tmp_path / "places" / "classnames.txt").write_text("\n".join(present[1:] + present[:1]))
+    shuffled = zero_shot_folder(clip, tmp_path / "places", templates)
+    assert shuffled["accuracy"] < 0.5  # names from the file, not the folders: the wrong names score badly
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_train_workers_train_through_the_train_command(built, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "ray"
+    args = ["train", str(built.parent / "r.yaml"), "--ray-workers", "2", "--out", str(out), "--max-steps", "2"]
+    proc = run_cli(*args, env={"RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at --max-steps after 2 steps" in proc.stdout
+    steps = _steps(out)
+    assert [s["step"] for s in steps] == [1, 2] and all(len(set(s["keys"])) == len(s["keys"]) for s in steps)
+    from saferclip_data.training.trainer import samples_per_epoch
+
+    easy = samples_per_epoch(built / "shards" / "quad", 0, [["easy"]])
+    assert len(steps[0]["keys"]) == min(32, easy // 2)  # rank 0's half of epoch 1 (easy only), one batch
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == 2 and any(float(v.abs().sum()) > 0 for n, v in state["trainable"].items() if "lora_B" in n)
