@@ -85,7 +85,7 @@ class Pipeline:
                 "version": cls.version,
                 "config": config.fingerprint_dict(),
                 "sections": {s: _dump(self.sections.get(s)) for s in cls.recipe_sections},
-                "external": stage.input_fingerprint(),
+                "external": stage.input_fingerprint(self.workdir),
                 "upstream": {u: fingerprints[u] for u in (*cls.inputs, *cls.after) if u in fingerprints},
             }
             digest = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()

@@ -109,8 +109,9 @@ class Stage(ABC):
         self.sections = sections
 
     # ---- driver side -------------------------------------------------------------------------------------
-    def input_fingerprint(self) -> dict[str, Any]:
-        """Facts about external inputs (files, sizes, times) that belong to the fingerprint; none by default."""
+    def input_fingerprint(self, workdir: WorkDir) -> dict[str, Any]:
+        """Facts about external inputs (files, sizes, times; state a stage keeps in the work dir, such as which
+        download attempt is due) that belong to the fingerprint; none by default."""
         return {}
 
     def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:

@@ -23,8 +23,10 @@ from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir, cache_root
 
-from . import readers
+from . import download, layouts, readers
 from .blocklist import Blocklist, load_blocklist
+from .download import DownloadOptions, is_url
+from .layouts import COCO_URL
 from .toyworld import TOY_COLUMNS, WorldConfig, world_fingerprint, write_world
 
 OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
@@ -55,7 +57,7 @@ class ToyWorldOptions(BaseModel):
 class SourceConfig(StageConfig):
     """The recipe's top-level ``source:`` section."""
 
-    kind: Literal["manifest", "image_folder", "webdataset", "toy"] = Field(description="layout of the source")
+    kind: Literal["manifest", "image_folder", "webdataset", "toy", "hub"] = Field(description="layout of the source")
     path: str | None = Field(
         default=None,
         description="manifest file, image folder, or tar file / folder / {00..09} pattern; "
@@ -74,17 +76,31 @@ class SourceConfig(StageConfig):
         default=None, description="base of relative image paths (default: manifest's folder)"
     )
     shard_size: int = Field(default=1000, gt=0, description="records per shard (manifests, image folders)")
-    require_image: bool = True
+    require_image: bool | None = Field(
+        default=None, description="default: true, but false for the visu and nsfwcaps layouts (text-only unsafe)"
+    )
     require_caption: bool = True
     blocklist: str | None = Field(
         default=None, description="file of image-byte digests (sha256 or md5, one per line) to reject at ingestion"
     )
     url_timeout: float = Field(default=10.0, gt=0)
     batch_size: int = Field(default=256, gt=0)
+    layout: Literal["plain", "visu", "nsfwcaps", "laion"] = Field(
+        default="plain", description="kind manifest: a published layout (ViSU-Text, NSFW-Caps, LAION parquet)"
+    )
+    split: str | None = Field(default=None, description="split name given to records whose file has none")
+    coco_root: str | None = Field(default=None, description="layout visu: local COCO image folder")
+    coco_url: str | None = Field(default=None, description=f"layout visu: image URL template, e.g. {COCO_URL}")
+    punsafe_threshold: float = Field(default=0.5, ge=0, le=1, description="layout laion: punsafe >= this: unsafe")
+    hub_dataset: str | None = Field(default=None, description="kind hub: a Hugging Face data set id (datasets extra)")
+    hub_split: str = Field(default="train", description="kind hub: which split to load")
+    download: DownloadOptions | None = Field(
+        default=None, description="fetch http(s) images with img2dataset first (retried on later builds)"
+    )
 
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout"}
 
-    @field_validator("path", "image_root", "blocklist")
+    @field_validator("path", "image_root", "blocklist", "coco_root")
     @classmethod
     def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or "://" in value:
@@ -107,9 +123,21 @@ class SourceConfig(StageConfig):
         clash = sorted(set(self.extra_columns) & set(OUTPUT_COLUMNS))
         if clash:
             raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
+        if self.require_image is None:
+            self.require_image = self.layout not in ("visu", "nsfwcaps")
         if self.kind == "toy":
             if not self.extra_columns:
                 self.extra_columns = list(TOY_COLUMNS)
+            return self
+        if self.layout != "plain":
+            if self.kind not in ("manifest", "hub"):
+                raise ValueError(f"source.layout: {self.layout} is a table layout; use kind manifest or hub")
+            if self.layout == "visu" and self.coco_root and not Path(self.coco_root).is_dir():
+                raise ValueError(f"source.coco_root: folder not found: {self.coco_root}")
+            self.extra_columns += [c for c in layouts.EXTRA[self.layout] if c not in self.extra_columns]
+        if self.kind == "hub":
+            if not self.hub_dataset:
+                raise ValueError("source.hub_dataset: required for kind hub (a Hugging Face data set id)")
             return self
         if self.path is None:
             raise ValueError(f"source.path: required for kind {self.kind}")
@@ -165,6 +193,8 @@ class SourceStage(Stage):
 
     def _files(self) -> list[Path]:
         c = self.config
+        if c.kind == "hub":
+            return []
         if c.kind == "manifest":
             return [Path(c.path)]
         if c.kind == "webdataset":
@@ -172,10 +202,18 @@ class SourceStage(Stage):
         root = Path(c.path)
         return [root / rel for rel in readers.list_image_folder(root)]
 
-    def input_fingerprint(self) -> dict[str, Any]:
+    def input_fingerprint(self, workdir: WorkDir) -> dict[str, Any]:
         """Sizes and modification times of the input files (and the blocklist's content): a change re-runs
-        the source."""
+        the source. With ``download``, also the download attempt that is due: failed URLs left to retry make
+        the next build run the source again."""
         out: dict[str, Any] = {}
+        if self.config.download:
+            out["download"] = self.config.download.result_settings()
+            out["download_attempt"] = download.wanted_attempt(
+                self.download_dir(workdir), self.config.download, self.url_records()
+            )
+        if self.config.kind == "hub":
+            out["hub"] = [self.config.hub_dataset, self.config.hub_split]
         if self.config.blocklist:
             out["blocklist"] = hashlib.sha256(Path(self.config.blocklist).read_bytes()).hexdigest()
         if self.config.kind == "toy":
@@ -189,13 +227,37 @@ class SourceStage(Stage):
             out[str(f)] = [st.st_size, st.st_mtime_ns]
         return out
 
+    @staticmethod
+    def download_dir(workdir: WorkDir) -> Path:
+        return workdir.root / "downloads"
+
+    def url_records(self) -> dict[str, str]:
+        """key -> URL of the manifest records whose image is an http(s) URL (what ``download`` fetches)."""
+        if self.config.kind not in ("manifest", "hub"):
+            return {}
+        table = self.manifest_table
+        if self.config.image_column not in table.column_names:
+            return {}
+        keys = self._keys(table, 0, table.num_rows)
+        images = table[self.config.image_column].to_pylist()
+        return {k: u for k, u in zip(keys, images) if is_url(u)}
+
+    def fetch_images(self, workdir: WorkDir) -> None:
+        """Run the download attempt that is due (see :mod:`stages.download`)."""
+        folder = self.download_dir(workdir)
+        urls = self.url_records()
+        if download.wanted_attempt(folder, self.config.download, urls) > download.attempts_done(folder):
+            download.run_attempt(folder, download.pending_urls(folder, urls), self.config.download)
+
     def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:
         c = self.config
         size = c.shard_size
+        if c.download:
+            self.fetch_images(workdir)
         if c.kind in ("webdataset", "toy"):
             files = self.ensure_toy_world() if c.kind == "toy" else tar_files(c.path)
             specs = [ShardSpec(f"part-{i:05d}", {"file": f}) for i, f in enumerate(files)]
-        elif c.kind == "manifest":
+        elif c.kind in ("manifest", "hub"):
             rows = self.manifest_table.num_rows
             specs = [
                 ShardSpec(
@@ -221,14 +283,38 @@ class SourceStage(Stage):
     def blocklist(self) -> Blocklist | None:
         return load_blocklist(self.config.blocklist) if self.config.blocklist else None
 
+    def _read_table(self) -> tuple[pa.Table, str]:
+        c = self.config
+        if c.kind == "hub":
+            try:
+                import datasets
+            except ImportError:
+                raise UserError(
+                    "source.kind hub needs the datasets package: pip install 'saferclip-data[hub]'"
+                ) from None
+            try:
+                return datasets.load_dataset(c.hub_dataset, split=c.hub_split).data.table, c.hub_dataset
+            except Exception as exc:  # offline, unknown id, gated: one clear line
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"source.hub_dataset: cannot load {c.hub_dataset} ({c.hub_split}): {first}") from None
+        path = Path(c.path)
+        try:
+            return readers.read_manifest(path, readers.manifest_format(path, c.format)), str(path)
+        except (pa.ArrowInvalid, OSError, ValueError) as exc:
+            raise UserError(f"source: cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
+
     @cached_property
     def manifest_table(self) -> pa.Table:
         c = self.config
-        path = Path(c.path)
-        try:
-            table = readers.read_manifest(path, readers.manifest_format(path, c.format))
-        except (pa.ArrowInvalid, OSError, ValueError) as exc:
-            raise UserError(f"source: cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
+        table, path = self._read_table()
+        if c.layout != "plain":
+            try:
+                table = layouts.expand(table, c.layout, f"source {path}", split=c.split, coco_root=c.coco_root,
+                                       coco_url=c.coco_url, punsafe_threshold=c.punsafe_threshold)  # fmt: skip
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        elif c.split is not None and "split" not in table.column_names:
+            table = table.append_column("split", pa.array([c.split] * table.num_rows, pa.string()))
         if c.caption_column not in table.column_names and c.image_column not in table.column_names:
             raise UserError(
                 f"source: manifest {path} has neither caption column '{c.caption_column}' nor image column "
@@ -248,7 +334,38 @@ class SourceStage(Stage):
             return table
         if c.kind == "image_folder":
             return readers.read_image_folder(Path(c.path), spec.payload["files"])
-        return self._manifest_slice(spec.payload["start"], spec.payload["stop"])
+        table = self._manifest_slice(spec.payload["start"], spec.payload["stop"])
+        return self._downloaded(table, workdir) if c.download else table
+
+    def _downloaded(self, table: pa.Table, workdir: WorkDir) -> pa.Table:
+        """Adds ``_fetched``: the downloaded bytes of URL images; failed downloads get img2dataset's status as
+        their reject reason (``download failed_to_download``, ``download failed_to_resize``) and its message."""
+        index = download.read_index(self.download_dir(workdir))
+        found = {r["key"]: r for r in index.to_pylist()} if index is not None else {}
+        fetched: list[bytes | None] = []
+        reasons, errors = table["_reason"].to_pylist(), table["_error"].to_pylist()
+        for i, (key, image) in enumerate(zip(table["key"].to_pylist(), table["image"].to_pylist())):
+            row = found.get(key) if is_url(image) else None
+            if not is_url(image) or (row is not None and row["status"] == "success" and row["url"] == image):
+                fetched.append(download.read_bytes(row["tar"], row["offset"], row["size"]) if row else None)
+                continue
+            fetched.append(None)
+            if row is None or row["url"] != image:
+                reasons[i], errors[i] = "not downloaded", f"{image}: no img2dataset result for this URL"
+            else:
+                reasons[i] = f"download {row['status']}"
+                errors[i] = f"{image}: {row['error'] or row['status']} (attempt {row['attempt']})"
+        table = table.set_column(table.schema.get_field_index("_reason"), "_reason", pa.array(reasons, pa.string()))
+        table = table.set_column(table.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+        return table.append_column("_fetched", pa.array(fetched, pa.binary()))
+
+    def _keys(self, part: pa.Table, start: int, stop: int) -> list[str]:
+        """Record keys of manifest rows start..stop: the key column made dot-free, else file stem + row number."""
+        c = self.config
+        if c.key_column in part.column_names:
+            return [readers.sanitize_key(k) for k in part[c.key_column].cast(pa.string()).to_pylist()]
+        stem = readers.sanitize_key(Path(c.path).stem if c.path else c.hub_dataset or "hub")
+        return [f"{stem}_{i:09d}" for i in range(start, stop)]
 
     def _manifest_slice(self, start: int, stop: int) -> pa.Table:
         c = self.config
@@ -261,11 +378,7 @@ class SourceStage(Stage):
             col = part[name].combine_chunks()
             return col.cast(pa.string()) if as_string and not pa.types.is_string(col.type) else col
 
-        if c.key_column in part.column_names:
-            keys = [readers.sanitize_key(k) for k in column(c.key_column).to_pylist()]
-        else:
-            stem = readers.sanitize_key(Path(c.path).stem)
-            keys = [f"{stem}_{i:09d}" for i in range(start, stop)]
+        keys = self._keys(part, start, stop)
         groups = column(c.group_column).to_pylist()
         image = column(c.image_column, as_string=False)
         if not (pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type)):
@@ -304,6 +417,7 @@ class SourceStage(Stage):
         keep: list[int] = []
         images: list[bytes | None] = []
         rejects: list[Reject] = []
+        fetched = batch["_fetched"].to_pylist() if "_fetched" in batch.column_names else [None] * batch.num_rows
         rows = batch.select(["key", "caption", "image", "_reason", "_error"]).to_pylist()
         for i, row in enumerate(rows):
             key = row["key"]
@@ -314,8 +428,8 @@ class SourceStage(Stage):
             if c.require_caption and not caption:
                 rejects.append(Reject(key, "missing caption", "caption is empty"))
                 continue
-            image = None
-            if row["image"] not in (None, b"", ""):
+            image = fetched[i]
+            if image is None and row["image"] not in (None, b"", ""):
                 try:
                     image = self._load_image(row["image"])
                 except (OSError, ValueError) as exc:
