@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from .errors import ModelIdentityError, UserError
 from .executors import StageJob
 from .progress import BuildProgress, StageOutcome
-from .stage import ShardSpec, Stage
+from .stage import ENABLED_STAGES, ShardSpec, Stage
 from .workdir import WorkDir
 
 VERSIONED_PACKAGES = ("saferclip-data", "torch", "open_clip_torch", "pyarrow", "ray", "webdataset", "numpy")
@@ -61,6 +61,8 @@ class Pipeline:
             for name in type(recipe).model_fields
             if name not in ("stages", "name", "workdir")
         }
+        # which stages this recipe runs, for stages with optional upstreams (``Stage.after``) to ask
+        self.sections[ENABLED_STAGES] = tuple(n for n, cls in registry.items() if self._config_of(n, cls) is not None)
         self.stages = self._resolve()
 
     def _config_of(self, name: str, cls: type[Stage]):

@@ -85,6 +85,10 @@ def rejects_table(stage: str, rejects: Iterable[Reject]) -> pa.Table:
     )
 
 
+#: key of the tuple of stage names the recipe enables, in the sections every stage receives
+ENABLED_STAGES = "enabled_stages"
+
+
 class Stage(ABC):
     """Base class of all stages. Subclasses set the class attributes and override the hooks they need."""
 

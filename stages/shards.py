@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+from saferclip_data.pipeline.stage import ENABLED_STAGES, GlobalContext, Stage, StageConfig
 
 from .benchmark_export import image_extension, sha256_file, source_rows
 from .score import column_suffix, unit_rows
@@ -64,10 +64,10 @@ class ShardsStage(Stage):
     Config = ShardsConfig
     mode = "global"
     inputs = {
-        "benchmark": ("key", "role", "category", "benchmark_id", "held_out"),
-        "mine": ("key", "given_pair"),
+        "mine": ("key", "role", "category", "given_pair"),
         "embed": ("key", "image_embedding", "text_embedding"),
     }
+    after = ("benchmark",)  # when the recipe draws a benchmark, its records never enter a tar
     output_columns = ("key", "role", "training", "tar")
     version = "1"
 
@@ -77,20 +77,28 @@ class ShardsStage(Stage):
         c = self.config
         wd = ctx.workdir
         m = column_suffix(c.modality)
-        shard_ids = wd.completed_shards("benchmark")
+        with_benchmark = "benchmark" in self.sections.get(ENABLED_STAGES, ())
+        first = "benchmark" if with_benchmark else "mine"
+        shard_ids = wd.completed_shards(first)
         mine_cols = (f"{m}_targets", f"{m}_similarities", f"{m}_difficulty")
         if f"{m}_targets" not in wd.shard_columns("mine", shard_ids[0]):
             raise UserError(f"stages.shards.modality: mine has no '{c.modality}' targets (add it to neighbours)")
         inputs = {
-            **self.inputs,
-            "mine": ("key", "given_pair", *mine_cols),
+            "mine": ("key", "role", "category", "given_pair", *mine_cols),
+            "embed": self.inputs["embed"],
             "source": ("key", "caption", c.split_column),
         }
+        if with_benchmark:
+            inputs = {"benchmark": ("key", "benchmark_id", "held_out"), **inputs}
         tables = [wd.read_aligned(s, inputs) for s in shard_ids]
         table = pa.concat_tables(tables)
+        if c.split_column not in table.column_names:
+            raise UserError(f"stages.shards: the source has no column '{c.split_column}' (set split_column)")
         keys, roles = table["key"].to_pylist(), table["role"].to_pylist()
-        held, splits = table["held_out"].to_pylist(), table[c.split_column].to_pylist()
+        held = table["held_out"].to_pylist() if with_benchmark else [False] * len(keys)
+        splits = table[c.split_column].to_pylist()
         excluded = set(c.exclude_splits)
+        has_image = table["image_embedding"].is_valid().to_pylist()
         row_of = {k: i for i, k in enumerate(keys)}
         # a target from a held-out or excluded split would leak it into training: such targets are dropped
         admissible = [not held[i] and splits[i] not in excluded for i in range(len(keys))]
@@ -107,8 +115,10 @@ class ShardsStage(Stage):
                 status.append(f"split {splits[i]} excluded")
             elif roles[i] == "unsafe":
                 status.append("quad" if self.targets[i] else "unsafe without admissible targets")
+            elif not c.plain_view:
+                status.append("safe (plain view off)")
             else:
-                status.append("plain" if c.plain_view else "safe (plain view off)")
+                status.append("plain" if has_image[i] else "safe without image (not in the plain view)")
         folder = wd.stage_dir(self.name)
         tar_of: list[str | None] = [None] * len(keys)
         selection = []
@@ -150,7 +160,7 @@ class ShardsStage(Stage):
         needed = {s["key"] for s in selection}
         given = table["given_pair"].to_pylist()
         needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
-        images = {k: r["image"] for k, r in source_rows(ctx.workdir, needed).items()}
+        images = {k: r["image"] for k, r in source_rows(ctx.workdir, needed).items() if r["image"]}
         by_tar: dict[str, list[dict]] = {}
         for s in selection:
             by_tar.setdefault(s["tar"], []).append(s)
@@ -196,17 +206,18 @@ class ShardsStage(Stage):
         category = columns["category"][i] or "unknown"
         difficulty = columns[f"{m}_difficulty"][i] or "unknown"
         rows = [row_of[t] for t in targets]
-        image = images[key]
         sample = {
             "__key__": key,
-            f"unsafe.{image_extension(image)}": image,
             "unsafe.txt": captions[i],
             "targets_text.npy": _npy(vectors["text"][rows]),
             "targets_image.npy": _npy(vectors["image"][rows]),
         }
-        has_pair = given in row_of and given in images  # the given partner survived filter and dedup
+        if key in images:  # text-only unsafe records (ViSU-Text, NSFW-Caps) have no unsafe image
+            sample[f"unsafe.{image_extension(images[key])}"] = images[key]
+        has_pair = given in row_of  # the given partner survived filter and dedup
         if has_pair:
-            sample[f"safe.{image_extension(images[given])}"] = images[given]
+            if given in images:
+                sample[f"safe.{image_extension(images[given])}"] = images[given]
             sample["safe.txt"] = captions[row_of[given]]
         meta = {
             "key": key,

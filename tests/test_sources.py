@@ -77,3 +77,91 @@ def test_img2dataset_every_url_ends_in_a_shard_or_a_reject_and_failures_are_retr
         code, out, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
         assert code == 0, err
         assert server.hits == [] and "up to date" in out + err  # rerun_attempts: 1 is spent
+
+
+PIPELINE = {
+    "embed": {"batch_size": 32, "concurrency": 1},
+    "score": {"role_column": "label"},
+    "filter": {},
+    "dedup": {"by": ["text"]},
+    "neighbours": {"modalities": ["text"], "candidates": 4},
+    "mine": {"k": 2, "reuse_cap": 4},
+    "shards": {"samples_per_shard": 8},
+}
+COLOURS = [(230, 40, 40), (40, 230, 40), (40, 40, 230), (230, 230, 40), (40, 230, 230), (230, 40, 230)]
+SAFE = ["a dog runs on the beach", "two people share a meal", "a red car parked by a tree", "a child reads a book",
+        "a cat sleeps on a sofa", "a man rides a bicycle"]  # fmt: skip
+UNSAFE = ["a dog runs on the beach covered in blood", "two people share a meal while one holds a gun",
+          "a red car parked by a tree on fire with a body", "a child reads a book about self harm",
+          "a cat sleeps on a sofa next to drugs", "a man rides a bicycle while shouting slurs"]  # fmt: skip
+
+
+def _quad_samples(work) -> dict[str, dict]:
+    import webdataset as wds
+
+    tars = sorted(str(p) for p in (work / "shards" / "quad").glob("quad-*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(tars, shardshuffle=False)}
+
+
+def _built_to_shards(tmp_path, cli, source: dict) -> tuple[WorkDir, dict[str, dict]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path / "w", source, PIPELINE))
+    code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    wd = WorkDir(tmp_path / "w")
+    assert (wd.manifest("shards") or {}).get("complete")
+    return wd, _quad_samples(tmp_path / "w")
+
+
+def test_visu_text_layout_builds_to_shards_with_local_coco_images(tmp_path, cli):
+    coco = tmp_path / "coco" / "train2017"
+    coco.mkdir(parents=True)
+    ids = [9, 25, 30, 42, 77, 1234]
+    for cid, colour in zip(ids[:-1], COLOURS):  # the last id has no image: its safe record is text-only
+        Image.new("RGB", (40, 40), colour).save(coco / f"{cid:012d}.jpg")
+    table = pa.table({"safe": SAFE, "nsfw": UNSAFE, "tag": ["violence", "violence", "shocking", "self-harm",
+                      "illegal activity", "hate"], "coco_id": ids})  # fmt: skip
+    pq.write_table(table, tmp_path / "visu_train.parquet")
+    source = {"kind": "manifest", "path": str(tmp_path / "visu_train.parquet"), "layout": "visu",
+              "coco_root": str(tmp_path / "coco"), "split": "train"}  # fmt: skip
+    wd, quads = _built_to_shards(tmp_path, cli, source)
+    records = wd.read_stage_columns("source", ["key", "caption", "image", "group", "label", "category", "split"])
+    rows = {r["key"]: r for r in records.to_pylist()}
+    assert len(rows) == 12 and {r["split"] for r in rows.values()} == {"train"}
+    assert rows["visu-0000000-unsafe"]["caption"] == UNSAFE[0] and rows["visu-0000000-unsafe"]["image"] is None
+    assert Image.open(io.BytesIO(rows["visu-0000000-safe"]["image"])).getpixel((5, 5))[0] > 200  # the COCO file
+    assert rows["visu-0000005-safe"]["image"] is None  # id 1234 is not in the folder: text-only, not rejected
+    assert rows["visu-0000002-unsafe"]["category"] == "shocking" and rows["visu-0000002-unsafe"]["label"] == "unsafe"
+    unsafe_keys = {k for k, r in rows.items() if r["label"] == "unsafe"}
+    assert set(quads) == unsafe_keys  # every unsafe caption became a training quadruplet
+    sample = quads["visu-0000003-unsafe"]
+    assert sample["unsafe.txt"].decode() == UNSAFE[3] and "unsafe.jpg" not in sample  # text-only unsafe side
+
+
+@pytest.mark.slow
+def test_nsfwcaps_and_laion_layouts_download_through_img2dataset_and_build_to_shards(tmp_path, cli):
+    routes = {f"/img{i}.jpg": static(image_bytes("JPEG", c, 40)) for i, c in enumerate(COLOURS)}
+    with Server(routes) as server:
+        nsfwcaps = pa.table({"image_coco_url": [f"{server.url}/img{i}.jpg" for i in range(6)], "caption": SAFE,
+                             "nsfw_caption": UNSAFE, "chosen_category": ["violence"] * 6})  # fmt: skip
+        pq.write_table(nsfwcaps, tmp_path / "nsfwcaps.parquet")
+        download = {"image_size": 32, "timeout": 5, "threads": 4}
+        source = {"kind": "manifest", "path": str(tmp_path / "nsfwcaps.parquet"), "layout": "nsfwcaps",
+                  "split": "test", "download": download}  # fmt: skip
+        wd, quads = _built_to_shards(tmp_path / "n", cli, source)
+        rows = {r["key"]: r for r in wd.read_stage_columns("source", ["key", "image", "label"]).to_pylist()}
+        assert len(rows) == 12 and all((r["image"] is not None) == (r["label"] == "safe") for r in rows.values())
+        assert set(quads) == {k for k, r in rows.items() if r["label"] == "unsafe"}
+
+        laion = pa.table({"url": [f"{server.url}/img{i}.jpg" for i in range(6)] + [f"{server.url}/gone.jpg"],
+                          "caption": SAFE[:3] + UNSAFE[3:] + ["lost"], "punsafe": [0.01, 0.2, 0.4, 0.6, 0.9, 0.99, 0.5],
+                          "similarity": [0.3] * 7})  # fmt: skip
+        pq.write_table(laion, tmp_path / "laion.parquet")
+        source = {"kind": "manifest", "path": str(tmp_path / "laion.parquet"), "layout": "laion", "download": download}
+        wd, quads = _built_to_shards(tmp_path / "l", cli, source)
+        rows = {r["key"]: r for r in wd.read_stage_columns("source", ["key", "label", "punsafe"]).to_pylist()}
+        assert [rows[f"laion-{i:09d}"]["label"] for i in range(6)] == ["safe"] * 3 + ["unsafe"] * 3
+        assert rows["laion-000000004"]["punsafe"] == pytest.approx(0.9)
+        rejects = {r["key"]: r["reason"] for r in wd.rejects("source").to_pylist()}
+        assert rejects == {"laion-000000006": "download failed_to_download"}
+        assert set(quads) == {f"laion-{i:09d}" for i in (3, 4, 5)}
