@@ -170,3 +170,26 @@ def read_bytes(tar: str, offset: int, size: int) -> bytes:
     with open(tar, "rb") as f:
         f.seek(offset)
         return f.read(size)
+
+
+def attach(table: pa.Table, folder: Path) -> pa.Table:
+    """Adds ``_fetched``: the downloaded bytes of URL images; failed downloads get img2dataset's status as
+    their reject reason (``download failed_to_download``, ``download failed_to_resize``) and its message."""
+    index = read_index(folder)
+    found = {r["key"]: r for r in index.to_pylist()} if index is not None else {}
+    fetched: list[bytes | None] = []
+    reasons, errors = table["_reason"].to_pylist(), table["_error"].to_pylist()
+    for i, (key, image) in enumerate(zip(table["key"].to_pylist(), table["image"].to_pylist())):
+        row = found.get(key) if is_url(image) else None
+        if not is_url(image) or (row is not None and row["status"] == "success" and row["url"] == image):
+            fetched.append(read_bytes(row["tar"], row["offset"], row["size"]) if row else None)
+            continue
+        fetched.append(None)
+        if row is None or row["url"] != image:
+            reasons[i], errors[i] = "not downloaded", f"{image}: no img2dataset result for this URL"
+        else:
+            reasons[i] = f"download {row['status']}"
+            errors[i] = f"{image}: {row['error'] or row['status']} (attempt {row['attempt']})"
+    table = table.set_column(table.schema.get_field_index("_reason"), "_reason", pa.array(reasons, pa.string()))
+    table = table.set_column(table.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+    return table.append_column("_fetched", pa.array(fetched, pa.binary()))

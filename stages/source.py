@@ -7,167 +7,28 @@ be used go to the rejects table with a reason; they never stop the run.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import urllib.request
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from braceexpand import braceexpand
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
+from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir, cache_root
 
 from . import download, layouts, readers
 from .blocklist import Blocklist, load_blocklist
-from .download import DownloadOptions, is_url
-from .layouts import COCO_URL
-from .toyworld import TOY_COLUMNS, WorldConfig, world_fingerprint, write_world
+from .caption_edit import CaptionEditor, with_edit_rows
+from .download import is_url
+from .source_config import OUTPUT_COLUMNS, SourceConfig, ToyWorldOptions, tar_files
+from .toyworld import world_fingerprint, write_world
 
-OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
-
-
-class ToyWorldOptions(BaseModel):
-    """Size and seed of a generated toy world (``source.kind: toy``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    seed: int = 0
-    scenes: int = Field(default=3000, gt=0, description="safe scenes over train/val/test, each with an unsafe edit")
-    shifted_scenes: int = Field(default=400, ge=0, description="scenes of the shifted (held-out places) split")
-    noisy_pair_fraction: float = Field(default=0.4, ge=0, le=1, description="ViSU-like wrong paired_safe share")
-    image_size: int = Field(default=64, ge=16)
-    shard_size: int = Field(default=1000, gt=0)
-
-    def world_config(self) -> WorldConfig:
-        return WorldConfig(
-            seed=self.seed,
-            scenes=self.scenes,
-            shifted_scenes=self.shifted_scenes,
-            image_size=self.image_size,
-            noisy_pair_fraction=self.noisy_pair_fraction,
-            shard_size=self.shard_size,
-        )
-
-
-class SourceConfig(StageConfig):
-    """The recipe's top-level ``source:`` section."""
-
-    kind: Literal["manifest", "image_folder", "webdataset", "toy", "hub"] = Field(description="layout of the source")
-    path: str | None = Field(
-        default=None,
-        description="manifest file, image folder, or tar file / folder / {00..09} pattern; "
-        "for kind toy: where to write the world (default: the cache)",
-    )
-    toy: ToyWorldOptions = Field(default_factory=lambda: ToyWorldOptions(), description="kind toy: the world")
-    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
-    key_column: str = "key"
-    caption_column: str = "caption"
-    image_column: str = Field(default="image", description="path, URL or bytes of the image")
-    group_column: str = "group"
-    label_column: str = "label"
-    category_column: str = "category"
-    extra_columns: list[str] = Field(default_factory=list, description="further columns carried through")
-    image_root: str | None = Field(
-        default=None, description="base of relative image paths (default: manifest's folder)"
-    )
-    shard_size: int = Field(default=1000, gt=0, description="records per shard (manifests, image folders)")
-    require_image: bool | None = Field(
-        default=None, description="default: true, but false for the visu and nsfwcaps layouts (text-only unsafe)"
-    )
-    require_caption: bool = True
-    blocklist: str | None = Field(
-        default=None, description="file of image-byte digests (sha256 or md5, one per line) to reject at ingestion"
-    )
-    url_timeout: float = Field(default=10.0, gt=0)
-    batch_size: int = Field(default=256, gt=0)
-    layout: Literal["plain", "visu", "nsfwcaps", "laion"] = Field(
-        default="plain", description="kind manifest: a published layout (ViSU-Text, NSFW-Caps, LAION parquet)"
-    )
-    split: str | None = Field(default=None, description="split name given to records whose file has none")
-    coco_root: str | None = Field(default=None, description="layout visu: local COCO image folder")
-    coco_url: str | None = Field(default=None, description=f"layout visu: image URL template, e.g. {COCO_URL}")
-    punsafe_threshold: float = Field(default=0.5, ge=0, le=1, description="layout laion: punsafe >= this: unsafe")
-    hub_dataset: str | None = Field(default=None, description="kind hub: a Hugging Face data set id (datasets extra)")
-    hub_split: str = Field(default="train", description="kind hub: which split to load")
-    download: DownloadOptions | None = Field(
-        default=None, description="fetch http(s) images with img2dataset first (retried on later builds)"
-    )
-
-    RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout"}
-
-    @field_validator("path", "image_root", "blocklist", "coco_root")
-    @classmethod
-    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or "://" in value:
-            return value
-        base = (info.context or {}).get("base_dir")
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base is not None:
-            path = Path(base) / path
-        return str(path)
-
-    @model_validator(mode="after")
-    def _check_path(self):
-        if self.blocklist is not None:
-            if not Path(self.blocklist).is_file():
-                raise ValueError(f"source.blocklist: file not found: {self.blocklist}")
-            try:
-                load_blocklist(self.blocklist)  # a malformed line fails validation, before any work
-            except UserError as exc:
-                raise ValueError(str(exc)) from None
-        clash = sorted(set(self.extra_columns) & set(OUTPUT_COLUMNS))
-        if clash:
-            raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
-        if self.require_image is None:
-            self.require_image = self.layout not in ("visu", "nsfwcaps")
-        if self.kind == "toy":
-            if not self.extra_columns:
-                self.extra_columns = list(TOY_COLUMNS)
-            return self
-        if self.layout != "plain":
-            if self.kind not in ("manifest", "hub"):
-                raise ValueError(f"source.layout: {self.layout} is a table layout; use kind manifest or hub")
-            if self.layout == "visu" and self.coco_root and not Path(self.coco_root).is_dir():
-                raise ValueError(f"source.coco_root: folder not found: {self.coco_root}")
-            self.extra_columns += [c for c in layouts.EXTRA[self.layout] if c not in self.extra_columns]
-        if self.kind == "hub":
-            if not self.hub_dataset:
-                raise ValueError("source.hub_dataset: required for kind hub (a Hugging Face data set id)")
-            return self
-        if self.path is None:
-            raise ValueError(f"source.path: required for kind {self.kind}")
-        path = Path(self.path)
-        if self.kind == "manifest":
-            if not path.is_file():
-                raise ValueError(f"source.path: manifest file not found: {self.path}")
-            if not readers.manifest_format(path, self.format):
-                raise ValueError(f"source.format: cannot tell the format of {path.name}; set parquet, jsonl or csv")
-        elif self.kind == "image_folder":
-            if not path.is_dir():
-                raise ValueError(f"source.path: image folder not found: {self.path}")
-        elif not tar_files(self.path):
-            raise ValueError(f"source.path: no .tar files match {self.path}")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
-            raise ValueError(f"source.image_root: folder not found: {self.image_root}")
-        if not (self.require_image or self.require_caption):
-            raise ValueError("source: require_image and require_caption cannot both be false")
-        return self
-
-
-def tar_files(pattern: str) -> list[str]:
-    """Tar shards named by a file, a folder of tars, a glob, or a brace pattern (``shard-{000..009}.tar``)."""
-    path = Path(pattern)
-    if path.is_dir():
-        return sorted(str(p) for p in path.glob("*.tar"))
-    found: list[str] = []
-    for expanded in braceexpand(pattern):
-        found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
-    return [f for f in found if Path(f).is_file()]
+__all__ = ["OUTPUT_COLUMNS", "SourceConfig", "SourceStage", "ToyWorldOptions", "tar_files"]
+UNSAFE_LABELS = frozenset({"unsafe", "nsfw", "1", "true", "yes"})  # label values that mark an unsafe record
 
 
 class SourceStage(Stage):
@@ -212,6 +73,8 @@ class SourceStage(Stage):
             out["download_attempt"] = download.wanted_attempt(
                 self.download_dir(workdir), self.config.download, self.url_records()
             )
+        if self.config.caption_edit:
+            out["caption_edit"] = self.config.caption_edit.result_settings()
         if self.config.kind == "hub":
             out["hub"] = [self.config.hub_dataset, self.config.hub_split]
         if self.config.blocklist:
@@ -280,6 +143,21 @@ class SourceStage(Stage):
 
     # ---- worker side -------------------------------------------------------------------------------------
     @cached_property
+    def editor(self) -> CaptionEditor:
+        o = self.config.caption_edit
+        return CaptionEditor(o, Path(o.cache_dir) if o.cache_dir else cache_root() / "caption-edits")
+
+    def _edit_captions(self, batch: pa.Table) -> dict[int, tuple[str | None, str | None]]:
+        """Row -> (edited caption, failure reason) for the derived rows of this batch, asked concurrently."""
+        if "_edit_of" not in batch.column_names:
+            return {}
+        edit_of = batch["_edit_of"].to_pylist()
+        rows = [i for i, text in enumerate(edit_of) if text is not None]
+        categories = batch["category"].to_pylist()
+        answers = self.editor.edit_many([(edit_of[i], categories[i]) for i in rows]) if rows else []
+        return dict(zip(rows, answers))
+
+    @cached_property
     def blocklist(self) -> Blocklist | None:
         return load_blocklist(self.config.blocklist) if self.config.blocklist else None
 
@@ -293,7 +171,7 @@ class SourceStage(Stage):
                     "source.kind hub needs the datasets package: pip install 'saferclip-data[hub]'"
                 ) from None
             try:
-                return datasets.load_dataset(c.hub_dataset, split=c.hub_split).data.table, c.hub_dataset
+                return datasets.load_dataset(c.hub_dataset, split=c.hub_split or "train").data.table, c.hub_dataset
             except Exception as exc:  # offline, unknown id, gated: one clear line
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise UserError(f"source.hub_dataset: cannot load {c.hub_dataset} ({c.hub_split}): {first}") from None
@@ -307,10 +185,10 @@ class SourceStage(Stage):
     def manifest_table(self) -> pa.Table:
         c = self.config
         table, path = self._read_table()
-        if c.layout != "plain":
+        if c.layout not in (None, "plain"):
             try:
                 table = layouts.expand(table, c.layout, f"source {path}", split=c.split, coco_root=c.coco_root,
-                                       coco_url=c.coco_url, punsafe_threshold=c.punsafe_threshold)  # fmt: skip
+                                       coco_url=c.coco_url, punsafe_threshold=c.punsafe_threshold or 0.5)  # fmt: skip
             except ValueError as exc:
                 raise UserError(str(exc)) from None
         elif c.split is not None and "split" not in table.column_names:
@@ -326,6 +204,10 @@ class SourceStage(Stage):
         return table
 
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
+        table = self._read_raw(spec, workdir)
+        return with_edit_rows(table, self.config.caption_edit, UNSAFE_LABELS) if self.config.caption_edit else table
+
+    def _read_raw(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         c = self.config
         if c.kind in ("webdataset", "toy"):
             table, extras = readers.read_webdataset_tar(Path(spec.payload["file"]), c.extra_columns)
@@ -335,29 +217,7 @@ class SourceStage(Stage):
         if c.kind == "image_folder":
             return readers.read_image_folder(Path(c.path), spec.payload["files"])
         table = self._manifest_slice(spec.payload["start"], spec.payload["stop"])
-        return self._downloaded(table, workdir) if c.download else table
-
-    def _downloaded(self, table: pa.Table, workdir: WorkDir) -> pa.Table:
-        """Adds ``_fetched``: the downloaded bytes of URL images; failed downloads get img2dataset's status as
-        their reject reason (``download failed_to_download``, ``download failed_to_resize``) and its message."""
-        index = download.read_index(self.download_dir(workdir))
-        found = {r["key"]: r for r in index.to_pylist()} if index is not None else {}
-        fetched: list[bytes | None] = []
-        reasons, errors = table["_reason"].to_pylist(), table["_error"].to_pylist()
-        for i, (key, image) in enumerate(zip(table["key"].to_pylist(), table["image"].to_pylist())):
-            row = found.get(key) if is_url(image) else None
-            if not is_url(image) or (row is not None and row["status"] == "success" and row["url"] == image):
-                fetched.append(download.read_bytes(row["tar"], row["offset"], row["size"]) if row else None)
-                continue
-            fetched.append(None)
-            if row is None or row["url"] != image:
-                reasons[i], errors[i] = "not downloaded", f"{image}: no img2dataset result for this URL"
-            else:
-                reasons[i] = f"download {row['status']}"
-                errors[i] = f"{image}: {row['error'] or row['status']} (attempt {row['attempt']})"
-        table = table.set_column(table.schema.get_field_index("_reason"), "_reason", pa.array(reasons, pa.string()))
-        table = table.set_column(table.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
-        return table.append_column("_fetched", pa.array(fetched, pa.binary()))
+        return download.attach(table, self.download_dir(workdir)) if c.download else table
 
     def _keys(self, part: pa.Table, start: int, stop: int) -> list[str]:
         """Record keys of manifest rows start..stop: the key column made dot-free, else file stem + row number."""
@@ -418,11 +278,22 @@ class SourceStage(Stage):
         images: list[bytes | None] = []
         rejects: list[Reject] = []
         fetched = batch["_fetched"].to_pylist() if "_fetched" in batch.column_names else [None] * batch.num_rows
+        edits = self._edit_captions(batch)
+        captions_in = batch["caption"].to_pylist()
         rows = batch.select(["key", "caption", "image", "_reason", "_error"]).to_pylist()
         for i, row in enumerate(rows):
             key = row["key"]
             if row["_reason"]:
                 rejects.append(Reject(key, row["_reason"], row["_error"] or ""))
+                continue
+            if i in edits:  # a derived record: its caption is the LLM's edit, it has no image of its own
+                answer, why = edits[i]
+                if answer is None:
+                    rejects.append(Reject(key, "caption edit failed", why or ""))
+                else:
+                    captions_in[i] = answer
+                    keep.append(i)
+                    images.append(None)
                 continue
             caption = (row["caption"] or "").strip()
             if c.require_caption and not caption:
@@ -445,6 +316,9 @@ class SourceStage(Stage):
             keep.append(i)
             images.append(image)
         kept = batch.take(pa.array(keep, pa.int64()))
+        if edits:
+            kept = kept.set_column(kept.schema.get_field_index("caption"), "caption",
+                                   pa.array([captions_in[i] for i in keep], pa.string()))  # fmt: skip
         captions = pc.utf8_trim_whitespace(kept["caption"]) if kept.num_rows else kept["caption"]
         columns = {
             "key": kept["key"],

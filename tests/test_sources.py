@@ -165,3 +165,68 @@ def test_nsfwcaps_and_laion_layouts_download_through_img2dataset_and_build_to_sh
         rejects = {r["key"]: r["reason"] for r in wd.rejects("source").to_pylist()}
         assert rejects == {"laion-000000006": "download failed_to_download"}
         assert set(quads) == {f"laion-{i:09d}" for i in (3, 4, 5)}
+
+
+def test_caption_edits_from_a_chat_endpoint_are_validated_cached_and_rejected_with_reasons(tmp_path, cli):
+    import re
+
+    from loopback import chat_completions
+
+    from helpers import scene
+
+    manifest = tmp_path / "safe.parquet"
+    pq.write_table(pa.table({"key": [f"r{i}" for i in range(8)], "caption": [f"a quiet street, photo {i}" for i in
+                             range(8)], "image": [scene(i)[0] for i in range(8)]}), manifest)  # fmt: skip
+    asked: list[str] = []
+    flaky_failures = {"left": 1}
+
+    def answer(messages):
+        caption = re.search(r"Caption: (.*)$", messages[-1]["content"], re.S).group(1).strip()
+        category = re.search(r"category '([^']+)'", messages[-1]["content"]).group(1)
+        asked.append(caption)
+        n = len(set(asked))
+        if caption.endswith("0"):
+            return ""  # empty answer
+        if caption.endswith("1"):
+            return caption  # no edit at all
+        if caption.endswith("2"):
+            return "blood " * 200  # rambling
+        if caption.endswith("3"):
+            return 500, "the model crashed"  # every time
+        if caption.endswith("4") and flaky_failures["left"]:
+            flaky_failures["left"] -= 1
+            return 503, "busy"  # once: the client's backoff retries it
+        return f"{caption} with {category} added ({n})"
+
+    with Server({"/v1/chat/completions": chat_completions(answer)}) as server:
+        edit = {"endpoint": f"{server.url}/v1", "model": "test-llm", "retries": 1, "concurrency": 3,
+                "cache_dir": str(tmp_path / "llm-cache"), "categories": ["violence", "hate"]}  # fmt: skip
+        source = {"kind": "manifest", "path": str(manifest), "caption_edit": edit}
+        for run in ("first", "second"):
+            asked.clear()
+            recipe = write_recipe(tmp_path / f"{run}.yaml", _recipe(tmp_path / run, source))
+            code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
+            assert code == 0, err
+            kept, rejects = _outcome(tmp_path / run)
+            wd = WorkDir(tmp_path / run)
+            rows = {r["key"]: r for r in wd.read_stage_columns("source", ["key", "caption", "group", "label",
+                                                                           "category"]).to_pylist()}  # fmt: skip
+            originals = [k for k in rows if not k.endswith("-edit")]
+            assert len(originals) == 8  # the records asked about are all kept, whatever their edit did
+            for key in originals:
+                edited = f"{key}-edit"
+                assert (edited in rows) != (edited in rejects)  # every derived record: kept or rejected
+                if edited in rows:
+                    r = rows[edited]
+                    assert r["caption"].startswith(rows[key]["caption"]) and r["label"] == "unsafe"
+                    assert r["group"] == rows[key]["group"] and r["category"] in ("violence", "hate")
+                    assert kept[edited] is None  # text-only
+            reasons = {rows[k]["caption"][-1]: rejects[f"{k}-edit"][1] for k in originals if f"{k}-edit" in rejects}
+            assert set(reasons) == {"0", "1", "2", "3"}
+            assert reasons["0"].startswith("empty answer") and reasons["1"].startswith("answer equals the input")
+            assert reasons["2"].startswith("answer too long") and "request failed after 1 retries" in reasons["3"]
+            assert all(rejects[f"{k}-edit"][0] == "caption edit failed" for k in originals if f"{k}-edit" in rejects)
+            if run == "first":
+                assert len(asked) == 8 + 1 + 1  # each caption once; the flaky one and the broken one once more
+            else:  # a fresh work dir, the same cache: only the request that never got an answer is asked again
+                assert asked and set(asked) == {rows[k]["caption"] for k in originals if rows[k]["caption"][-1] == "3"}

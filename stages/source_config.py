@@ -1,0 +1,167 @@
+"""The recipe's ``source:`` section: where records come from and how they are read, fetched and derived."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Literal
+
+from braceexpand import braceexpand
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.stage import StageConfig
+
+from . import layouts, readers
+from .blocklist import load_blocklist
+from .caption_edit import CaptionEditOptions
+from .download import DownloadOptions
+from .layouts import COCO_URL
+from .toyworld import TOY_COLUMNS, WorldConfig
+
+OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
+
+
+class ToyWorldOptions(BaseModel):
+    """Size and seed of a generated toy world (``source.kind: toy``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    scenes: int = Field(default=3000, gt=0, description="safe scenes over train/val/test, each with an unsafe edit")
+    shifted_scenes: int = Field(default=400, ge=0, description="scenes of the shifted (held-out places) split")
+    noisy_pair_fraction: float = Field(default=0.4, ge=0, le=1, description="ViSU-like wrong paired_safe share")
+    image_size: int = Field(default=64, ge=16)
+    shard_size: int = Field(default=1000, gt=0)
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig(
+            seed=self.seed,
+            scenes=self.scenes,
+            shifted_scenes=self.shifted_scenes,
+            image_size=self.image_size,
+            noisy_pair_fraction=self.noisy_pair_fraction,
+            shard_size=self.shard_size,
+        )
+
+
+class SourceConfig(StageConfig):
+    """The recipe's top-level ``source:`` section."""
+
+    kind: Literal["manifest", "image_folder", "webdataset", "toy", "hub"] = Field(description="layout of the source")
+    path: str | None = Field(
+        default=None,
+        description="manifest file, image folder, or tar file / folder / {00..09} pattern; "
+        "for kind toy: where to write the world (default: the cache)",
+    )
+    toy: ToyWorldOptions = Field(default_factory=lambda: ToyWorldOptions(), description="kind toy: the world")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    key_column: str = "key"
+    caption_column: str = "caption"
+    image_column: str = Field(default="image", description="path, URL or bytes of the image")
+    group_column: str = "group"
+    label_column: str = "label"
+    category_column: str = "category"
+    extra_columns: list[str] = Field(default_factory=list, description="further columns carried through")
+    image_root: str | None = Field(
+        default=None, description="base of relative image paths (default: manifest's folder)"
+    )
+    shard_size: int = Field(default=1000, gt=0, description="records per shard (manifests, image folders)")
+    require_image: bool | None = Field(
+        default=None, description="default: true, but false for the visu and nsfwcaps layouts (text-only unsafe)"
+    )
+    require_caption: bool = True
+    blocklist: str | None = Field(
+        default=None, description="file of image-byte digests (sha256 or md5, one per line) to reject at ingestion"
+    )
+    url_timeout: float = Field(default=10.0, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+    layout: Literal["plain", "visu", "nsfwcaps", "laion"] | None = Field(
+        default=None, description="kind manifest/hub: a published layout (visu, nsfwcaps, laion); default plain"
+    )
+    split: str | None = Field(default=None, description="split name given to records whose file has none")
+    coco_root: str | None = Field(default=None, description="layout visu: local COCO image folder")
+    coco_url: str | None = Field(default=None, description=f"layout visu: image URL template, e.g. {COCO_URL}")
+    punsafe_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="layout laion: punsafe >= this is unsafe (default 0.5)"
+    )
+    hub_dataset: str | None = Field(default=None, description="kind hub: a Hugging Face data set id (datasets extra)")
+    hub_split: str | None = Field(default=None, description="kind hub: which split to load (default train)")
+    download: DownloadOptions | None = Field(
+        default=None, description="fetch http(s) images with img2dataset first (retried on later builds)"
+    )
+
+    caption_edit: CaptionEditOptions | None = Field(
+        default=None, description="derive an LLM-edited twin of each safe (or unsafe) caption as a new record"
+    )
+
+    # download and caption_edit add their result-changing settings in SourceStage.input_fingerprint
+    RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout", "download", "caption_edit"}
+
+    @field_validator("path", "image_root", "blocklist", "coco_root")
+    @classmethod
+    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or "://" in value:
+            return value
+        base = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        return str(path)
+
+    @model_validator(mode="after")
+    def _check_path(self):
+        if self.blocklist is not None:
+            if not Path(self.blocklist).is_file():
+                raise ValueError(f"source.blocklist: file not found: {self.blocklist}")
+            try:
+                load_blocklist(self.blocklist)  # a malformed line fails validation, before any work
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        clash = sorted(set(self.extra_columns) & set(OUTPUT_COLUMNS))
+        if clash:
+            raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
+        if self.require_image is None:
+            self.require_image = self.layout not in ("visu", "nsfwcaps")
+        if self.kind == "toy":
+            if not self.extra_columns:
+                self.extra_columns = list(TOY_COLUMNS)
+            return self
+        if self.layout not in (None, "plain"):
+            if self.kind not in ("manifest", "hub"):
+                raise ValueError(f"source.layout: {self.layout} is a table layout; use kind manifest or hub")
+            if self.layout == "visu" and self.coco_root and not Path(self.coco_root).is_dir():
+                raise ValueError(f"source.coco_root: folder not found: {self.coco_root}")
+            self.extra_columns += [c for c in layouts.EXTRA[self.layout] if c not in self.extra_columns]
+        if self.kind == "hub":
+            if not self.hub_dataset:
+                raise ValueError("source.hub_dataset: required for kind hub (a Hugging Face data set id)")
+            return self
+        if self.path is None:
+            raise ValueError(f"source.path: required for kind {self.kind}")
+        path = Path(self.path)
+        if self.kind == "manifest":
+            if not path.is_file():
+                raise ValueError(f"source.path: manifest file not found: {self.path}")
+            if not readers.manifest_format(path, self.format):
+                raise ValueError(f"source.format: cannot tell the format of {path.name}; set parquet, jsonl or csv")
+        elif self.kind == "image_folder":
+            if not path.is_dir():
+                raise ValueError(f"source.path: image folder not found: {self.path}")
+        elif not tar_files(self.path):
+            raise ValueError(f"source.path: no .tar files match {self.path}")
+        if self.image_root is not None and not Path(self.image_root).is_dir():
+            raise ValueError(f"source.image_root: folder not found: {self.image_root}")
+        if not (self.require_image or self.require_caption):
+            raise ValueError("source: require_image and require_caption cannot both be false")
+        return self
+
+
+def tar_files(pattern: str) -> list[str]:
+    """Tar shards named by a file, a folder of tars, a glob, or a brace pattern (``shard-{000..009}.tar``)."""
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(str(p) for p in path.glob("*.tar"))
+    found: list[str] = []
+    for expanded in braceexpand(pattern):
+        found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
+    return [f for f in found if Path(f).is_file()]
