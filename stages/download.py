@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -60,12 +61,15 @@ def attempts_done(folder: Path) -> int:
     return len([p for p in folder.glob("attempt-*") if (p / "done").is_file()]) if folder.is_dir() else 0
 
 
-def wanted_attempt(folder: Path, options: DownloadOptions, urls: dict[str, str]) -> int:
+def wanted_attempt(folder: Path, options: DownloadOptions, urls: Callable[[], dict[str, str]]) -> int:
     """The attempt this build should have run: one more while URLs lack a success (a first download, a grown
     URL list, or failures with retries left), else the last one done. Stable between builds, so it can sit in
-    the fingerprint."""
+    the fingerprint. ``urls`` (key -> URL) is only asked for once something was downloaded, so that ``plan``
+    and ``validate`` never read a remote table."""
     done = attempts_done(folder)
-    pending = pending_urls(folder, urls)
+    if done == 0:
+        return 1
+    pending = pending_urls(folder, urls())
     if not pending:
         return done
     index = read_index(folder)

@@ -24,7 +24,7 @@ from . import download, layouts, readers
 from .blocklist import Blocklist, load_blocklist
 from .caption_edit import CaptionEditor, with_edit_rows
 from .download import is_url
-from .source_config import OUTPUT_COLUMNS, SourceConfig, ToyWorldOptions, tar_files
+from .source_config import OUTPUT_COLUMNS, SourceConfig, SourcePart, ToyWorldOptions, tar_files
 from .toyworld import world_fingerprint, write_world
 
 __all__ = ["OUTPUT_COLUMNS", "SourceConfig", "SourceStage", "ToyWorldOptions", "tar_files"]
@@ -54,10 +54,8 @@ class SourceStage(Stage):
 
     def _files(self) -> list[Path]:
         c = self.config
-        if c.kind == "hub":
-            return []
-        if c.kind == "manifest":
-            return [Path(c.path)]
+        if c.kind in ("hub", "manifest"):
+            return [Path(p.path) for p in c.table_parts() if p.path]
         if c.kind == "webdataset":
             return [Path(p) for p in tar_files(c.path)]
         root = Path(c.path)
@@ -71,12 +69,13 @@ class SourceStage(Stage):
         if self.config.download:
             out["download"] = self.config.download.result_settings()
             out["download_attempt"] = download.wanted_attempt(
-                self.download_dir(workdir), self.config.download, self.url_records()
+                self.download_dir(workdir), self.config.download, self.url_records
             )
         if self.config.caption_edit:
             out["caption_edit"] = self.config.caption_edit.result_settings()
-        if self.config.kind == "hub":
-            out["hub"] = [self.config.hub_dataset, self.config.hub_split]
+        hub = [[p.hub_dataset, p.hub_split] for p in self.config.table_parts() if p.hub_dataset]
+        if hub:
+            out["hub"] = hub
         if self.config.blocklist:
             out["blocklist"] = hashlib.sha256(Path(self.config.blocklist).read_bytes()).hexdigest()
         if self.config.kind == "toy":
@@ -109,8 +108,10 @@ class SourceStage(Stage):
         """Run the download attempt that is due (see :mod:`stages.download`)."""
         folder = self.download_dir(workdir)
         urls = self.url_records()
-        if download.wanted_attempt(folder, self.config.download, urls) > download.attempts_done(folder):
-            download.run_attempt(folder, download.pending_urls(folder, urls), self.config.download)
+        if download.wanted_attempt(folder, self.config.download, lambda: urls) > download.attempts_done(folder):
+            pending = download.pending_urls(folder, urls)
+            if pending:
+                download.run_attempt(folder, pending, self.config.download)
 
     def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:
         c = self.config
@@ -161,38 +162,52 @@ class SourceStage(Stage):
     def blocklist(self) -> Blocklist | None:
         return load_blocklist(self.config.blocklist) if self.config.blocklist else None
 
-    def _read_table(self) -> tuple[pa.Table, str]:
-        c = self.config
-        if c.kind == "hub":
+    @staticmethod
+    def _read_part(part: SourcePart) -> tuple[pa.Table, str]:
+        if part.hub_dataset:
             try:
                 import datasets
             except ImportError:
                 raise UserError(
-                    "source.kind hub needs the datasets package: pip install 'saferclip-data[hub]'"
+                    "source: hub data sets need the datasets package: pip install 'saferclip-data[hub]'"
                 ) from None
+            split = part.hub_split or "train"
             try:
-                return datasets.load_dataset(c.hub_dataset, split=c.hub_split or "train").data.table, c.hub_dataset
+                return datasets.load_dataset(part.hub_dataset, split=split).data.table, part.hub_dataset
             except Exception as exc:  # offline, unknown id, gated: one clear line
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"source.hub_dataset: cannot load {c.hub_dataset} ({c.hub_split}): {first}") from None
-        path = Path(c.path)
+                raise UserError(f"source: cannot load hub data set {part.hub_dataset} ({split}): {first}") from None
+        path = Path(part.path)
         try:
-            return readers.read_manifest(path, readers.manifest_format(path, c.format)), str(path)
+            return readers.read_manifest(path, readers.manifest_format(path, part.format)), str(path)
         except (pa.ArrowInvalid, OSError, ValueError) as exc:
             raise UserError(f"source: cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
+
+    def _part_records(self, part: SourcePart) -> tuple[pa.Table, str]:
+        """One table as records: expanded from its layout, or as it is (plain) with a key and split added."""
+        c = self.config
+        table, where = self._read_part(part)
+        if part.layout != "plain":
+            try:
+                table = layouts.expand(table, part.layout, f"source {where}", split=part.split,
+                                       coco_root=part.coco_root, coco_url=part.coco_url,
+                                       punsafe_threshold=c.punsafe_threshold or 0.5)  # fmt: skip
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            return table, where
+        if c.key_column not in table.column_names and len(c.table_parts()) > 1:
+            stem = readers.sanitize_key(Path(where).stem)
+            table = table.append_column(c.key_column, pa.array([f"{stem}_{i:09d}" for i in range(table.num_rows)]))
+        if part.split is not None and "split" not in table.column_names:
+            table = table.append_column("split", pa.array([part.split] * table.num_rows, pa.string()))
+        return table, where
 
     @cached_property
     def manifest_table(self) -> pa.Table:
         c = self.config
-        table, path = self._read_table()
-        if c.layout not in (None, "plain"):
-            try:
-                table = layouts.expand(table, c.layout, f"source {path}", split=c.split, coco_root=c.coco_root,
-                                       coco_url=c.coco_url, punsafe_threshold=c.punsafe_threshold or 0.5)  # fmt: skip
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-        elif c.split is not None and "split" not in table.column_names:
-            table = table.append_column("split", pa.array([c.split] * table.num_rows, pa.string()))
+        tables, names = zip(*(self._part_records(p) for p in c.table_parts()))
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        path = ", ".join(names)
         if c.caption_column not in table.column_names and c.image_column not in table.column_names:
             raise UserError(
                 f"source: manifest {path} has neither caption column '{c.caption_column}' nor image column "

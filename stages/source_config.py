@@ -44,6 +44,50 @@ class ToyWorldOptions(BaseModel):
         )
 
 
+Layout = Literal["plain", "visu", "nsfwcaps", "laion"]
+
+
+def _resolve_path(value: str | None, info: ValidationInfo) -> str | None:
+    """Relative paths resolve against the recipe's folder; URLs stay as they are."""
+    if value is None or "://" in value:
+        return value
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return str(path)
+
+
+class SourcePart(BaseModel):
+    """One table of a multi-part source (``source.parts``): a file or a hub data set, in its layout, as a split.
+    A recipe can so train on ViSU-Text and draw its benchmark from NSFW-Caps."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(default=None, description="manifest file (parquet, jsonl, csv)")
+    hub_dataset: str | None = Field(default=None, description="or a Hugging Face data set id")
+    hub_split: str | None = Field(default=None, description="its split (default train)")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
+    layout: Layout = "plain"
+    split: str | None = Field(default=None, description="split name for its records (if the table has none)")
+    coco_root: str | None = None
+    coco_url: str | None = None
+
+    _paths = field_validator("path", "coco_root")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.path is None) == (self.hub_dataset is None):
+            raise ValueError("source.parts: give each part either path or hub_dataset")
+        if self.path is not None:
+            if not Path(self.path).is_file():
+                raise ValueError(f"source.parts: manifest file not found: {self.path}")
+            if not readers.manifest_format(Path(self.path), self.format):
+                raise ValueError(f"source.parts: cannot tell the format of {Path(self.path).name}; set format")
+        if self.coco_root is not None and not Path(self.coco_root).is_dir():
+            raise ValueError(f"source.parts: coco_root folder not found: {self.coco_root}")
+        return self
+
+
 class SourceConfig(StageConfig):
     """The recipe's top-level ``source:`` section."""
 
@@ -90,6 +134,9 @@ class SourceConfig(StageConfig):
         default=None, description="fetch http(s) images with img2dataset first (retried on later builds)"
     )
 
+    parts: list[SourcePart] | None = Field(
+        default=None, min_length=1, description="kind manifest/hub: several tables, each in its layout and split"
+    )
     caption_edit: CaptionEditOptions | None = Field(
         default=None, description="derive an LLM-edited twin of each safe (or unsafe) caption as a new record"
     )
@@ -97,16 +144,15 @@ class SourceConfig(StageConfig):
     # download and caption_edit add their result-changing settings in SourceStage.input_fingerprint
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout", "download", "caption_edit"}
 
-    @field_validator("path", "image_root", "blocklist", "coco_root")
-    @classmethod
-    def _resolve(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None or "://" in value:
-            return value
-        base = (info.context or {}).get("base_dir")
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base is not None:
-            path = Path(base) / path
-        return str(path)
+    _paths = field_validator("path", "image_root", "blocklist", "coco_root")(_resolve_path)
+
+    def table_parts(self) -> list[SourcePart]:
+        """The tables a manifest or hub source reads: its parts, or the one its top-level fields describe."""
+        if self.parts:
+            return self.parts
+        return [SourcePart.model_construct(path=self.path, hub_dataset=self.hub_dataset, hub_split=self.hub_split,
+                                           format=self.format, layout=self.layout or "plain", split=self.split,
+                                           coco_root=self.coco_root, coco_url=self.coco_url)]  # fmt: skip
 
     @model_validator(mode="after")
     def _check_path(self):
@@ -120,18 +166,25 @@ class SourceConfig(StageConfig):
         clash = sorted(set(self.extra_columns) & set(OUTPUT_COLUMNS))
         if clash:
             raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
+        part_layouts = {p.layout for p in self.parts} if self.parts else {self.layout or "plain"}
         if self.require_image is None:
-            self.require_image = self.layout not in ("visu", "nsfwcaps")
+            self.require_image = not part_layouts & {"visu", "nsfwcaps"}
         if self.kind == "toy":
             if not self.extra_columns:
                 self.extra_columns = list(TOY_COLUMNS)
             return self
-        if self.layout not in (None, "plain"):
+        if (self.split or any(p.split for p in self.parts or [])) and "split" not in self.extra_columns:
+            self.extra_columns.append("split")
+        if self.parts and self.kind not in ("manifest", "hub"):
+            raise ValueError(f"source.parts: tables of a manifest or hub source, not of kind {self.kind}")
+        for layout in sorted(part_layouts - {"plain"}):
             if self.kind not in ("manifest", "hub"):
-                raise ValueError(f"source.layout: {self.layout} is a table layout; use kind manifest or hub")
-            if self.layout == "visu" and self.coco_root and not Path(self.coco_root).is_dir():
-                raise ValueError(f"source.coco_root: folder not found: {self.coco_root}")
-            self.extra_columns += [c for c in layouts.EXTRA[self.layout] if c not in self.extra_columns]
+                raise ValueError(f"source.layout: {layout} is a table layout; use kind manifest or hub")
+            self.extra_columns += [c for c in layouts.EXTRA[layout] if c not in self.extra_columns]
+        if self.parts:
+            return self
+        if self.layout == "visu" and self.coco_root and not Path(self.coco_root).is_dir():
+            raise ValueError(f"source.coco_root: folder not found: {self.coco_root}")
         if self.kind == "hub":
             if not self.hub_dataset:
                 raise ValueError("source.hub_dataset: required for kind hub (a Hugging Face data set id)")

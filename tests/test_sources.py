@@ -230,3 +230,25 @@ def test_caption_edits_from_a_chat_endpoint_are_validated_cached_and_rejected_wi
                 assert len(asked) == 8 + 1 + 1  # each caption once; the flaky one and the broken one once more
             else:  # a fresh work dir, the same cache: only the request that never got an answer is asked again
                 assert asked and set(asked) == {rows[k]["caption"] for k in originals if rows[k]["caption"][-1] == "3"}
+
+
+def test_nsfwcaps_recipe_validates_and_plans_without_any_download(tmp_path, cli, monkeypatch):
+    import socket
+    from pathlib import Path
+
+    import saferclip_data.recipes
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:] or kwargs}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    recipe = Path(saferclip_data.recipes.__file__).parent / "nsfwcaps.yaml"
+    code, out, err = cli("validate", str(recipe))
+    assert code == 0, err
+    assert "recipe ok: nsfwcaps" in out and "benchmark -> shards" in out
+    code, out, err = cli("plan", str(recipe), "--workdir", str(tmp_path / "w"))
+    assert code == 0, err
+    assert all(stage in out for stage in ("source", "embed", "neighbours", "benchmark", "shards"))
+    assert not (tmp_path / "w" / "downloads").exists()
