@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -165,24 +165,53 @@ class RayExecutor:
 
     def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
         ray = self._ensure_ray()
-        from ray.util import ActorPool
-
         config = job.config
         gpus = self._gpus(ray, config)
         job = StageJob(job.stage_cls, config, job.sections, job.workdir, torch_threads=max(1, int(config.cpus)))
+        # spread over the nodes (each reads and writes its own shards on the shared work dir); an actor whose node
+        # dies is restarted elsewhere and its shard retried, so losing a worker node loses no work
         remote_cls = ray.remote(ShardWorker).options(
-            num_cpus=config.cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=3
+            num_cpus=config.cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=3, scheduling_strategy="SPREAD"
         )
         actors = [remote_cls.remote(job) for _ in range(min(config.concurrency, len(pending)))]
         try:
             ray.get([a.ready.remote() for a in actors])
-            pool = ActorPool(actors)
-            for stats in pool.map_unordered(lambda actor, spec: actor.run_shard.remote(spec), pending):
+            for stats in self._shards_on(ray, actors, pending):
                 on_records(stats["in"])
                 on_shard(stats)
         finally:
             for actor in actors:
                 ray.kill(actor)
+
+    @staticmethod
+    def _shards_on(ray, actors: list, specs: list[ShardSpec], max_losses: int = 20):
+        """Yield each shard's stats as its actor finishes it, one shard in flight per actor. A shard whose actor
+        was lost (its node died, or it is restarting) goes back to the queue: shards are idempotent (written
+        atomically, committed by a marker), so a rerun cannot leave half a shard. A stage's own error stops the
+        stage."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        queue, idle, in_flight = deque(specs), list(actors), {}
+        losses = 0
+        while queue or in_flight:
+            while idle and queue:
+                actor, spec = idle.pop(), queue.popleft()
+                in_flight[actor.run_shard.remote(spec)] = (actor, spec)
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor, spec = in_flight.pop(ref)
+            try:
+                stats = ray.get(ref)
+            except (RayActorError, ActorUnavailableError) as exc:
+                losses += 1
+                if losses > max_losses:
+                    raise RuntimeError(f"shard {spec.shard_id}: workers lost {losses} times; last: {exc}") from exc
+                log.warning("shard %s: its worker was lost (%s); retrying", spec.shard_id, type(exc).__name__)
+                time.sleep(min(5.0, 0.5 * losses))  # a restarting actor needs a moment
+                queue.appendleft(spec)
+                idle.append(actor)  # max_restarts=-1: Ray brings it back on a live node
+                continue
+            idle.append(actor)
+            yield stats
 
     def run_global(self, job: StageJob) -> dict[str, Any]:
         ray = self._ensure_ray()

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import recipe_dict, run_cli, write_recipe
+from conftest import CLI, recipe_dict, run_cli, write_recipe
 
 RAY = str(Path(sys.executable).with_name("ray"))
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+CLUSTER_NODES: dict[str, list[subprocess.Popen]] = {}  # address -> [head, worker] `ray start --block` processes
 
 
 def _free_port() -> int:
@@ -26,13 +27,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
-    """Head and worker started with --block, so stopping them stops exactly the processes this test made."""
+def two_node_cluster(tmp_path, request):
+    """Head and worker started with --block, so stopping them stops exactly the processes this test made. A test
+    may ask for more head CPUs with ``@pytest.mark.head_cpus(n)``; the worker's process is ``cluster_nodes[1]``."""
     port = _free_port()
-    common = ["--num-cpus=1", "--object-store-memory=150000000", "--disable-usage-stats", "--block"]
+    marker = request.node.get_closest_marker("head_cpus")
+    head_cpus = marker.args[0] if marker else 1
+    common = ["--object-store-memory=150000000", "--disable-usage-stats", "--block"]
     logs = [open(tmp_path / f"ray-{n}.log", "w") for n in ("head", "worker")]
     head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+        [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--num-cpus={head_cpus}", *common],
         env=ENV,
         stdout=logs[0],
         stderr=subprocess.STDOUT,
@@ -42,12 +46,17 @@ def two_node_cluster(tmp_path):
     try:
         _wait_for_nodes(address, 1, head)
         worker = subprocess.Popen(
-            [RAY, "start", f"--address={address}", *common], env=ENV, stdout=logs[1], stderr=subprocess.STDOUT
+            [RAY, "start", f"--address={address}", "--num-cpus=1", *common],
+            env=ENV,
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
         )
         nodes = [head, worker]
         _wait_for_nodes(address, 2, worker)
+        CLUSTER_NODES[address] = nodes
         yield address
     finally:
+        CLUSTER_NODES.pop(address, None)
         for proc in reversed(nodes or [head]):
             proc.terminate()
         for proc in reversed(nodes or [head]):
@@ -106,3 +115,59 @@ def test_build_on_two_node_cluster_matches_local(tmp_path, manifest_200, two_nod
         assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
     nodes = {json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")}
     assert len(nodes) == 2, "both nodes of the cluster embedded shards"
+
+
+def _kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL a `ray start --block` process and everything it started (raylet, workers): a node lost."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    victims = [parent, *parent.children(recursive=True)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(victims)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.head_cpus(2)
+@pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
+def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(tmp_path, manifest_200,
+                                                                              two_node_cluster):  # fmt: skip
+    data = recipe_dict(manifest_200, concurrency=2, batch_size=8)
+    data["source"]["shard_size"] = 10  # 20 shards: enough work in flight when the node goes
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
+    env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    build = subprocess.Popen(
+        [*CLI, "build", str(recipe), "-w", str(cluster_work), "--ray-address", two_node_cluster, "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker_node = CLUSTER_NODES[two_node_cluster][1]
+    deadline = time.time() + 240
+    while time.time() < deadline and build.poll() is None:
+        done = list((cluster_work / "embed").glob("*.done.json"))
+        nodes = {json.loads(p.read_text())["worker"]["node"] for p in done}
+        if len(nodes) == 2 and len(done) >= 3:  # both nodes are embedding
+            break
+        time.sleep(0.2)
+    assert build.poll() is None, f"the build ended before the node could be lost: {build.stderr.read()[-2000:]}"
+    killed_at = len(list((cluster_work / "embed").glob("*.done.json")))
+    assert killed_at < 20 and _kill_tree(worker_node) >= 2
+    out, err = build.communicate(timeout=400)
+    assert build.returncode == 0, err[-3000:]
+
+    proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("*/part-*.parquet"))
+    assert len(produced) == 80  # 2 stages x 20 shards x (output, rejects)
+    for rel in produced:
+        assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
+    after = [json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")]
+    assert len(after) == 20 and len(set(after)) == 2  # shards before the loss on both nodes, the rest survived
