@@ -106,3 +106,59 @@ def knn(
             f"{seconds / ceiling:.2f}",
         )
     Console(width=max(Console().width, 110)).print(table)
+
+
+@bench_app.command(epilog="Example: saferclip-data bench embed --model ViT-B-32 --images 20000 --batch-size 512")
+def embed(
+    model: Annotated[
+        str, typer.Option(help="open_clip architecture, at random init (weights do not change cost).")
+    ] = "ViT-B-32",
+    images: Annotated[int, typer.Option(min=1, help="Synthetic JPEGs to embed.")] = 2048,
+    image_px: Annotated[int, typer.Option(min=16, help="Side of the stored JPEGs (decoded and resized).")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Embed batch size (512 on a big GPU).")] = 64,
+    concurrency: Annotated[int, typer.Option(min=1, help="Embed workers (Ray actors).")] = 1,
+    cpus: Annotated[
+        float, typer.Option(min=0.1, help="CPU cores per worker (a Ray actor uses this many torch threads).")
+    ] = 1.0,
+    executors: Annotated[str, typer.Option(help="Comma-separated: local, ray.")] = "local,ray",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+) -> None:
+    """The embed stage end to end (WebDataset shards of JPEGs -> decode -> image and text embeddings -> parquet)
+    against the image encoder alone on ready pixels: images/s of each and their ratio (1.0 = the pipeline costs
+    nothing beyond the encoder)."""
+    from saferclip_data.stages.bench_embed import run_bench
+
+    names = [e.strip() for e in executors.split(",") if e.strip()]
+    rows = run_bench(model, images, image_px, batch_size, concurrency, names, device, precision, cpus)
+    table = Table(title=f"embed: {model}, {images:,} JPEGs of {image_px}px, batch {batch_size}")
+    for column in ("path", "where", "images/s", "stage seconds", "ratio to encoder"):
+        table.add_column(column, justify="left" if column in ("path", "where") else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=max(Console().width, 110)).print(table)
+
+
+@bench_app.command(epilog="Example: saferclip-data bench train --model ViT-B-32 --finetune lora --batch-size 48")
+def train(
+    model: Annotated[str, typer.Option(help="open_clip architecture, at random init.")] = "ViT-B-32",
+    finetune: Annotated[str, typer.Option(help="lora or full.")] = "lora",
+    batch_size: Annotated[int, typer.Option(min=1, help="Quadruplets per step.")] = 48,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps (after one counted and one warm-up step).")] = 5,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA), fp32 or bf16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    peak_tflops: Annotated[float | None, typer.Option(help="Peak TFLOP/s for MFU where the table lacks it.")] = None,
+) -> None:
+    """Trainer throughput on synthetic batches: samples/s, FLOPs per sample (counted by torch on one real step:
+    trained and frozen encoders, loss, backward) and MFU against the device's dense bf16 peak."""
+    from saferclip_data.training.bench_train import bench_train
+
+    r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops)
+    table = Table(title=f"train step: {model}, {finetune}, batch {batch_size}")
+    for column in ("device", "trainable params", "samples/s", "s/step", "GFLOP/sample", "TFLOP/s", "MFU"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (no peak known; --peak-tflops)"
+    table.add_row(r["device"], f"{r['trainable_parameters']:,}", f"{r['samples_per_s']:,.1f}",
+                  f"{r['step_seconds']:.3f}", f"{r['flops_per_sample'] / 1e9:,.1f}", f"{r['achieved_tflops']:.3f}",
+                  mfu)  # fmt: skip
+    Console(width=max(Console().width, 110)).print(table)

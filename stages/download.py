@@ -92,6 +92,7 @@ def pending_urls(folder: Path, urls: dict[str, str]) -> dict[str, str]:
 
 def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions) -> pa.Table:
     """Download ``urls`` (key -> URL) as attempt N+1 and rewrite the index; returns the index."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: no phoning home
     from img2dataset import download
 
     n = attempts_done(folder) + 1

@@ -1,0 +1,29 @@
+"""The throughput benchmarks compute what they print: counted FLOPs, rates from real runs, ratios."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_bench_train_counts_flops_per_step_and_mfu_against_the_given_peak():
+    from saferclip_data.training.bench_train import bench_train
+
+    lora = bench_train("toy-vit-tiny", "lora", 8, 1, "fp32", "cpu", peak=1.0)
+    full = bench_train("toy-vit-tiny", "full", 8, 1, "fp32", "cpu")
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"]
+    # a full fine-tune also computes every frozen weight's gradient: more FLOPs per sample than LoRA
+    assert full["flops_per_sample"] > lora["flops_per_sample"] > 0
+    assert lora["samples_per_s"] == pytest.approx(8 / lora["step_seconds"])
+    assert lora["mfu"] == pytest.approx(lora["achieved_tflops"] / 1.0)
+    assert full["mfu"] is None  # no peak is known for a CPU
+
+
+@pytest.mark.slow
+def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
+    from saferclip_data.stages.bench_embed import run_bench
+
+    rows = run_bench("toy-vit-tiny", 96, 64, 32, 1, ["local"], "cpu", "fp32")
+    assert [r[0] for r in rows] == ["image encoder only", "embed stage, local"]
+    ceiling, stage = float(rows[0][2].replace(",", "")), float(rows[1][2].replace(",", ""))
+    assert ceiling > 0 and stage > 0
+    assert float(rows[1][4]) == pytest.approx(stage / ceiling, abs=0.01)

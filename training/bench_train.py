@@ -1,0 +1,98 @@
+"""`saferclip-data bench train`: trainer steps per second, the FLOPs one step does, and MFU.
+
+One step is what ``train`` does per batch: the trained encoders on unsafe and safe images and captions, the
+frozen reference on the same, the SaFeR-CLIP loss, backward and the optimiser (LoRA or full). The FLOPs are
+counted by torch's own ``FlopCounterMode`` on one real step (forward and backward, matmuls and convolutions),
+not estimated from a formula; MFU divides the achieved FLOP/s by the device's peak (a table of dense bf16
+peaks for common GPUs, or ``--peak-tflops``). Synthetic batches isolate the compute from data loading.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+#: dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name()
+GPU_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+
+
+def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
+    """Random pixels, real tokens of varied captions, unit target embeddings: a batch as ``collate`` makes it."""
+    size, dim = clip.image_size, clip.embed_dim
+    g = torch.Generator().manual_seed(0)
+    captions = [f"a photo of {i} red cubes on a table by the window" for i in range(batch_size)]
+
+    def unit(n):
+        x = torch.randn(n, dim, generator=g)
+        return x / x.norm(dim=1, keepdim=True)
+
+    batch = {
+        "unsafe_image": torch.randn(batch_size, 3, size, size, generator=g),
+        "safe_image": torch.randn(batch_size, 3, size, size, generator=g),
+        "unsafe_text": clip.tokenizer([c + " with blood" for c in captions]),
+        "safe_text": clip.tokenizer(captions),
+        "has_image": torch.ones(batch_size, dtype=torch.bool),
+        "has_safe_image": torch.ones(batch_size, dtype=torch.bool),
+        "target_text": unit(batch_size),
+        "target_image": unit(batch_size),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision: str, device_name: str,
+                peak: float | None = None) -> dict:  # fmt: skip
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .adapters import AdapterSettings
+    from .models import load_clip
+    from .reference import TrainedWithReference
+    from .trainer import autocast_for
+
+    device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    clip = load_clip(arch, None, init_seed=0)
+    pair = TrainedWithReference(clip.model.to(device), AdapterSettings(finetune=finetune))
+    pair.reference.to(device)
+    params = pair.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    batch = synthetic_batch(clip, batch_size, device)
+
+    def step() -> None:
+        with autocast_for(device, precision):
+            loss, _ = pair.loss(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    achieved = flops * steps / seconds
+    peak = peak or peak_tflops(device)
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "samples_per_s": batch_size * steps / seconds,
+        "step_seconds": seconds / steps,
+        "flops_per_sample": flops / batch_size,
+        "achieved_tflops": achieved / 1e12,
+        "mfu": achieved / (peak * 1e12) if peak else None,
+        "peak_tflops": peak,
+    }  # fmt: skip
