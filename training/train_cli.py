@@ -78,9 +78,7 @@ def train_command(
     towers, or in full) against a frozen copy of itself with SaFeR-CLIP's losses (or Safe-CLIP's), easy-to-hard
     by difficulty bucket; bf16 autocast on CUDA. Writes last.pt (adapters, optimiser, scheduler, data position:
     rerunning resumes), log.jsonl (loss terms per step) and, when finished, model.pt (a plain open_clip state
-    dict). Multi-GPU: run it under `torchrun --nproc_per_node N`, or on a Ray cluster with --ray-workers N.
-
-    Example: saferclip-data train recipes/demo.yaml --method safeclip --finetune full"""
+    dict). Multi-GPU: run it under `torchrun --nproc_per_node N`, or on a Ray cluster with --ray-workers N."""
     from saferclip_data.pipeline.cli import _pipeline
     from saferclip_data.training.models import load_clip
     from saferclip_data.training.trainer import TrainConfig, train
