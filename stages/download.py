@@ -52,9 +52,12 @@ def is_url(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
-def read_index(folder: Path) -> pa.Table | None:
+def read_index(folder: Path, keys: list[str] | None = None) -> pa.Table | None:
+    """The download index, or only the rows of ``keys`` (a shard reads its own rows, not the whole index)."""
     path = folder / "index.parquet"
-    return pq.read_table(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return pq.read_table(path, filters=[("key", "in", keys)] if keys is not None else None)
 
 
 def attempts_done(folder: Path) -> int:
@@ -180,11 +183,13 @@ def read_bytes(tar: str, offset: int, size: int) -> bytes:
 def attach(table: pa.Table, folder: Path) -> pa.Table:
     """Adds ``_fetched``: the downloaded bytes of URL images; failed downloads get img2dataset's status as
     their reject reason (``download failed_to_download``, ``download failed_to_resize``) and its message."""
-    index = read_index(folder)
+    keys, images = table["key"].to_pylist(), table["image"].to_pylist()
+    url_keys = [k for k, image in zip(keys, images) if is_url(image)]
+    index = read_index(folder, url_keys) if url_keys else None
     found = {r["key"]: r for r in index.to_pylist()} if index is not None else {}
     fetched: list[bytes | None] = []
     reasons, errors = table["_reason"].to_pylist(), table["_error"].to_pylist()
-    for i, (key, image) in enumerate(zip(table["key"].to_pylist(), table["image"].to_pylist())):
+    for i, (key, image) in enumerate(zip(keys, images)):
         row = found.get(key) if is_url(image) else None
         if not is_url(image) or (row is not None and row["status"] == "success" and row["url"] == image):
             fetched.append(read_bytes(row["tar"], row["offset"], row["size"]) if row else None)

@@ -277,7 +277,7 @@ def test_text_only_rows_train_the_text_terms_and_image_rows_the_image_terms(buil
     assert grads == {True: False, False: True}  # the text tower only
 
 
-def test_every_rank_and_worker_gets_an_equal_disjoint_share(built):
+def test_every_rank_and_worker_gets_an_equal_disjoint_share():
     from saferclip_data.training.data import _share
 
     samples = [{"__key__": f"k{i}"} for i in range(23)]
