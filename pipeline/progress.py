@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -116,3 +118,29 @@ def summary_table(outcomes: list[StageOutcome], title: str = "build summary") ->
             f"{o.seconds:.1f}",
         )
     return table
+
+
+@contextmanager
+def step_progress(description: str, enabled: bool = True) -> Iterator[Callable[[int, int, float | None], None]]:
+    """A bar for an iterative job (training): yields ``update(step, total, value)``; ``value`` (a loss, say) is
+    shown as it comes, None keeps the last one. The first update may start past 0 (a resumed run)."""
+    progress = Progress(
+        TextColumn(f"[bold]{description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RecordsPerSecond(),
+        TextColumn("{task.fields[value]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+    task = progress.add_task(description, total=None, unit="step", value="")
+
+    def update(step: int, total: int, value: float | None) -> None:
+        fields = {"value": f"loss {value:.4f}"} if value is not None else {}
+        progress.update(task, completed=step, total=total, **fields)
+
+    with progress:
+        yield update

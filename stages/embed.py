@@ -18,6 +18,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
+from saferclip_data.training.models import encode_text, trim_tokens
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,8 @@ class EmbedStage(Stage):
                     has_image[rows] = True
             text_rows = [i for i in range(n) if has_text[i] and not rejected[i]]
             if text_rows:
-                tokens = self.clip.tokenizer([captions[i] for i in text_rows]).to(self.device)
-                feats = self.model.encode_text(tokens)
+                tokens = self.clip.tokenizer([captions[i] for i in text_rows])
+                feats = encode_text(self.model, trim_tokens(self.model, tokens).to(self.device))
                 text_vectors[text_rows] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
 
         keep = ~rejected

@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from saferclip_data.pipeline.errors import ModelIdentityError, UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.training.models import encode_text, trim_tokens
 
 from .embed import ModelConfig, load_worker_model
 
@@ -179,7 +180,8 @@ class ScoreStage(Stage):
         with torch.inference_mode():
 
             def centroid(prompts: list[str]) -> np.ndarray:
-                feats = F.normalize(model.encode_text(self.clip.tokenizer(prompts).to(device)).float(), dim=-1)
+                tokens = trim_tokens(model, self.clip.tokenizer(prompts)).to(device)
+                feats = F.normalize(encode_text(model, tokens).float(), dim=-1)
                 return F.normalize(feats.mean(0), dim=0).cpu().numpy()
 
             self.category_matrix = np.stack([centroid(p) for p in self.config.categories().values()])

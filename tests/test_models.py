@@ -57,3 +57,38 @@ def test_tags_and_hub_ids_fail_offline_with_one_clear_error(tmp_path):
         load_clip("hf-hub:example-org/clip-none", None, cache_dir=str(tmp_path))
     with pytest.raises(UserError, match=r"cannot load RN50 with weights openai \(tag\)"):
         load_clip("RN50", "openai", cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("arch", ["toy-vit-tiny", "ViT-B-32"])
+def test_trimmed_captions_give_the_full_width_features(arch):
+    """The text tower run over only the columns the captions use: same features, narrower tokens."""
+    from saferclip_data.training.models import encode_text, text_trim
+
+    clip = load_clip(arch, None, init_seed=1)
+    captions = ["a cat", "two dogs running on the grassy field next to a big red barn at noon", ""]
+    tokens = clip.tokenizer(captions)
+    trim = text_trim(clip.model)
+    assert trim is not None
+    narrow = trim(tokens)
+    longest = int((tokens != 0).sum(1).max())  # start and end tokens included
+    assert narrow.shape == (3, longest) and longest < tokens.shape[1]
+    with torch.no_grad():
+        full, cut = clip.model.encode_text(tokens), encode_text(clip.model, narrow)
+    assert torch.allclose(full, cut, atol=1e-5), float((full - cut).abs().max())
+    assert cut.abs().max() > 1e-2  # real features, not zeros
+
+    pair = trim(tokens[:1], tokens[1:2])  # several batches share the widest one's width
+    assert pair[0].shape[1] == pair[1].shape[1] == int((tokens[1] != 0).sum())
+
+
+def test_models_that_need_their_full_context_are_never_trimmed():
+    """Without the causal mask the padding is seen by every position: no trimming, and narrow tokens are refused
+    with a clear error rather than silently giving other features."""
+    from saferclip_data.training.models import encode_text, text_trim, trim_tokens
+
+    clip = load_clip("toy-vit-tiny", None)
+    clip.model.attn_mask = None
+    tokens = clip.tokenizer(["a cat"])
+    assert text_trim(clip.model) is None and trim_tokens(clip.model, tokens) is tokens
+    with pytest.raises(ValueError, match="full context"):
+        encode_text(clip.model, tokens[:, :4])

@@ -264,10 +264,10 @@ def test_text_only_rows_train_the_text_terms_and_image_rows_the_image_terms(buil
     _, parts_mixed = saferclip_loss(mixed)
     _, parts_full = saferclip_loss(full)
     for term in ("proximity_text", "preserve_text"):  # text terms: every row, whatever the images
-        assert parts_mixed[term] == pytest.approx(parts_full[term], rel=1e-5)
+        assert float(parts_mixed[term]) == pytest.approx(float(parts_full[term]), rel=1e-5)
     own = torch.nn.functional.cosine_similarity(full.unsafe_image[rows], full.target_image[rows]).detach()
     assert parts_mixed["proximity_image"] == pytest.approx(float((1 - own).mean()), rel=1e-5)  # image rows only
-    assert parts_mixed["proximity_image"] != pytest.approx(parts_full["proximity_image"], rel=1e-4)
+    assert float(parts_mixed["proximity_image"]) != pytest.approx(float(parts_full["proximity_image"]), rel=1e-4)
 
     text_only = {**batch, "has_image": torch.zeros(12, dtype=torch.bool)}
     loss, parts = pair.loss(text_only)
@@ -399,3 +399,21 @@ def test_ray_train_workers_train_through_the_train_command(built, tmp_path):
     assert len(steps[0]["keys"]) == min(32, easy // 2)  # rank 0's half of epoch 1 (easy only), one batch
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["step"] == 2 and any(float(v.abs().sum()) > 0 for n, v in state["trainable"].items() if "lora_B" in n)
+
+
+def test_step_log_writes_every_n_steps_and_on_flush(tmp_path):
+    """Loss values stay tensors until the log writes them (a GPU step never waits for a number); every entry
+    still reaches log.jsonl, with the values it was given."""
+    from saferclip_data.training.trainer import StepLog
+
+    log = StepLog(tmp_path / "log.jsonl", every=3)
+    for step in range(1, 5):
+        terms = {"a": torch.tensor(step * 0.5)} if step != 2 else {"a": torch.tensor(1.0), "b": torch.tensor(-2.0)}
+        log.add({"step": step}, torch.tensor(float(step)), terms)
+        written = _steps(tmp_path) if (tmp_path / "log.jsonl").stat().st_size else []
+        assert len(written) == (3 if step >= 3 else 0)
+    assert log.last_loss == 3.0
+    log.close()
+    lines = _steps(tmp_path)
+    assert [line["loss"] for line in lines] == [1.0, 2.0, 3.0, 4.0]
+    assert lines[1]["terms"] == {"a": 1.0, "b": -2.0} and lines[3]["terms"] == {"a": 2.0}

@@ -25,7 +25,11 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
-    """Random pixels, real tokens of varied captions, unit target embeddings: a batch as ``collate`` makes it."""
+    """Random pixels, real tokens of varied captions, unit target embeddings: a batch as ``collate`` makes it
+    and the trainer moves it (row flags stay on the host)."""
+    from .models import text_trim
+    from .trainer import _to
+
     size, dim = clip.image_size, clip.embed_dim
     g = torch.Generator().manual_seed(0)
     captions = [f"a photo of {i} red cubes on a table by the window" for i in range(batch_size)]
@@ -44,7 +48,10 @@ def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
         "target_text": unit(batch_size),
         "target_image": unit(batch_size),
     }
-    return {k: v.to(device) for k, v in batch.items()}
+    trim = text_trim(clip.model)
+    if trim is not None:  # as the trainer's collate does
+        batch["unsafe_text"], batch["safe_text"] = trim(batch["unsafe_text"], batch["safe_text"])
+    return _to(batch, device)
 
 
 def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision: str, device_name: str,

@@ -70,7 +70,9 @@ def decode_quad(sample: dict, preprocess: Callable, tokenizer: Callable, image_s
     }
 
 
-def collate(samples: list[dict]) -> dict:
+def collate(samples: list[dict], text_trim: Callable | None = None) -> dict:
+    """Stack samples into a batch. ``text_trim`` (``models.TextTrim``) cuts both caption batches to the columns
+    they use, here on the CPU, so that the training step never has to look at token values."""
     out: dict = {}
     for name in samples[0]:
         values = [s[name] for s in samples]
@@ -80,6 +82,8 @@ def collate(samples: list[dict]) -> dict:
             out[name] = torch.tensor(values)
         else:
             out[name] = values
+    if text_trim is not None:
+        out["unsafe_text"], out["safe_text"] = text_trim(out["unsafe_text"], out["safe_text"])
     return out
 
 
@@ -107,6 +111,7 @@ def quad_pipeline(
     rank: int = 0,
     world_size: int = 1,
     limit: int | None = None,
+    text_trim: Callable | None = None,
 ):
     """A webdataset pipeline over the quadruplet tars for one epoch (iterate it, or wrap it in a DataLoader with
     ``batch_size=None``).
@@ -128,5 +133,5 @@ def quad_pipeline(
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 7919 + epoch)),
         partial(_share, rank=rank, world_size=world_size, limit=limit),
         wds.map(lambda s: decode_quad(s, preprocess, tokenizer, image_size)),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
+        wds.batched(batch_size, collation_fn=partial(collate, text_trim=text_trim), partial=True),
     )

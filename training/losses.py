@@ -73,20 +73,25 @@ class Embeddings:
     ref_safe_text: torch.Tensor  # T0(t)
     target_image: torch.Tensor | None = None  # V0(v̂), the mined target (frozen; shipped in the shards)
     target_text: torch.Tensor | None = None  # T0(t̂)
-    #: which batch rows the image fields belong to (a bool mask over the text rows); None = all rows. A batch
-    #: mixing text-only and image records trains the image terms on the image rows and the text terms on all.
+    #: which batch rows the image fields belong to (indices into the text rows, or a bool mask over them);
+    #: None = all rows. A batch mixing text-only and image records trains the image terms on the image rows
+    #: and the text terms on all.
     image_rows: torch.Tensor | None = None
 
     def paired(self, text_side: torch.Tensor) -> torch.Tensor:
         """The rows of a text-side tensor that have images, aligned with the image fields."""
-        return text_side if self.image_rows is None else text_side[self.image_rows]
+        if self.image_rows is None:
+            return text_side
+        if self.image_rows.dtype == torch.bool:
+            return text_side[self.image_rows]
+        return text_side.index_select(0, self.image_rows)
 
     @property
     def has_images(self) -> bool:
         return self.unsafe_image is not None and len(self.unsafe_image) > 0
 
 
-def saferclip_loss(e: Embeddings, w: SaferWeights = SaferWeights()) -> tuple[torch.Tensor, dict[str, float]]:
+def saferclip_loss(e: Embeddings, w: SaferWeights = SaferWeights()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SaFeR-CLIP: relative cross-modal redirection, proximity uni-modal redirection, preservation of safe data.
 
     Returns the weighted sum and each term's value (for logging). Image terms run over the batch rows with images
@@ -130,7 +135,9 @@ SAFECLIP_LAMBDAS = {
 }
 
 
-def safeclip_loss(e: Embeddings, lambdas: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def safeclip_loss(
+    e: Embeddings, lambdas: dict[str, float] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The Safe-CLIP baseline: each unsafe item is pulled to its one fixed safe partner (uni-modal cosine and
     cross-modal InfoNCE with in-batch negatives), safe items are preserved; 8 terms, λ normalised to sum 1."""
     lam = {**SAFECLIP_LAMBDAS, **(lambdas or {})}
@@ -154,9 +161,11 @@ def safeclip_loss(e: Embeddings, lambdas: dict[str, float] | None = None) -> tup
     return _weighted({k: (weight / total_weight, v) for k, (weight, v) in terms.items()})
 
 
-def _weighted(terms: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, float]]:
+def _weighted(terms: dict[str, tuple[float, torch.Tensor]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum and each term's detached value, left on the device: reading a value waits for the GPU,
+    so the trainer reads them only when it writes its log."""
     total = sum(weight * value for weight, value in terms.values())
-    return total, {name: float(value.detach()) for name, (_, value) in terms.items()}
+    return total, {name: value.detach() for name, (_, value) in terms.items()}
 
 
 def weights_from(mapping: dict[str, float] | None) -> SaferWeights:

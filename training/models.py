@@ -143,3 +143,79 @@ def load_clip(
         embed_dim = int(model.encode_text(tokenizer(["x"])).shape[-1])
     identity = f"{arch}@sha256:{state_dict_digest(model)[:24]}"
     return LoadedClip(model, preprocess, tokenizer, arch, identity, image_size, embed_dim)
+
+
+@dataclass(frozen=True)
+class TextTrim:
+    """Drops the padding columns after a batch's last pooled (end-of-text) position.
+
+    Captions are padded to the full context (77 tokens for the OpenAI models) while a typical one uses a
+    dozen. Under the causal mask the pooled position never sees the padding after it, so :func:`encode_text`
+    on trimmed tokens gives the same features for a fraction of the work (at full width the text tower costs
+    about as much as a ViT-B/32 image). Small and picklable, so DataLoader workers can trim while collating;
+    it reads the tokens, so call it where they are made (on the CPU), never inside a GPU step.
+    """
+
+    pool_type: str
+    eos_id: int | None = None
+
+    def width(self, *token_batches: Any) -> int:
+        """Columns the batches need: one past the furthest pooled position of any row."""
+        widths = [int(self._pooled(t).max()) + 1 for t in token_batches if t.shape[0]]
+        return max(widths, default=1)
+
+    def __call__(self, *token_batches: Any) -> Any:
+        """The batches cut to one common width (a tuple when given several)."""
+        width = self.width(*token_batches)
+        cut = tuple(t[:, :width] for t in token_batches)
+        return cut if len(cut) != 1 else cut[0]
+
+    def _pooled(self, tokens: Any) -> Any:
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        return (tokens == self.eos_id).int().argmax(dim=-1)
+
+
+def text_trim(model: Any) -> TextTrim | None:
+    """The model's :class:`TextTrim`, or None where trimming could change the result: no causal mask, 'first'
+    or 'last' pooling, a text tower other than open_clip ``CLIP``'s own."""
+    import open_clip
+
+    if type(model).encode_text is not open_clip.CLIP.encode_text or getattr(model, "attn_mask", None) is None:
+        return None
+    if model.text_pool_type == "argmax":
+        return TextTrim("argmax")
+    if model.text_pool_type == "eos" and getattr(model, "text_eos_id", None) is not None:
+        return TextTrim("eos", int(model.text_eos_id))
+    return None
+
+
+def trim_tokens(model: Any, tokens: Any) -> Any:
+    """``tokens`` cut by the model's :class:`TextTrim`, or unchanged where it has none."""
+    trim = text_trim(model)
+    return trim(tokens) if trim is not None else tokens
+
+
+def encode_text(model: Any, tokens: Any) -> Any:
+    """``model.encode_text`` that also takes tokens trimmed by :class:`TextTrim` (narrower than the context):
+    the steps of open_clip's ``CLIP.encode_text`` with the positional embedding and the causal mask cut to the
+    width. No host synchronisation: the width is the tensor's."""
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    width = tokens.shape[1]
+    if width >= getattr(model, "context_length", width):
+        return model.encode_text(tokens)
+    if text_trim(model) is None:
+        raise ValueError(f"tokens of width {width} for a model whose text tower needs its full context")
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:width].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:width, :width])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
+    return x

@@ -14,6 +14,7 @@ import torch
 
 from .adapters import AdapterSettings, attach
 from .losses import Embeddings, SaferWeights, safeclip_loss, saferclip_loss
+from .models import encode_text
 
 
 class BatchEncoder(torch.nn.Module):
@@ -25,7 +26,7 @@ class BatchEncoder(torch.nn.Module):
         self.model = model
 
     def forward(self, unsafe_text, safe_text, unsafe_image=None, safe_image=None):
-        texts = self.model.encode_text(torch.cat([unsafe_text, safe_text])).chunk(2)
+        texts = encode_text(self.model, torch.cat([unsafe_text, safe_text])).chunk(2)
         if unsafe_image is None or len(unsafe_image) == 0:
             return (*texts, None, None)
         images = self.model.encode_image(torch.cat([unsafe_image, safe_image])).chunk(2)
@@ -54,23 +55,32 @@ class TrainedWithReference:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     @torch.no_grad()
-    def reference_embeddings(self, images: torch.Tensor | None, texts: torch.Tensor):
-        image = self.reference.encode_image(images) if images is not None and len(images) else None
-        return image, self.reference.encode_text(texts)
+    def reference_embeddings(self, unsafe_image, safe_image, unsafe_text, safe_text):
+        """V0(v*), V0(v), T0(t*), T0(t): each tower called once on the unsafe and safe items together (one big
+        batch keeps a GPU busier than two); the images are None when the batch has none."""
+        texts = encode_text(self.reference, torch.cat([unsafe_text, safe_text])).chunk(2)
+        if unsafe_image is None or len(unsafe_image) == 0:
+            return None, None, *texts
+        return (*self.reference.encode_image(torch.cat([unsafe_image, safe_image])).chunk(2), *texts)
 
     def embeddings(self, batch: dict) -> Embeddings:
         """Trained and frozen embeddings of a streamed batch (``training.data.collate``). Image fields cover
         the rows whose unsafe and safe items both have images (``image_rows``); text fields cover every row."""
-        rows = batch["has_image"] & batch["has_safe_image"]
+        rows = (batch["has_image"] & batch["has_safe_image"]).cpu()  # host-side flags (trainer): no device wait
         all_rows = bool(rows.all())
-        unsafe_img = batch["unsafe_image"] if all_rows else batch["unsafe_image"][rows]
-        safe_img = batch["safe_image"] if all_rows else batch["safe_image"][rows]
-        ref_unsafe_image, ref_unsafe_text = self.reference_embeddings(unsafe_img, batch["unsafe_text"])
-        ref_safe_image, ref_safe_text = self.reference_embeddings(safe_img, batch["safe_text"])
+        index = None if all_rows else torch.nonzero(rows).flatten().to(batch["unsafe_image"].device)
+
+        def image_part(images: torch.Tensor) -> torch.Tensor:
+            return images if index is None else images.index_select(0, index)
+
+        unsafe_img, safe_img = image_part(batch["unsafe_image"]), image_part(batch["safe_image"])
+        ref_unsafe_image, ref_safe_image, ref_unsafe_text, ref_safe_text = self.reference_embeddings(
+            unsafe_img, safe_img, batch["unsafe_text"], batch["safe_text"]
+        )
         unsafe_text, safe_text, unsafe_image, safe_image = self.encoder(
             batch["unsafe_text"], batch["safe_text"], unsafe_img, safe_img
         )
-        target_image = batch["target_image"] if all_rows else batch["target_image"][rows]
+        target_image = image_part(batch["target_image"])
         return Embeddings(
             unsafe_image=unsafe_image,
             unsafe_text=unsafe_text,
@@ -82,7 +92,7 @@ class TrainedWithReference:
             ref_safe_text=ref_safe_text,
             target_image=target_image if unsafe_image is not None else None,
             target_text=batch["target_text"],
-            image_rows=None if all_rows else rows,
+            image_rows=index,
         )
 
     def loss(self, batch: dict, method: str = "saferclip", weights: SaferWeights | None = None):

@@ -24,6 +24,9 @@ class TrainingSection(BaseModel):
     grad_accum: int = Field(default=1, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(default=50, gt=0, description="optimiser steps between checkpoints")
+    log_every: int = Field(
+        default=10, gt=0, description="optimiser steps between log.jsonl writes (reading a loss waits for the GPU)"
+    )
     schedule: list[list[Literal["easy", "medium", "hard"]]] = Field(
         default_factory=lambda: [["easy"], ["easy", "medium"], ["easy", "medium", "hard"]],
         min_length=1,
@@ -73,6 +76,7 @@ def train_command(
         int, typer.Option(help="Train data-parallel on this many Ray Train workers (0: in this process).")
     ] = 0,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --ray-workers (default: local).")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
 ) -> None:
     """Stream the build's quadruplet shards into the trainer: the recipe's model is fine-tuned (LoRA on both
     towers, or in full) against a frozen copy of itself with SaFeR-CLIP's losses (or Safe-CLIP's), easy-to-hard
@@ -80,6 +84,7 @@ def train_command(
     rerunning resumes), log.jsonl (loss terms per step) and, when finished, model.pt (a plain open_clip state
     dict). Multi-GPU: run it under `torchrun --nproc_per_node N`, or on a Ray cluster with --ray-workers N."""
     from saferclip_data.pipeline.cli import _pipeline
+    from saferclip_data.pipeline.progress import step_progress
     from saferclip_data.training.models import load_clip
     from saferclip_data.training.trainer import TrainConfig, train
 
@@ -111,7 +116,9 @@ def train_command(
             result = train_on_ray(source, shard_dir, out_dir, TrainConfig(**settings), ray_workers,
                                   address=ray_address, stop_after=max_steps)  # fmt: skip
         else:
-            result = train(clip, shard_dir, out_dir, TrainConfig(**settings), stop_after=max_steps)
+            with step_progress(f"train {settings['method']}", enabled=progress) as on_step:
+                result = train(clip, shard_dir, out_dir, TrainConfig(**settings), stop_after=max_steps,
+                               on_step=on_step)  # fmt: skip
     except ValueError as exc:  # a checkpoint from another model or adapter, a bad loss-weight name
         raise UserError(f"train: {exc}") from None
     if result["stopped"]:

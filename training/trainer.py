@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from .adapters import AdapterSettings, attach, load_trainable, merged, trainable_state
 from .data import DEFAULT_SCHEDULE, buckets_for_epoch, quad_pipeline
 from .losses import SaferWeights
+from .models import text_trim
 from .reference import TrainedWithReference
 
 
@@ -41,6 +43,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     checkpoint_every: int = 50  # optimiser steps
+    log_every: int = 10  # optimiser steps between log writes: reading the loss off the GPU waits for it
     schedule: list[list[str]] = field(default_factory=lambda: [list(b) for b in DEFAULT_SCHEDULE])
     weights: dict[str, float] = field(default_factory=dict)
     finetune: str = "lora"  # or "full"
@@ -108,17 +111,64 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+#: batch fields that stay on the host: they decide which rows go where, and reading them on the GPU would wait
+HOST_FIELDS = frozenset({"has_image", "has_safe_image"})
+
+
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_FIELDS else v
+        for k, v in batch.items()
+    }
 
 
-def train(clip, shard_dir: Path, out_dir: Path, config: TrainConfig, stop_after: int | None = None) -> dict:
+class StepLog:
+    """log.jsonl, written every ``every`` steps: entries keep their loss values as device tensors until then,
+    so the training step never waits for the GPU to report a number. ``flush`` before a checkpoint keeps the
+    log and the checkpoint in step (resume truncates the log to the checkpoint's step)."""
+
+    def __init__(self, path: Path | None, every: int):
+        self.file = path.open("a") if path is not None else None
+        self.every, self.pending, self.last_loss = every, [], None
+
+    def add(self, entry: dict, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        if self.file is not None:
+            self.pending.append((entry, loss.detach(), terms))
+            if len(self.pending) >= self.every:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        scalars = [v.float().reshape(()) for _, loss, terms in self.pending for v in (loss, *terms.values())]
+        numbers = iter(torch.stack(scalars).tolist())  # one transfer for all pending steps
+        for entry, _, terms in self.pending:
+            self.last_loss = next(numbers)
+            values = {name: next(numbers) for name in terms}
+            self.file.write(json.dumps({**entry, "loss": self.last_loss, "terms": values}) + "\n")
+        self.file.flush()
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        if self.file is not None:
+            self.file.close()
+
+
+def train(
+    clip,
+    shard_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    stop_after: int | None = None,
+    on_step: Callable[[int, int, float | None], None] | None = None,
+) -> dict:
     """Train ``clip.model`` in place on the quad shards in ``shard_dir``; resumes from ``out_dir/last.pt``.
 
     Writes ``out_dir/log.jsonl`` (one line per optimiser step: step, epoch, loss, terms, the batch's keys),
     checkpoints, and at the end ``out_dir/model.pt``: the fine-tuned model as a plain open_clip state dict
     (adapters merged), loadable as ``model.pretrained``. ``stop_after`` ends the run after that many optimiser
-    steps (for tests and budgets).
+    steps (for tests and budgets). ``on_step(step, total_steps, last_logged_loss)`` follows progress.
     """
     from .losses import weights_from
 
@@ -161,11 +211,13 @@ def train(clip, shard_dir: Path, out_dir: Path, config: TrainConfig, stop_after:
         torch.set_rng_state(state["rng"].cpu())
     if rank == 0:
         _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
-    log = (out_dir / "log.jsonl").open("a") if rank == 0 else None
+    log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, config.log_every)
+    trim = text_trim(clip.model)
     autocast = autocast_for(device, config.precision)
 
     def save(epoch: int, batches_done: int) -> None:
         if rank == 0:
+            log.flush()
             _save(checkpoint, {"trainable": trainable_state(pair.wrapper), "base": clip.identity,
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "epoch": epoch, "batches_done": batches_done, "step": step,
@@ -177,16 +229,15 @@ def train(clip, shard_dir: Path, out_dir: Path, config: TrainConfig, stop_after:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if log:
-            log.write(json.dumps({"step": step, "epoch": epoch, "loss": float(loss.detach()), "terms": parts,
-                                  "lr": scheduler.get_last_lr()[0], "keys": keys}) + "\n")  # fmt: skip
-            log.flush()
+        log.add({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "keys": keys}, loss, parts)
+        if on_step is not None:
+            on_step(step, total_steps, log.last_loss)
 
     stopped = False
     for epoch in range(start_epoch, config.epochs):
         stream = quad_pipeline(urls, clip.preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
                                batch_size=config.batch_size, seed=config.seed, schedule=config.schedule,
-                               rank=rank, world_size=world, limit=per_rank[epoch])  # fmt: skip
+                               rank=rank, world_size=world, limit=per_rank[epoch], text_trim=trim)  # fmt: skip
         if config.num_workers:
             stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
                                                  pin_memory=device.type == "cuda")  # fmt: skip
@@ -216,8 +267,7 @@ def train(clip, shard_dir: Path, out_dir: Path, config: TrainConfig, stop_after:
         if pending:  # the epoch's last micro-batches
             optimiser_step(epoch, loss, parts, keys)
         save(epoch + 1, 0)
-    if log:
-        log.close()
+    log.close()
     if rank == 0 and not stopped:
         export = merged(copy.deepcopy(pair.wrapper)).to("cpu")
         _save(out_dir / "model.pt", export.state_dict())
