@@ -6,7 +6,6 @@ measured alongside (for kNN: the bare matrix product of the same shapes on the s
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 import typer
@@ -17,95 +16,41 @@ bench_app = typer.Typer(help="Benchmarks that print measured throughput and rati
 console = Console(stderr=True)
 
 
-def _synthetic(rows: int, dim: int, seed: int):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def _best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def _matmul_ceiling(queries, pool, on_gpu: bool, block_rows: int) -> float:
-    """Seconds for the bare products queries @ block.T over the same blocks (no top-k, no merge)."""
-    import torch
-
-    if on_gpu:
-        q = torch.as_tensor(queries, device="cuda").to(torch.bfloat16)
-        blocks = [
-            torch.as_tensor(pool[s : s + block_rows], device="cuda").to(torch.bfloat16)
-            for s in range(0, len(pool), block_rows)
-        ]
-
-        def run():
-            for b in blocks:
-                q @ b.T
-            torch.cuda.synchronize()
-    else:
-        q = torch.as_tensor(queries)
-        blocks = [torch.as_tensor(pool[s : s + block_rows]) for s in range(0, len(pool), block_rows)]
-
-        def run():
-            for b in blocks:
-                q @ b.T
-
-    run()
-    return _best_of(3, run)
-
-
-@bench_app.command(epilog="Example: saferclip-data bench knn --pool 200000 --queries 2000 --dim 768 --k 8")
+@bench_app.command(epilog="Example: saferclip-data bench knn --pool 4000000 --queries 100000 --dim 768 --k 16")
 def knn(
     pool: Annotated[int, typer.Option(min=1, help="Safe-pool rows (synthetic unit vectors).")] = 100_000,
     queries: Annotated[int, typer.Option(min=1, help="Query rows.")] = 1_000,
     dim: Annotated[int, typer.Option(min=1, help="Embedding width (768 = ViT-L/14).")] = 768,
-    k: Annotated[int, typer.Option(min=1, help="Neighbours per query.")] = 8,
-    block_rows: Annotated[int, typer.Option(min=1, help="Pool rows per search block.")] = 262_144,
+    k: Annotated[int, typer.Option(min=1, help="Neighbours per query.")] = 16,
+    block_rows: Annotated[
+        int | None, typer.Option(min=1, help="Pool rows per search block (default: planned from free memory).")
+    ] = None,
     backends: Annotated[
         str, typer.Option(help="Comma-separated: faiss, torch (each on GPU where it can).")
     ] = "faiss,torch",
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per backend; the best is reported.")] = 3,
+    sample: Annotated[int, typer.Option(min=1, help="Queries checked against an exact fp32 numpy reference.")] = 256,
 ) -> None:
-    """Exact top-k search on a synthetic pool: queries/s, effective TFLOP/s (2*Q*P*D per search) and the time
-    relative to the bare matrix product of the same shapes (1.0 = top-k and merging cost nothing)."""
-    import torch
+    """Exact top-k search on a synthetic pool: seconds, queries/s, effective TFLOP/s (2*Q*P*D per search), the
+    time relative to the bare matrix product of the same shapes (1.0 = top-k and merging cost nothing), the
+    speed-up over a naive torch loop, and agreement with an exact fp32 reference on a sample of queries."""
+    from saferclip_data.stages.bench_knn import run_knn_bench
 
-    from saferclip_data.stages.knn import knn_search, resolve_backend
-
-    q = _synthetic(queries, dim, 0)
-    p = _synthetic(pool, dim, 1)
-    flops = 2.0 * queries * pool * dim
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    rows = run_knn_bench(pool, queries, dim, k, names, repeats, sample, block_rows)
     table = Table(title=f"exact kNN: {queries:,} queries x {pool:,} pool x {dim} dims, k={k}")
-    for column in ("backend", "device", "seconds", "queries/s", "eff. TFLOP/s", "matmul-only s", "time / matmul"):
-        table.add_column(column, justify="right" if column != "backend" else "left")
-    for name in [b.strip() for b in backends.split(",") if b.strip()]:
-        try:
-            resolved, on_gpu = resolve_backend(name)  # raises where the backend is missing
-        except (ImportError, ValueError) as exc:
-            table.add_row(name, "-", f"unavailable: {exc}", "", "", "", "")
+    columns = ("backend", "device", "seconds", "queries/s", "eff. TFLOP/s", "time / matmul", "x naive",
+               "exact rows", "recall")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("backend", "device") else "right")
+    for r in rows:
+        if r.seconds is None:
+            table.add_row(r.backend, r.device, r.note, *[""] * (len(columns) - 3))
             continue
-        knn_search(q[: min(64, queries)], p[: min(4096, pool)], k, backend=name)  # warm-up (CUDA init, faiss)
-        seconds = _best_of(repeats, lambda name=name: knn_search(q, p, k, backend=name, block_rows=block_rows))
-        ceiling = _matmul_ceiling(q, p, on_gpu and torch.cuda.is_available(), block_rows)
-        device = ("cuda" if on_gpu else "cpu") + (f" ({torch.get_num_threads()} threads)" if not on_gpu else "")
-        table.add_row(
-            resolved,
-            device,
-            f"{seconds:.3f}",
-            f"{queries / seconds:,.0f}",
-            f"{flops / seconds / 1e12:.3f}",
-            f"{ceiling:.3f}",
-            f"{seconds / ceiling:.2f}",
-        )
-    Console(width=max(Console().width, 110)).print(table)
+        table.add_row(r.backend, r.device, f"{r.seconds:.3f}", f"{queries / r.seconds:,.0f}", f"{r.tflops:.3f}",
+                      f"{r.seconds / r.matmul_seconds:.2f}", f"{r.naive_seconds / r.seconds:.2f}",
+                      f"{r.exact_rows:.3f}", f"{r.recall:.4f}")  # fmt: skip
+    Console(width=max(Console().width, 150)).print(table)
 
 
 @bench_app.command(epilog="Example: saferclip-data bench embed --model ViT-B-32 --images 20000 --batch-size 512")

@@ -1,19 +1,34 @@
-"""Exact top-k inner-product search behind one function, for mining and dedup.
+"""Exact top-k inner-product search behind one function, for mining, dedup and benchmark selection.
 
-Backends: ``faiss`` (IndexFlatIP on CPU, or on GPU where faiss has GPU support), ``torch`` (chunked matmul +
-topk: fp16/bf16 on CUDA, fp32 on CPU) and ``auto`` (the best available). The pool is searched in blocks of
-``block_rows`` and the per-block top-k are merged, so a pool larger than memory can be streamed (pass an
-iterable of blocks). Results are deterministic: ties are broken by the lower pool index.
+Backends: ``faiss`` (IndexFlatIP on the CPU, or on the GPU where faiss has GPU support), ``torch`` (tiled
+matmul + top-k, on CUDA where there is one) and ``auto`` (the best available). Results are exact and
+deterministic whatever the backend or tiling: scores are fp32 inner products, ties go to the lower pool index.
+
+The torch path is built for a GPU: queries are uploaded once, the pool is searched block by block (a pool
+larger than memory can be streamed as an iterable of blocks; a torch tensor already on the GPU stays there),
+and every block is searched in query tiles sized to the free memory. On CUDA the product runs in fp16 on the
+tensor cores; candidates are picked from it with a margin (``RERANK_MARGIN`` beyond k) by a group-max
+pre-selection (one cheap pass over the score tile, instead of a full top-k over it) and re-scored in fp32
+from the fp32 rows, so the fp16 rounding never reaches the results. The running best lists are merged on the
+device; only the final (queries, k) arrays come back to the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 Backend = Literal["auto", "faiss", "torch"]
+
+#: candidates kept beyond k per block and re-scored in fp32: on CUDA the true k-th neighbour is lost only if more
+#: than this many rows overtake it by fp16 rounding (about 1e-3 on a cosine); on either device it is how many
+#: exact ties at the k-th place still go to the lower pool index
+RERANK_MARGIN = 16
+#: score-tile columns reduced to one maximum in the pre-selection
+GROUP = 64
 
 
 def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int):
@@ -37,20 +52,12 @@ def _block_topk_faiss(queries: np.ndarray, block: np.ndarray, k: int, use_gpu: b
     return scores, ids.astype(np.int64)
 
 
-def _block_topk_torch(queries, block: np.ndarray, k: int, device: str):
-    import torch
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pool = torch.as_tensor(np.asarray(block, dtype=np.float32), device=device).to(dtype)
-    scores = queries @ pool.T
-    top = torch.topk(scores.float(), min(k, pool.shape[0]), dim=1)
-    return top.values.cpu().numpy(), top.indices.cpu().numpy().astype(np.int64)
-
-
 def resolve_backend(backend: Backend) -> tuple[str, bool]:
     """(backend, on_gpu): faiss-gpu, then torch on CUDA, then faiss on CPU."""
     import torch
 
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown kNN backend '{backend}' (auto, faiss, torch)")
     faiss_gpus = 0
     try:
         import faiss
@@ -59,6 +66,8 @@ def resolve_backend(backend: Backend) -> tuple[str, bool]:
     except ImportError:
         if backend == "faiss":
             raise
+        if backend == "auto" and not torch.cuda.is_available():
+            return "torch", False
     if backend == "faiss":
         return "faiss", faiss_gpus > 0
     if backend == "torch":
@@ -70,19 +79,125 @@ def resolve_backend(backend: Backend) -> tuple[str, bool]:
     return "faiss", False
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """How the torch search cuts its work: pool rows per uploaded block, query rows per score tile."""
+
+    block_rows: int
+    query_rows: int
+
+
+def plan_tiles(dim: int, on_gpu: bool, free_bytes: int | None = None, block_rows: int | None = None) -> Tiles:
+    """Tile sizes from the memory there is: on a GPU a block (fp32 rows + fp16 copy) takes at most a quarter of
+    the free memory and a score tile (fp16, plus its group maxima) about an eighth; on the CPU a score tile is
+    1 GiB of fp32 (tile shapes measured there within noise of each other, big ones a little ahead)."""
+    if not on_gpu:
+        block = block_rows or 262_144
+        return Tiles(block, max(64, (1 << 30) // (4 * block)))
+    free = free_bytes if free_bytes is not None else 8 << 30
+    block = block_rows or max(GROUP, min(1 << 21, free // 4 // (6 * dim)) // GROUP * GROUP)
+    return Tiles(block, int(max(256, min(16_384, free // 8 // (2 * block)))))
+
+
+def _device_blocks(pool: Any, rows: int, device: Any) -> Iterator[Any]:
+    """fp32 pool blocks on ``device``: slices of a resident tensor, or uploads of host arrays."""
+    import torch
+
+    if isinstance(pool, torch.Tensor):
+        pool = pool.to(device)
+        for start in range(0, pool.shape[0], rows):
+            yield pool[start : start + rows].float()
+        return
+    for block in _blocks(pool, rows):
+        yield torch.as_tensor(np.ascontiguousarray(block, dtype=np.float32)).to(device, non_blocking=True)
+
+
+def _candidates(scores: Any, count: int) -> Any:
+    """Column indices of the ``count`` largest entries of each score row. With many columns, whole groups of
+    GROUP columns are ranked by their maximum first: every one of the top ``count`` lies in one of the top
+    ``count`` groups, so a full top-k over the tile is replaced by a max pass and two small top-ks."""
+    import torch
+
+    rows, cols = scores.shape
+    count = min(count, cols)
+    groups = cols // GROUP
+    if groups <= 2 * count or cols % GROUP:
+        return torch.topk(scores, count, dim=1, sorted=False).indices
+    grouped = scores.view(rows, groups, GROUP)
+    top_groups = torch.topk(grouped.amax(dim=2), count, dim=1, sorted=False).indices
+    members = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, GROUP)).reshape(rows, count * GROUP)
+    within = torch.topk(members, count, dim=1, sorted=False).indices
+    return top_groups.gather(1, within // GROUP) * GROUP + within % GROUP
+
+
+def _merge_device(best_s, best_i, s, i, k: int):
+    """The k best of both per row on the device: score descending, then pool index ascending (two stable
+    sorts make the lexicographic order), missing entries (-1) last."""
+    import torch
+
+    scores = torch.cat([best_s, s], dim=1)
+    index = torch.cat([best_i, i], dim=1)
+    key = torch.where(index < 0, torch.iinfo(torch.int64).max, index)
+    by_index = torch.sort(key, dim=1, stable=True).indices
+    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
+    by_score = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, by_score), index.gather(1, by_score)
+
+
+def _torch_search(queries: np.ndarray, pool: Any, k: int, on_gpu: bool, block_rows: int | None,
+                  query_rows: int | None) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    import torch
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    free = torch.cuda.mem_get_info(device)[0] if on_gpu else None
+    tiles = plan_tiles(queries.shape[1], on_gpu, free, block_rows)
+    q_rows = query_rows or tiles.query_rows
+    fast = torch.float16 if on_gpu else torch.float32
+    q32 = torch.as_tensor(queries).to(device)
+    q_fast = q32.to(fast)
+    n = queries.shape[0]
+    best_s = torch.full((n, k), -torch.inf, device=device)
+    best_i = torch.full((n, k), -1, dtype=torch.int64, device=device)
+    offset, seen = 0, 0
+    with torch.no_grad():
+        for block in _device_blocks(pool, tiles.block_rows, device):
+            if block.shape[0] == 0:
+                continue
+            if block.shape[1] != queries.shape[1]:
+                raise ValueError(f"pool dimension {block.shape[1]} differs from query dimension {queries.shape[1]}")
+            block_fast = block.to(fast)
+            count = k + RERANK_MARGIN
+            for start in range(0, n, q_rows):
+                stop = min(n, start + q_rows)
+                scores = q_fast[start:stop] @ block_fast.T
+                cols = _candidates(scores, count)
+                if on_gpu:  # exact fp32 scores of the fp16 candidates
+                    exact = torch.einsum("qd,qcd->qc", q32[start:stop], block[cols])
+                else:  # the product already was fp32
+                    exact = scores.gather(1, cols)
+                best_s[start:stop], best_i[start:stop] = _merge_device(
+                    best_s[start:stop], best_i[start:stop], exact, cols + offset, k
+                )
+            offset += block.shape[0]
+            seen += 1
+    return best_s.cpu().numpy(), best_i.cpu().numpy(), seen
+
+
 def knn_search(
     queries: np.ndarray,
-    pool: np.ndarray | Iterable[np.ndarray],
+    pool: Any,
     k: int,
     *,
     backend: Backend = "auto",
-    block_rows: int = 262_144,
+    block_rows: int | None = None,
+    query_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` pool rows by inner product (cosine for L2-normalised rows) for every query.
 
-    ``pool`` is an array or an iterable of arrays (blocks streamed in order; indices count across blocks).
-    Returns ``(scores, indices)`` of shape (queries, k), float32 and int64; where the pool has fewer than k
-    rows the tail is ``-inf`` / ``-1``.
+    ``pool`` is an array, a torch tensor (a GPU-resident one is searched where it is), or an iterable of
+    arrays (blocks streamed in order; indices count across blocks). ``block_rows``/``query_rows`` override the
+    tile sizes planned from the free memory. Returns ``(scores, indices)`` of shape (queries, k), float32 and
+    int64; where the pool has fewer than k rows the tail is ``-inf`` / ``-1``.
     """
     if k <= 0:
         raise ValueError("k must be positive")
@@ -90,35 +205,35 @@ def knn_search(
     if queries.ndim != 2:
         raise ValueError(f"queries must be a 2-D array, got shape {queries.shape}")
     name, on_gpu = resolve_backend(backend)
-    blocks = _blocks(pool, block_rows)
-    n = queries.shape[0]
-    best_s = np.full((n, k), -np.inf, np.float32)
-    best_i = np.full((n, k), -1, np.int64)
     if name == "torch":
-        import torch
-
-        device = "cuda" if on_gpu else "cpu"
-        q = torch.as_tensor(queries, device=device).to(torch.bfloat16 if on_gpu else torch.float32)
-    offset = 0
-    seen = 0
-    for block in blocks:
-        if block.shape[0] == 0:
-            continue
-        if block.shape[1] != queries.shape[1]:
-            raise ValueError(f"pool dimension {block.shape[1]} differs from query dimension {queries.shape[1]}")
-        if name == "torch":
-            s, i = _block_topk_torch(q, block, k, device)
-        else:
-            s, i = _block_topk_faiss(queries, block, k, on_gpu)
-        best_s, best_i = _merge(best_s, best_i, s, i + offset, k)
-        offset += block.shape[0]
-        seen += 1
+        best_s, best_i, seen = _torch_search(queries, pool, k, on_gpu, block_rows, query_rows)
+    else:
+        best_s, best_i, seen = _faiss_search(queries, pool, k, on_gpu, block_rows or 262_144)
     if seen == 0:
         raise ValueError("the pool is empty")
     return best_s, best_i
 
 
-def _blocks(pool, block_rows: int):
+def _faiss_search(queries: np.ndarray, pool: Any, k: int, on_gpu: bool, block_rows: int):
+    n = queries.shape[0]
+    best_s = np.full((n, k), -np.inf, np.float32)
+    best_i = np.full((n, k), -1, np.int64)
+    offset, seen = 0, 0
+    if not isinstance(pool, np.ndarray) and hasattr(pool, "cpu"):  # a torch tensor
+        pool = pool.float().cpu().numpy()
+    for block in _blocks(pool, block_rows):
+        if block.shape[0] == 0:
+            continue
+        if block.shape[1] != queries.shape[1]:
+            raise ValueError(f"pool dimension {block.shape[1]} differs from query dimension {queries.shape[1]}")
+        s, i = _block_topk_faiss(queries, block, k, on_gpu)
+        best_s, best_i = _merge(best_s, best_i, s, i + offset, k)
+        offset += block.shape[0]
+        seen += 1
+    return best_s, best_i, seen
+
+
+def _blocks(pool: np.ndarray | Iterable[np.ndarray], block_rows: int) -> Iterator[np.ndarray]:
     if isinstance(pool, np.ndarray):
         for start in range(0, pool.shape[0], block_rows):
             yield pool[start : start + block_rows]

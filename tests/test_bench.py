@@ -27,3 +27,26 @@ def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
     ceiling, stage = float(rows[0][2].replace(",", "")), float(rows[1][2].replace(",", ""))
     assert ceiling > 0 and stage > 0
     assert float(rows[1][4]) == pytest.approx(stage / ceiling, abs=0.01)
+
+
+def test_bench_knn_times_each_backend_against_matmul_and_the_naive_loop_and_checks_exactness():
+    from saferclip_data.stages.bench_knn import run_knn_bench
+
+    rows = run_knn_bench(3000, 200, 32, 5, ["torch", "nope"], repeats=1, sample=50)
+    naive, torch_row, missing = rows
+    assert naive.backend == "torch naive loop" and torch_row.backend == "torch (saferclip)"
+    for r in (naive, torch_row):
+        assert r.seconds > 0 and r.matmul_seconds > 0 and r.naive_seconds == naive.seconds
+        assert r.tflops == pytest.approx(2 * 200 * 3000 * 32 / r.seconds / 1e12)
+        assert r.exact_rows == 1.0 and r.recall == 1.0  # against the numpy fp32 reference
+    assert missing.seconds is None and "unavailable" in missing.note
+
+
+def test_agreement_counts_rows_in_order_and_pairs_found():
+    import numpy as np
+
+    from saferclip_data.stages.bench_knn import agreement
+
+    reference = np.array([[1, 2, 3], [4, 5, 6]])
+    assert agreement(reference.copy(), reference) == (1.0, 1.0)
+    assert agreement(np.array([[2, 1, 3], [4, 5, 9]]), reference) == (0.0, pytest.approx((1 + 2 / 3) / 2))

@@ -48,3 +48,50 @@ def test_bad_input_is_named():
         knn_search(_unit(2, 4, 0), np.zeros((0, 4), np.float32), 1)
     with pytest.raises(ValueError, match="pool dimension 3 differs from query dimension 4"):
         knn_search(_unit(2, 4, 0), _unit(5, 3, 0), 1)
+
+
+@pytest.mark.parametrize("query_rows", [None, 7])
+def test_tiled_torch_search_with_group_preselection_is_exact(query_rows):
+    """A pool block wide enough for the group-max pre-selection (100 groups of 64 columns), queries in tiles."""
+    from saferclip_data.stages import knn
+
+    queries, pool = _unit(40, 24, 5), _unit(64 * 100, 24, 6)
+    assert 64 * 100 // knn.GROUP > 2 * (8 + knn.RERANK_MARGIN)  # the pre-selection path is the one taken
+    scores, index = knn_search(queries, pool, 8, backend="torch", block_rows=6400, query_rows=query_rows)
+    ref_scores, ref_index = _reference(queries, pool, 8)
+    np.testing.assert_array_equal(index, ref_index)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+def test_group_preselection_finds_the_same_columns_as_a_full_topk():
+    import torch
+
+    from saferclip_data.stages.knn import _candidates
+
+    scores = torch.as_tensor(np.random.default_rng(7).standard_normal((9, 64 * 40)).astype(np.float32))
+    scores[0, 100:164] = 5.0  # one group holding every top value
+    picked = _candidates(scores, 10)
+    full = torch.topk(scores, 10, dim=1).indices
+    assert [sorted(p) for p in picked.tolist()[1:]] == [sorted(f) for f in full.tolist()[1:]]
+    assert all(100 <= c < 164 for c in picked[0].tolist())
+
+
+def test_a_torch_tensor_pool_is_searched_where_it_lies_and_ties_keep_the_lower_index():
+    import torch
+
+    pool = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], np.float32)
+    scores, index = knn_search(np.array([[1.0, 0.0]], np.float32), torch.as_tensor(pool), 3, backend="torch")
+    assert index.tolist() == [[0, 2, 3]] and scores.tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_tile_plan_fits_the_memory_it_is_given():
+    from saferclip_data.stages.knn import GROUP, plan_tiles
+
+    free = 80 << 30
+    tiles = plan_tiles(768, True, free)
+    assert tiles.block_rows % GROUP == 0
+    assert tiles.block_rows * 768 * 6 <= free / 4  # fp32 rows + fp16 copy
+    assert tiles.query_rows * tiles.block_rows * 2 <= free / 8 + 256 * tiles.block_rows * 2  # fp16 score tile
+    small = plan_tiles(768, True, 2 << 30)
+    assert small.block_rows < tiles.block_rows
+    assert plan_tiles(768, False).query_rows * plan_tiles(768, False).block_rows * 4 <= 1 << 30
