@@ -8,14 +8,15 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from .errors import UserError
-from .stage import GlobalContext, ShardSpec, Stage, StageConfig, rejects_table
+from .stage import BatchResult, GlobalContext, ShardSpec, Stage, StageConfig, rejects_table
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ class ShardWorker:
         outputs: list[pa.Table] = []
         rejects = []
         starts = range(0, table.num_rows, batch_size) if table.num_rows else [0]
-        for start in starts:
-            batch = table.slice(start, batch_size)
-            result = stage.process_batch(batch)
+        for batch, result in batch_results(stage, [table.slice(start, batch_size) for start in starts]):
             outputs.append(result.table)
             rejects.extend(result.rejects)
             if on_batch:
@@ -83,6 +82,22 @@ class ShardWorker:
         }
         self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats, metadata)
         return stats
+
+
+def batch_results(stage: Stage, batches: list[pa.Table]) -> Iterator[tuple[pa.Table, BatchResult]]:
+    """Each batch with its result, in order; for a ``prefetch`` stage the next batch is prepared in a
+    background thread while the current one computes (one batch ahead, so memory stays bounded)."""
+    if not stage.prefetch or len(batches) < 2:
+        for batch in batches:
+            yield batch, stage.process_batch(batch)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-prefetch") as pool:
+        ahead = pool.submit(stage.prepare_batch, batches[0])
+        for i, batch in enumerate(batches):
+            prepared = ahead.result()
+            if i + 1 < len(batches):
+                ahead = pool.submit(stage.prepare_batch, batches[i + 1])
+            yield batch, stage.compute_batch(prepared)
 
 
 def _ray_node_id() -> str:

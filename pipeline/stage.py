@@ -141,8 +141,22 @@ class Stage(ABC):
         return workdir.read_aligned(spec.shard_id, self.inputs)
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
-        """The pure core of a map stage."""
-        raise NotImplementedError(f"stage {self.name} has no process_batch")
+        """The pure core of a map stage. A stage that splits its work (``prefetch``) need not override it."""
+        if not self.prefetch:
+            raise NotImplementedError(f"stage {self.name} has no process_batch")
+        return self.compute_batch(self.prepare_batch(batch))
+
+    #: the worker runs ``prepare_batch`` of the next batch in a background thread while ``compute_batch`` of
+    #: the current one runs, so host work (decoding, tokenising, uploading) hides behind the device's
+    prefetch: ClassVar[bool] = False
+
+    def prepare_batch(self, batch: pa.Table) -> Any:
+        """First half of ``process_batch`` (``prefetch`` stages): whatever can run ahead of the compute."""
+        raise NotImplementedError(f"stage {self.name} has no prepare_batch")
+
+    def compute_batch(self, prepared: Any) -> BatchResult:
+        """Second half of ``process_batch`` (``prefetch`` stages): from what ``prepare_batch`` returned."""
+        raise NotImplementedError(f"stage {self.name} has no compute_batch")
 
     def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:
         """Driver-side check over the finished shards (e.g. key uniqueness); raise to keep the stage open."""

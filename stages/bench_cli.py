@@ -65,23 +65,34 @@ def embed(
     cpus: Annotated[
         float, typer.Option(min=0.1, help="CPU cores per worker (a Ray actor uses this many torch threads).")
     ] = 1.0,
+    gpus: Annotated[
+        str, typer.Option(help="GPUs per worker: auto (one where there are GPUs), or a share such as 0.5.")
+    ] = "auto",
     executors: Annotated[str, typer.Option(help="Comma-separated: local, ray.")] = "local,ray",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    decoder: Annotated[
+        str | None, typer.Option(help="pil or tensor (batched, on the device); default: the stage's choice.")
+    ] = None,
 ) -> None:
     """The embed stage end to end (WebDataset shards of JPEGs -> decode -> image and text embeddings -> parquet)
-    against the image encoder alone on ready pixels: images/s of each and their ratio (1.0 = the pipeline costs
-    nothing beyond the encoder)."""
-    from saferclip_data.stages.bench_embed import run_bench
+    against the image encoder alone on ready pixels: images/s of each, their ratio (1.0 = the pipeline costs
+    nothing beyond the encoder) and, for Ray, the ratio to the same stage in-process."""
+    from saferclip_data.stages.bench_embed import EmbedRun, run_bench
 
     names = [e.strip() for e in executors.split(",") if e.strip()]
-    rows = run_bench(model, images, image_px, batch_size, concurrency, names, device, precision, cpus)
+    try:
+        share: float | str = gpus if gpus == "auto" else float(gpus)
+    except ValueError:
+        raise typer.BadParameter(f"'{gpus}' is not auto or a number", param_hint="--gpus") from None
+    run = EmbedRun(batch_size, concurrency, cpus, share, device, precision, decoder)
+    rows = run_bench(model, images, image_px, names, run)
     table = Table(title=f"embed: {model}, {images:,} JPEGs of {image_px}px, batch {batch_size}")
-    for column in ("path", "where", "images/s", "stage seconds", "ratio to encoder"):
+    for column in ("path", "where", "images/s", "stage seconds", "ratio to encoder", "ray / local"):
         table.add_column(column, justify="left" if column in ("path", "where") else "right")
     for row in rows:
         table.add_row(*row)
-    Console(width=max(Console().width, 110)).print(table)
+    Console(width=max(Console().width, 130)).print(table)
 
 
 @bench_app.command(epilog="Example: saferclip-data bench train --model ViT-B-32 --finetune lora --batch-size 48")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,16 +68,31 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
     return batches * batch_size / seconds, f"{where}, {dtype}".replace("torch.", "")
 
 
-def end_to_end(shards: Path, work: Path, arch: str, executor: str, batch_size: int, concurrency: int,
-               device: str, precision: str, cpus: float = 1.0) -> dict:  # fmt: skip
+@dataclass
+class EmbedRun:
+    """How the embed stage runs in the benchmark (the stage's own settings)."""
+
+    batch_size: int = 512
+    concurrency: int = 1  # workers (Ray actors; the local executor runs one)
+    cpus: float = 1.0  # CPU cores per worker
+    gpus: float | str = "auto"  # GPUs per worker: 0.5 puts two actors on one GPU
+    device: str = "auto"
+    precision: str = "auto"
+    decoder: str | None = None  # None: the stage's default
+
+
+def end_to_end(shards: Path, work: Path, arch: str, executor: str, run: EmbedRun) -> dict:
     """Build source + embed over the shards with ``executor``; the embed stage's records/s and seconds."""
+    embed = {"batch_size": run.batch_size, "concurrency": run.concurrency, "device": run.device,
+             "precision": run.precision, "cpus": run.cpus, "gpus": run.gpus}  # fmt: skip
+    if run.decoder is not None:
+        embed["decoder"] = run.decoder
     recipe = {
         "name": "bench",
         "source": {"kind": "webdataset", "path": str(shards)},
         "model": {"arch": arch, "pretrained": None, "init_seed": 0},
-        "stages": {"embed": {"batch_size": batch_size, "concurrency": concurrency, "device": device,
-                             "precision": precision, "cpus": cpus}},
-    }  # fmt: skip
+        "stages": {"embed": embed},
+    }
     work.mkdir(parents=True, exist_ok=True)
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -89,17 +105,20 @@ def end_to_end(shards: Path, work: Path, arch: str, executor: str, batch_size: i
     return {"records": manifest["counts"]["in"], "seconds": manifest["seconds"]}
 
 
-def run_bench(arch: str, images: int, image_px: int, batch_size: int, concurrency: int, executors: list[str],
-              device: str, precision: str, cpus: float = 1.0) -> list[tuple[str, ...]]:  # fmt: skip
+def run_bench(arch: str, images: int, image_px: int, executors: list[str], run: EmbedRun) -> list[tuple[str, ...]]:
+    """Rows of (path, where, images/s, stage seconds, ratio to the encoder); a Ray row also gets its ratio to
+    the local one (the Ray overhead)."""
     rows = []
-    ceiling, where = encoder_ceiling(arch, batch_size, images, device, precision)
-    rows.append(("image encoder only", where, f"{ceiling:,.0f}", "-", "1.00"))
+    ceiling, where = encoder_ceiling(arch, run.batch_size, images, run.device, run.precision)
+    rows.append(("image encoder only", where, f"{ceiling:,.0f}", "-", "1.00", ""))
+    rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="saferclip-bench-") as tmp:
         shards = synthetic_shards(Path(tmp) / "shards", images, image_px)
         for executor in executors:
-            result = end_to_end(shards, Path(tmp) / executor, arch, executor, batch_size, concurrency, device,
-                                precision, cpus)  # fmt: skip
-            rate = result["records"] / result["seconds"]
-            rows.append((f"embed stage, {executor}", f"{concurrency} worker(s) x {cpus:g} cpus", f"{rate:,.0f}",
-                         f"{result['seconds']:.2f}", f"{rate / ceiling:.2f}"))  # fmt: skip
+            result = end_to_end(shards, Path(tmp) / executor, arch, executor, run)
+            rate = rates[executor] = result["records"] / result["seconds"]
+            workers = run.concurrency if executor == "ray" else 1
+            vs_local = f"{rate / rates['local']:.2f}" if executor != "local" and "local" in rates else ""
+            rows.append((f"embed stage, {executor}", f"{workers} worker(s) x {run.cpus:g} cpus, gpus {run.gpus}",
+                         f"{rate:,.0f}", f"{result['seconds']:.2f}", f"{rate / ceiling:.2f}", vs_local))  # fmt: skip
     return rows

@@ -8,8 +8,9 @@ identity (architecture + weights hash) goes into every output file and the stage
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,8 +18,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
 from saferclip_data.training.models import encode_text, trim_tokens
+
+from .decode import decode_pil, decode_tensors, tensor_path_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,12 @@ class EmbedConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = CUDA where the worker has it")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto = bf16 on CUDA, fp32 on CPU"
+    )
+    decoder: Literal["pil", "tensor"] | None = Field(
+        default=None,
+        description="pil = the model's own preprocessing per image; tensor = batched decode (nvJPEG on CUDA), "
+        "resize and crop as tensor ops on the device; unset = tensor on CUDA where the model's preprocessing "
+        "is the standard resize + centre crop, else pil",
     )
 
 
@@ -140,115 +150,107 @@ class EmbedStage(Stage):
         self.clip, self.model, self.device, self.dtype = load_worker_model(
             self.sections["model"], self.config.device, self.config.precision, "embed"
         )
-        normalize = next(t for t in self.clip.preprocess.transforms if type(t).__name__ == "Normalize")
-        self.mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
+        mismatch = tensor_path_mismatch(self.clip.preprocess, self.clip.image_size)
+        if self.config.decoder == "tensor" and mismatch:
+            raise UserError(f"stages.embed.decoder: 'tensor' cannot reproduce this model's preprocessing: {mismatch}")
+        wants_tensor = self.config.decoder == "tensor" or (self.config.decoder is None and self.device == "cuda")
+        self.decoder = "tensor" if wants_tensor and not mismatch else "pil"
+        if mismatch and self.config.decoder is None and self.device == "cuda":
+            log.info("embed: decoding with PIL on the CPU: %s", mismatch)
+        self.mean = self.std = None
+        if self.decoder == "tensor":
+            normalize = next(t for t in self.clip.preprocess.transforms if type(t).__name__ == "Normalize")
+            self.mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
+            self.std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
+        #: the side stream prepare_batch decodes and uploads on, so that it overlaps the encoders (CUDA only)
+        self._stream = torch.cuda.Stream() if self.device == "cuda" else None
 
     def output_metadata(self) -> dict[str, str]:
         return {"model_identity": self.clip.identity, "embed_dim": str(self.clip.embed_dim)}
 
-    # ---- decoding ----------------------------------------------------------------------------------------
-    def _pixels_cpu(self, blobs: list[bytes]) -> tuple[Any, list[int], list[tuple[int, str]]]:
-        import torch
-        from PIL import Image
+    # ---- the batch function, in two halves (the worker prepares the next batch while this one computes) -------
+    prefetch = True
 
-        tensors, ok, failed = [], [], []
-        for i, blob in enumerate(blobs):
-            try:
-                with Image.open(io.BytesIO(blob)) as img:
-                    tensors.append(self.clip.preprocess(img.convert("RGB")))
-                ok.append(i)
-            except Exception as exc:  # PIL raises many types for bad data; each becomes a reject
-                failed.append((i, f"{type(exc).__name__}: {exc}"))
-        batch = torch.stack(tensors) if tensors else None
-        return batch, ok, failed
-
-    def _pixels_cuda(self, blobs: list[bytes]) -> tuple[Any, list[int], list[tuple[int, str]]]:
-        """Batched nvJPEG decode, then resize (shortest side), centre crop and normalise on the GPU."""
-        import torch
-        import torch.nn.functional as F
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-        size = self.clip.image_size
-        raw = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        decoded: dict[int, Any] = {}
-        failed: list[tuple[int, str]] = []
-        jpegs = [i for i, b in enumerate(blobs) if b[:3] == b"\xff\xd8\xff"]
-        try:
-            for i, img in zip(jpegs, decode_jpeg([raw[i] for i in jpegs], device="cuda", mode=ImageReadMode.RGB)):
-                decoded[i] = img
-        except RuntimeError:
-            for i in jpegs:  # one bad JPEG fails the batch call: decode one by one to find it
-                try:
-                    decoded[i] = decode_jpeg(raw[i], device="cuda", mode=ImageReadMode.RGB)
-                except RuntimeError as exc:
-                    failed.append((i, f"RuntimeError: {exc}"))
-        for i in (i for i in range(len(blobs)) if i not in jpegs):
-            try:
-                decoded[i] = decode_image(raw[i], mode=ImageReadMode.RGB).to("cuda", non_blocking=True)
-            except RuntimeError as exc:
-                failed.append((i, f"RuntimeError: {exc}"))
-        ok = sorted(decoded)
-        out = []
-        for i in ok:
-            img = decoded[i].unsqueeze(0).float()
-            h, w = img.shape[-2:]
-            scale = size / min(h, w)
-            img = F.interpolate(
-                img,
-                size=(max(size, round(h * scale)), max(size, round(w * scale))),
-                mode="bicubic",
-                antialias=True,
-                align_corners=False,
-            )
-            top, left = (img.shape[-2] - size) // 2, (img.shape[-1] - size) // 2
-            out.append(img[..., top : top + size, left : left + size])
-        batch = ((torch.cat(out).clamp_(0, 255) / 255.0 - self.mean) / self.std) if out else None
-        return batch, ok, failed
-
-    # ---- the batch function ------------------------------------------------------------------------------
-    def process_batch(self, batch: pa.Table) -> BatchResult:
+    def prepare_batch(self, batch: pa.Table) -> PreparedBatch:
+        """Decode the images and tokenise the captions; on CUDA, on a side stream so the copies and the nvJPEG
+        work overlap the previous batch's encoders."""
         import torch
 
-        n = batch.num_rows
-        dim = self.clip.embed_dim
-        keys = batch["key"].to_pylist()
         blobs = batch["image"].to_pylist()
         captions = batch["caption"].to_pylist()
+        image_rows = [i for i, b in enumerate(blobs) if b]
+        stream = self._stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if self.decoder == "pil":
+                pixels, ok, failed = decode_pil([blobs[i] for i in image_rows], self.clip.preprocess)
+            else:
+                pixels, ok, failed = decode_tensors(
+                    [blobs[i] for i in image_rows], self.clip.image_size, self.mean, self.std, self.device
+                )
+            failed_rows = {image_rows[j] for j, _ in failed}
+            text_rows = [i for i, c in enumerate(captions) if c and i not in failed_rows]
+            tokens = None
+            if text_rows:
+                tokens = trim_tokens(self.model, self.clip.tokenizer([captions[i] for i in text_rows]))
+                tokens = tokens.to(self.device, non_blocking=True)
+            if pixels is not None:
+                pixels = pixels.to(self.device, self.dtype, non_blocking=True)
+            ready = stream.record_event() if stream is not None else None
+        keys = batch["key"]
+        return PreparedBatch(keys, image_rows, pixels, ok, failed, text_rows, tokens, ready)
+
+    def compute_batch(self, prepared: PreparedBatch) -> BatchResult:
+        import torch
+
+        p = prepared
+        n, dim = len(p.keys), self.clip.embed_dim
+        keys = p.keys.to_pylist()
         image_vectors = np.zeros((n, dim), np.float32)
         text_vectors = np.zeros((n, dim), np.float32)
         has_image = np.zeros(n, bool)
-        has_text = np.array([bool(c) for c in captions])
-        rejects: list[Reject] = []
+        has_text = np.zeros(n, bool)
         rejected = np.zeros(n, bool)
-
+        rejects: list[Reject] = []
+        for j, error in p.failed:
+            row = p.image_rows[j]
+            rejects.append(Reject(keys[row], "undecodable image", error))
+            rejected[row] = True
+        if p.ready is not None:  # the side stream's uploads and decoding are done before the encoders read them
+            torch.cuda.current_stream().wait_event(p.ready)
+            for tensor in (p.pixels, p.tokens):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream())
         with torch.inference_mode():
-            image_rows = [i for i, b in enumerate(blobs) if b]
-            if image_rows:
-                decode = self._pixels_cuda if self.device == "cuda" else self._pixels_cpu
-                pixels, ok, failed = decode([blobs[i] for i in image_rows])
-                for j, error in failed:
-                    row = image_rows[j]
-                    rejects.append(Reject(keys[row], "undecodable image", error))
-                    rejected[row] = True
-                if pixels is not None:
-                    feats = self.model.encode_image(pixels.to(self.device, self.dtype))
-                    feats = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
-                    rows = [image_rows[j] for j in ok]
-                    image_vectors[rows] = feats
-                    has_image[rows] = True
-            text_rows = [i for i in range(n) if has_text[i] and not rejected[i]]
-            if text_rows:
-                tokens = self.clip.tokenizer([captions[i] for i in text_rows])
-                feats = encode_text(self.model, trim_tokens(self.model, tokens).to(self.device))
-                text_vectors[text_rows] = torch.nn.functional.normalize(feats.float(), dim=-1).cpu().numpy()
+            if p.pixels is not None:
+                feats = torch.nn.functional.normalize(self.model.encode_image(p.pixels).float(), dim=-1)
+                rows = [p.image_rows[j] for j in p.ok]
+                image_vectors[rows] = feats.cpu().numpy()
+                has_image[rows] = True
+            if p.tokens is not None:
+                feats = torch.nn.functional.normalize(encode_text(self.model, p.tokens).float(), dim=-1)
+                text_vectors[p.text_rows] = feats.cpu().numpy()
+                has_text[p.text_rows] = True
 
         keep = ~rejected
         table = pa.table(
             {
-                "key": batch["key"].filter(pa.array(keep)),
+                "key": p.keys.filter(pa.array(keep)),
                 "image_embedding": to_fixed_list(image_vectors[keep], has_image[keep]),
-                "text_embedding": to_fixed_list(text_vectors[keep], (has_text & keep)[keep]),
+                "text_embedding": to_fixed_list(text_vectors[keep], has_text[keep]),
             }
         )
         return BatchResult(table, rejects)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch decoded and tokenised, on the worker's device, waiting for the encoders."""
+
+    keys: pa.ChunkedArray | pa.Array
+    image_rows: list[int]  # batch rows that have image bytes
+    pixels: Any  # (len(ok), 3, S, S) on the device, or None
+    ok: list[int]  # positions in image_rows that decoded
+    failed: list[tuple[int, str]]  # (position in image_rows, error)
+    text_rows: list[int]  # batch rows with a caption and no undecodable image
+    tokens: Any  # (len(text_rows), width) on the device, or None
+    ready: Any = None  # CUDA event recorded after the side stream's work

@@ -20,9 +20,9 @@ def test_bench_train_counts_flops_per_step_and_mfu_against_the_given_peak():
 
 @pytest.mark.slow
 def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
-    from saferclip_data.stages.bench_embed import run_bench
+    from saferclip_data.stages.bench_embed import EmbedRun, run_bench
 
-    rows = run_bench("toy-vit-tiny", 96, 64, 32, 1, ["local"], "cpu", "fp32")
+    rows = run_bench("toy-vit-tiny", 96, 64, ["local"], EmbedRun(32, 1, 1.0, 0, "cpu", "fp32"))
     assert [r[0] for r in rows] == ["image encoder only", "embed stage, local"]
     ceiling, stage = float(rows[0][2].replace(",", "")), float(rows[1][2].replace(",", ""))
     assert ceiling > 0 and stage > 0

@@ -197,3 +197,88 @@ def test_gpu_decode_and_bf16_embed_match_cpu(embed_stage):
         b = np.asarray(gpu_out[column].to_pylist(), np.float32)
         cosine = (a * b).sum(1)
         assert cosine.min() > 0.98, (column, cosine.min())
+
+
+def _noise_jpeg(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = np.linspace(0, 255, width)[None, :, None] * rng.random(3) + rng.normal(0, 20, (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format=fmt, quality=90)
+    return buffer.getvalue()
+
+
+def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
+    """The GPU path's arithmetic (batched decode, size groups, resize, crop, normalise), run on the CPU: the
+    same pixels as PIL to within a quarter of a grey level on average, the same rejects, the same vectors."""
+    import torch
+
+    from saferclip_data.stages.decode import decode_pil, decode_tensors
+
+    sizes = [(64, 64), (100, 80), (80, 100), (100, 80), (37, 53), (300, 200)]
+    blobs = [_noise_jpeg(w, h, i) for i, (w, h) in enumerate(sizes)] + [_noise_jpeg(50, 70, 9, "PNG")]
+    blobs.append(blobs[0][:200])  # truncated
+    clip = embed_stage.clip
+    norm = next(t for t in clip.preprocess.transforms if type(t).__name__ == "Normalize")
+    mean, std = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
+    reference, ok_ref, failed_ref = decode_pil(blobs, clip.preprocess)
+    pixels, ok, failed = decode_tensors(blobs, clip.image_size, mean, std, "cpu")
+    assert ok == ok_ref == list(range(7)) and [i for i, _ in failed] == [i for i, _ in failed_ref] == [7]
+    assert "truncated" in failed[0][1] and ".cpp" not in failed[0][1]
+    difference = ((pixels - reference).abs() * std).flatten(1)  # in 0..1 intensity units
+    assert difference.mean(1).max() < 0.002 and difference.max() < 0.1
+    assert difference[0].max() == 0  # 64 px already: no resize, identical pixels
+
+    tensor_stage = EmbedStage(EmbedConfig(device="cpu", decoder="tensor"), {"model": ModelConfig(arch="toy-vit-tiny")})
+    tensor_stage.setup()
+    batch = pa.table({"key": [f"k{i}" for i in range(8)], "caption": ["a photo"] * 8, "image": blobs})
+    a, b = embed_stage.process_batch(batch), tensor_stage.process_batch(batch)
+    assert [r.key for r in a.rejects] == [r.key for r in b.rejects] == ["k7"]
+    va = np.asarray(a.table["image_embedding"].to_pylist(), np.float32)
+    vb = np.asarray(b.table["image_embedding"].to_pylist(), np.float32)
+    assert (va * vb).sum(1).min() > 0.999
+
+
+def test_tensor_decoder_is_refused_for_preprocessing_it_cannot_reproduce():
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from saferclip_data.stages.decode import tensor_path_mismatch
+
+    assert tensor_path_mismatch(image_transform_v2(PreprocessCfg(size=224), is_train=False), 224) is None
+    squash = image_transform_v2(PreprocessCfg(size=224, resize_mode="squash"), is_train=False)
+    assert "not Resize, CenterCrop, Normalize" in tensor_path_mismatch(squash, 224)
+
+
+def test_prefetching_stage_prepares_the_next_batch_while_the_current_one_computes():
+    import threading
+    import time
+
+    from saferclip_data.pipeline.executors import batch_results
+
+    events: list[tuple[str, int, str]] = []
+
+    class Slow(Stage):
+        name = "slow"
+        prefetch = True
+
+        def prepare_batch(self, batch):
+            events.append(("prepare start", batch["x"][0].as_py(), threading.current_thread().name))
+            time.sleep(0.05)
+            return batch
+
+        def compute_batch(self, prepared):
+            events.append(("compute start", prepared["x"][0].as_py(), threading.current_thread().name))
+            time.sleep(0.05)
+            events.append(("compute end", prepared["x"][0].as_py(), ""))
+            return BatchResult(prepared)
+
+    batches = [pa.table({"x": [i]}) for i in range(4)]
+    results = list(batch_results(Slow(Stage.Config(), {}), batches))
+    assert [r.table["x"][0].as_py() for _, r in results] == [0, 1, 2, 3]  # order kept
+    assert all(name.startswith("slow-prefetch") for kind, _, name in events if kind == "prepare start")
+    for i in range(3):  # batch i+1 was being prepared before batch i finished computing
+        assert events.index(("prepare start", i + 1, events[0][2])) < events.index(("compute end", i, ""))
+    assert Slow(Stage.Config(), {}).process_batch(batches[0]).table["x"][0].as_py() == 0  # the pure call still works
