@@ -6,6 +6,7 @@ measured alongside (for kNN: the bare matrix product of the same shapes on the s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -104,17 +105,59 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA), fp32 or bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
     peak_tflops: Annotated[float | None, typer.Option(help="Peak TFLOP/s for MFU where the table lacks it.")] = None,
+    loader_workers: Annotated[
+        int | None, typer.Option(min=0, help="Also time the data loader with this many processes (default: as train).")
+    ] = None,
+    loader: Annotated[bool, typer.Option(help="Time the data loader too (synthetic quadruplet shards).")] = True,
 ) -> None:
     """Trainer throughput on synthetic batches: samples/s, FLOPs per sample (counted by torch on one real step:
-    trained and frozen encoders, loss, backward) and MFU against the device's dense bf16 peak."""
-    from saferclip_data.training.bench_train import bench_train
+    trained and frozen encoders, loss, backward) and MFU against the device's dense bf16 peak; then the samples/s
+    the real data path (tars, JPEG decoding, preprocessing, tokenising) delivers, and its ratio to the step's
+    (>= 1: loading keeps up)."""
+    import torch
+
+    from saferclip_data.training.bench_train import bench_train, loader_rate
+    from saferclip_data.training.trainer import loader_workers as auto_workers
 
     r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops)
     table = Table(title=f"train step: {model}, {finetune}, batch {batch_size}")
-    for column in ("device", "trainable params", "samples/s", "s/step", "GFLOP/sample", "TFLOP/s", "MFU"):
+    columns = ("device", "trainable params", "samples/s", "s/step", "GFLOP/sample", "TFLOP/s", "MFU", "loader",
+               "loader / step")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="left" if column == "device" else "right")
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (no peak known; --peak-tflops)"
+    load, ratio = "-", "-"
+    if loader:
+        where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        workers = loader_workers if loader_workers is not None else auto_workers("auto", where)
+        rate = loader_rate(model, batch_size, workers)
+        load, ratio = f"{rate:,.1f}/s ({workers} workers)", f"{rate / r['samples_per_s']:.2f}"
     table.add_row(r["device"], f"{r['trainable_parameters']:,}", f"{r['samples_per_s']:,.1f}",
                   f"{r['step_seconds']:.3f}", f"{r['flops_per_sample'] / 1e9:,.1f}", f"{r['achieved_tflops']:.3f}",
-                  mfu)  # fmt: skip
+                  mfu, load, ratio)  # fmt: skip
+    Console(width=max(Console().width, 140)).print(table)
+
+
+@bench_app.command(epilog="Example (a GPU session): saferclip-data bench suite --out /tmp/bench")
+def suite(
+    out: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
+    quick: Annotated[bool, typer.Option(help="Toy shapes: checks the suite itself in a minute on a CPU.")] = False,
+) -> None:
+    """Every benchmark of the GPU issue in one run: kNN 100k x 4M x 768 (k=16), the embed stage for ViT-L/14 and
+    ViT-B/32 (in-process, through Ray, two actors per GPU), the trainer (ViT-B/32 and ViT-L/14, LoRA and full).
+    Writes results.json and results.md after every part, each figure marked against the issue's target; a part
+    that fails is recorded and the others still run."""
+    from saferclip_data.stages.bench_suite import default_out, run_suite
+
+    folder = out or default_out()
+    results = run_suite(folder, quick=quick, log=lambda line: console.print(line))
+    table = Table(title=f"bench suite on {results.machine['device']}")
+    for column in ("figure", "value", "target", "pass"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for name, v in results.verdicts().items():
+        value = "not measured" if v["value"] is None else f"{v['value']:,.3f}"
+        table.add_row(name, value, v["target"], "-" if v["pass"] is None else str(v["pass"]))
     Console(width=max(Console().width, 110)).print(table)
+    console.print(
+        f"results: {folder / 'results.md'} and results.json; failed parts: {sorted(results.errors) or 'none'}"
+    )

@@ -23,21 +23,26 @@ import numpy as np
 import yaml
 
 
-def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 1000, seed: int = 0) -> Path:
-    """JPEG photos-like noise (smooth gradients + noise, so the codec has work) with short captions, as tars."""
+def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 1000, seed: int = 0,
+                     distinct: int = 512) -> Path:  # fmt: skip
+    """JPEG photo-like noise (smooth gradients + noise, so the codec has work) with short captions, as tars.
+    ``distinct`` pictures are encoded and reused in turn (decoding costs the same; encoding 50k would not)."""
     import webdataset as wds
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     base = np.linspace(0, 255, size, dtype=np.float32)
+    jpegs = []
+    for _ in range(min(images, distinct)):
+        pixels = base[None, :, None] * rng.random(3)[None, None, :] + rng.normal(0, 20, (size, size, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
     for start in range(0, images, per_tar):
         with wds.TarWriter(str(folder / f"bench-{start // per_tar:05d}.tar")) as writer:
             for i in range(start, min(images, start + per_tar)):
-                pixels = base[None, :, None] * rng.random(3)[None, None, :] + rng.normal(0, 20, (size, size, 3))
-                buffer = io.BytesIO()
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-                writer.write({"__key__": f"img{i:07d}", "jpg": buffer.getvalue(), "txt": f"a photo number {i}"})
+                writer.write({"__key__": f"img{i:07d}", "jpg": jpegs[i % len(jpegs)], "txt": f"a photo number {i}"})
     return folder
 
 

@@ -20,8 +20,6 @@ from pydantic import Field
 
 from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
 
-from . import report_data as data
-
 BLUR_RADIUS = 6
 THUMB = 96
 
@@ -67,6 +65,8 @@ def thumbnail(image: bytes | None, blur: bool) -> str | None:
 
 def _plots(root: Path, stats: dict) -> list[tuple[str, str]]:
     """(title, base64 PNG) of every plot the work dir supports."""
+    from . import report_data as data  # polars: imported only where a report is made
+
     plots = []
     scores = data.scores_and_roles(root)
     if scores is not None:
@@ -125,6 +125,8 @@ def _plots(root: Path, stats: dict) -> list[tuple[str, str]]:
 
 def collect(root: Path) -> dict[str, Any]:
     """All report numbers as JSON-ready values (arrays summarised), plus the raw arrays under mining_arrays."""
+    from . import report_data as data  # polars: imported only where a report is made
+
     mining = data.mining(root)
     summary = {}
     for modality, m in mining.items():
@@ -269,6 +271,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     stats = collect(root)
     plots = _plots(root, stats)
+    from . import report_data as data
+
     rows = data.sample_pairs(root, modality, samples)
     for r in rows:
         r["unsafe_thumb"] = thumbnail(r.pop("unsafe_image"), blur=not show_unsafe)

@@ -50,3 +50,40 @@ def test_agreement_counts_rows_in_order_and_pairs_found():
     reference = np.array([[1, 2, 3], [4, 5, 6]])
     assert agreement(reference.copy(), reference) == (1.0, 1.0)
     assert agreement(np.array([[2, 1, 3], [4, 5, 9]]), reference) == (0.0, pytest.approx((1 + 2 / 3) / 2))
+
+
+def test_the_cli_and_the_stages_import_without_polars_or_faiss():
+    """The GPU host has neither (see ../shared/gpu-host): building source + embed there must not import them;
+    the report stage and the faiss backend import them where they are used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, saferclip_data.pipeline.cli, saferclip_data.stages, saferclip_data.training.trainer; "
+            "print(sorted(m for m in ('polars', 'faiss', 'matplotlib') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, monkeypatch):
+    import json
+
+    from saferclip_data.stages import bench_suite
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no trainer today")
+
+    monkeypatch.setattr("saferclip_data.training.bench_train.bench_train", broken)
+    results = bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        set(saved["errors"]) == {"train toy-vit-tiny lora"}
+        and "no trainer today" in saved["errors"]["train toy-vit-tiny lora"]
+    )
+    figures = saved["figures"]
+    assert figures["knn exact rows"] == 1.0 and figures["knn effective TFLOP/s"] > 0
+    assert figures["embed toy-vit-tiny local / encoder"] == pytest.approx(
+        figures["embed toy-vit-tiny local img/s"] / figures["embed toy-vit-tiny encoder img/s"]
+    )
+    assert all(v["pass"] is None for v in saved["verdicts"].values())  # an H200's targets are not judged on a CPU
+    assert "FAILED" in (tmp_path / "results.md").read_text() and results.figures == figures

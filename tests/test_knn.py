@@ -95,3 +95,16 @@ def test_tile_plan_fits_the_memory_it_is_given():
     small = plan_tiles(768, True, 2 << 30)
     assert small.block_rows < tiles.block_rows
     assert plan_tiles(768, False).query_rows * plan_tiles(768, False).block_rows * 4 <= 1 << 30
+
+
+@pytest.mark.gpu
+def test_cuda_search_with_fp16_candidates_is_exact_against_the_fp32_reference():
+    """fp16 product + fp32 re-scoring on the GPU: the same neighbours, in the same order, as exact fp32."""
+    import torch
+
+    queries, pool = _unit(300, 768, 11), _unit(64 * 3000, 768, 12)
+    ref_scores, ref_index = _reference(queries, pool, 16)
+    for resident in (pool, torch.as_tensor(pool, device="cuda")):
+        scores, index = knn_search(queries, resident, 16, backend="torch", block_rows=64 * 1000)
+        np.testing.assert_array_equal(index, ref_index)
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-5)

@@ -417,3 +417,35 @@ def test_step_log_writes_every_n_steps_and_on_flush(tmp_path):
     lines = _steps(tmp_path)
     assert [line["loss"] for line in lines] == [1.0, 2.0, 3.0, 4.0]
     assert lines[1]["terms"] == {"a": 1.0, "b": -2.0} and lines[3]["terms"] == {"a": 2.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_training_step_on_cuda_never_waits_for_the_device(finetune):
+    """torch's sync debug mode turns any host synchronisation inside the step (a .item(), a mask-indexing, a
+    device-to-host copy) into an error: the step as the trainer runs it has none."""
+    from saferclip_data.training.adapters import AdapterSettings
+    from saferclip_data.training.bench_train import synthetic_batch
+    from saferclip_data.training.reference import TrainedWithReference
+    from saferclip_data.training.trainer import StepLog, autocast_for
+
+    device = torch.device("cuda")
+    clip = _tiny()
+    pair = TrainedWithReference(clip.model.to(device), AdapterSettings(finetune=finetune))
+    pair.reference.to(device)
+    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=1e-4, fused=True)
+    batch = synthetic_batch(clip, 16, device)
+    log = StepLog(None, every=10)
+    for step in range(3):  # the first step is allowed its lazy initialisations
+        if step == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with autocast_for(device, "auto"):
+                loss, parts = pair.loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.add({"step": step}, loss, parts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

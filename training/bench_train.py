@@ -103,3 +103,74 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
         "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_tflops": peak,
     }  # fmt: skip
+
+
+def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar: int = 500, distinct: int = 64):
+    """Quadruplet tars in the shards stage's layout (JPEGs, captions, target embeddings, json), to time the real
+    loader without a build; ``distinct`` pictures are encoded and reused."""
+    import io
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(min(samples, distinct)):
+        pixels = rng.normal(128, 40, (image_px, image_px, 3)).clip(0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+
+    def npy(n: int) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, rng.standard_normal((n, dim)).astype(np.float16))
+        return buffer.getvalue()
+
+    for start in range(0, samples, per_tar):
+        with wds.TarWriter(str(folder / f"quad-{start // per_tar:05d}.tar")) as writer:
+            for i in range(start, min(samples, start + per_tar)):
+                meta = {"difficulty": "easy", "category": "violence", "given_pair": f"s{i}"}
+                sample = {
+                    "__key__": f"u{i:07d}",
+                    "unsafe.jpg": jpegs[i % len(jpegs)],
+                    "safe.jpg": jpegs[-1 - i % len(jpegs)],
+                    "unsafe.txt": f"a photo number {i} with a knife".encode(),
+                    "safe.txt": f"a photo number {i}".encode(),
+                    "targets_text.npy": npy(4),
+                    "targets_image.npy": npy(4),
+                    "json": json.dumps(meta).encode(),
+                }
+                writer.write(sample)
+    return folder
+
+
+def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, image_px: int = 256) -> float:
+    """Samples/s the trainer's data path delivers (tar reading, JPEG decoding, preprocessing, tokenising,
+    collating; pinned when CUDA is there) with ``workers`` DataLoader processes, on synthetic quad shards."""
+    import tempfile
+    from pathlib import Path
+
+    from .data import quad_pipeline
+    from .models import load_clip, text_trim
+
+    clip = load_clip(arch, None, init_seed=0)
+    with tempfile.TemporaryDirectory(prefix="saferclip-loader-") as tmp:
+        shards = synthetic_quad_shards(Path(tmp), samples, image_px, clip.embed_dim)
+        urls = sorted(str(p) for p in shards.glob("*.tar"))
+        stream = quad_pipeline(urls, clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+                               batch_size=batch_size, text_trim=text_trim(clip.model))  # fmt: skip
+        if workers:
+            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4)  # fmt: skip
+        iterator = iter(stream)
+        first = next(iterator)  # worker start-up is not the steady rate
+        started, count = time.perf_counter(), 0
+        for batch in iterator:
+            count += len(batch["key"])
+        seconds = time.perf_counter() - started
+    return count / seconds if count else len(first["key"]) / seconds

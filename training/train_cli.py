@@ -40,7 +40,11 @@ class TrainingSection(BaseModel):
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
-    num_workers: int = Field(default=0, ge=0, description="DataLoader processes decoding images")
+    num_workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="DataLoader processes decoding images; auto = one per CPU core up to 8 (one spared) on CUDA, "
+        "none on a CPU, where they would take cores from the step",
+    )
 
 
 class ZeroShotSet(BaseModel):

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -53,7 +53,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     device: str = "auto"  # auto: CUDA when available
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
-    num_workers: int = 0  # DataLoader processes decoding images
+    num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
 
     def adapter(self) -> AdapterSettings:
         return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
@@ -88,6 +88,16 @@ def _process_group() -> tuple[int, int]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """DataLoader processes: as set, or for "auto" one per CPU core up to 8 (one core spared for the step) when
+    training on CUDA, so decoding never starves the GPU; none on a CPU, where they would take the step's cores."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -174,6 +184,7 @@ def train(
 
     rank, world = _process_group()
     device = _device(config)
+    config = replace(config, num_workers=loader_workers(config.num_workers, device))
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
@@ -209,6 +220,10 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, skip_batches, step = state["epoch"], state["batches_done"], state["step"]
         torch.set_rng_state(state["rng"].cpu())
+        # workers split the stream among themselves, so their number is part of the data order: keep the run's
+        resumed_workers = state.get("config", {}).get("num_workers")
+        if isinstance(resumed_workers, int):
+            config = replace(config, num_workers=resumed_workers)
     if rank == 0:
         _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
     log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, config.log_every)
@@ -240,7 +255,7 @@ def train(
                                rank=rank, world_size=world, limit=per_rank[epoch], text_trim=trim)  # fmt: skip
         if config.num_workers:
             stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
-                                                 pin_memory=device.type == "cuda")  # fmt: skip
+                                                 pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
         done, pending = 0, 0
         keys: list[str] = []
         loss, parts = torch.zeros(()), {}

@@ -1,0 +1,215 @@
+"""`saferclip-data bench suite`: every throughput benchmark of the GPU issue in one run, against its targets.
+
+Made for a GPU session that may be short: one command measures kNN, the embed stage (ViT-L/14 and ViT-B/32,
+in-process and through Ray, one and two actors per GPU) and the trainer (LoRA and full), writes
+``results.json`` and ``results.md`` into ``--out`` after every part (a run cut short keeps what it measured),
+and marks each figure against the target the issue sets. A part that fails records its error and the suite
+goes on. ``--quick`` runs the same parts on toy shapes, so the suite itself is tested on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: shapes of the full (GPU) suite and of the quick (CPU) one
+FULL = {
+    "knn": {"pool_rows": 4_000_000, "query_rows": 100_000, "dim": 768, "k": 16, "repeats": 2},
+    "embed": [
+        {"arch": "ViT-L-14", "images": 20_480, "concurrency": 1, "gpus": "auto"},
+        {"arch": "ViT-B-32", "images": 65_536, "concurrency": 1, "gpus": "auto"},
+        {"arch": "ViT-B-32", "images": 65_536, "concurrency": 2, "gpus": 0.5, "executors": ["ray"]},
+    ],
+    "embed_run": {"batch_size": 512, "cpus": 4.0, "image_px": 256},
+    "train": [
+        {"arch": "ViT-B-32", "finetune": "lora", "batch_size": 256},
+        {"arch": "ViT-L-14", "finetune": "lora", "batch_size": 48},
+        {"arch": "ViT-L-14", "finetune": "full", "batch_size": 48},
+        {"arch": "ViT-L-14", "finetune": "full", "batch_size": 128},
+    ],
+    "train_steps": 5,
+    "loader_samples": 4096,
+}
+QUICK = {
+    "knn": {"pool_rows": 6_400, "query_rows": 300, "dim": 32, "k": 16, "repeats": 1},
+    "embed": [{"arch": "toy-vit-tiny", "images": 96, "concurrency": 1, "gpus": 0, "executors": ["local"]}],
+    "embed_run": {"batch_size": 32, "cpus": 1.0, "image_px": 64},
+    "train": [{"arch": "toy-vit-tiny", "finetune": "lora", "batch_size": 8}],
+    "train_steps": 1,
+    "loader_samples": 64,
+}
+
+#: the GPU issue's acceptance targets: figure name -> (comparison, threshold)
+TARGETS: dict[str, tuple[str, float]] = {
+    "embed ViT-L-14 local / encoder": (">=", 0.9),
+    "embed ViT-B-32 local img/s": (">=", 14_000),
+    "embed ViT-L-14 ray / local": (">=", 0.9),
+    "embed ViT-B-32 ray / local": (">=", 0.9),
+    "knn effective TFLOP/s": (">=", 300),
+    "knn x naive": (">=", 2.0),
+    "knn exact rows": (">=", 0.99),
+    "train ViT-L-14 full MFU": (">=", 0.35),
+}
+
+
+@dataclass
+class SuiteResults:
+    out: Path
+    machine: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, float] = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def verdicts(self) -> dict[str, dict]:
+        """Each target with its figure and whether it passes; judged only on a GPU (the targets are an H200's)."""
+        out = {}
+        on_gpu = bool(self.machine.get("cuda"))
+        for name, (op, threshold) in TARGETS.items():
+            value = self.figures.get(name)
+            judged = value is not None and on_gpu
+            passed = None if not judged else (value >= threshold if op == ">=" else value <= threshold)
+            out[name] = {"value": value, "target": f"{op} {threshold:g}", "pass": passed}
+        return out
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        payload = {**asdict(self), "out": str(self.out), "verdicts": self.verdicts()}
+        (self.out / "results.json").write_text(json.dumps(payload, indent=2, default=str))
+        (self.out / "results.md").write_text(self.markdown())
+
+    def markdown(self) -> str:
+        lines = [f"# bench suite on {self.machine.get('device', '?')}", "", "| figure | value | target | pass |",
+                 "|---|---|---|---|"]  # fmt: skip
+        for name, v in self.verdicts().items():
+            value = "not measured" if v["value"] is None else f"{v['value']:,.3f}"
+            lines.append(f"| {name} | {value} | {v['target']} | {'-' if v['pass'] is None else v['pass']} |")
+        lines += ["", "| other figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:,.3f} |" for k, v in self.figures.items() if k not in TARGETS]
+        for part, rows in self.tables.items():
+            lines += ["", f"## {part}", "", "```", *(json.dumps(r, default=str) for r in rows), "```"]
+        for part, error in self.errors.items():
+            lines += ["", f"## {part}: FAILED", "", "```", error, "```"]
+        return "\n".join(lines) + "\n"
+
+
+def machine_facts() -> dict[str, Any]:
+    import torch
+
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "cpus": __import__("os").cpu_count()}
+    if torch.cuda.is_available():
+        facts["device"] = torch.cuda.get_device_name()
+        facts["cuda"] = torch.version.cuda
+    else:
+        facts["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    return facts
+
+
+def _part(results: SuiteResults, name: str, run: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Run one part; its error is recorded, not raised; the results are written either way."""
+    import torch
+
+    log(f"{name} ...")
+    started = time.perf_counter()
+    try:
+        run()
+    except Exception:  # one broken part must not cost the figures of the others
+        results.errors[name] = traceback.format_exc(limit=8)
+        log(f"{name} FAILED: {results.errors[name].strip().splitlines()[-1]}")
+    results.seconds[name] = round(time.perf_counter() - started, 1)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    results.write()
+
+
+def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> SuiteResults:
+    from saferclip_data.training.bench_train import bench_train
+
+    from .bench_embed import EmbedRun, run_bench
+    from .bench_knn import run_knn_bench
+
+    shapes = QUICK if quick else FULL
+    results = SuiteResults(out, machine_facts())
+    results.write()
+
+    def knn() -> None:
+        s = shapes["knn"]
+        rows = run_knn_bench(s["pool_rows"], s["query_rows"], s["dim"], s["k"], ["torch"], s["repeats"])
+        results.tables["knn"] = [asdict(r) for r in rows]
+        naive, ours = rows[0], rows[1]
+        results.figures.update(
+            {
+                "knn effective TFLOP/s": ours.tflops,
+                "knn x naive": naive.seconds / ours.seconds,
+                "knn exact rows": ours.exact_rows,
+                "knn recall": ours.recall,
+                "knn naive TFLOP/s": naive.tflops,
+                "knn time / matmul": ours.seconds / ours.matmul_seconds,
+            }
+        )
+
+    _part(results, "knn", knn, log)
+    er = shapes["embed_run"]
+    for spec in shapes["embed"]:
+        executors = spec.get("executors", ["local", "ray"])
+        run = EmbedRun(er["batch_size"], spec["concurrency"], er["cpus"], spec["gpus"])
+        name = f"embed {spec['arch']}" + (f" x{spec['concurrency']} actors" if spec["concurrency"] > 1 else "")
+
+        def embed(spec=spec, executors=executors, run=run, name=name) -> None:
+            rows = run_bench(spec["arch"], spec["images"], er["image_px"], executors, run)
+            results.tables[name] = [dict(zip(("path", "where", "img/s", "seconds", "ratio", "ray/local"), r))
+                                    for r in rows]  # fmt: skip
+            encoder = float(rows[0][2].replace(",", ""))
+            results.figures[f"{name} encoder img/s"] = encoder
+            for row in rows[1:]:
+                executor = row[0].rsplit(" ", 1)[-1]
+                rate = float(row[2].replace(",", ""))
+                results.figures[f"{name} {executor} img/s"] = rate
+                results.figures[f"{name} {executor} / encoder"] = rate / encoder
+                if row[5]:
+                    results.figures[f"{name} {executor} / local"] = float(row[5])
+
+        _part(results, name, embed, log)
+    for spec in shapes["train"]:
+        name = f"train {spec['arch']} {spec['finetune']}"
+        key = name if not any(s is not spec and s["arch"] == spec["arch"] and s["finetune"] == spec["finetune"]
+                              for s in shapes["train"]) else f"{name} batch {spec['batch_size']}"  # fmt: skip
+
+        def train(spec=spec, key=key) -> None:
+            r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], shapes["train_steps"], "auto", "auto")
+            results.tables[key] = [r]
+            results.figures[f"{key} samples/s"] = r["samples_per_s"]
+            if r["mfu"] is not None:
+                results.figures[f"{key} MFU"] = r["mfu"]
+                base = f"train {spec['arch']} {spec['finetune']} MFU"
+                results.figures[base] = max(results.figures.get(base, 0.0), r["mfu"])
+
+        _part(results, key, train, log)
+
+    def loader() -> None:
+        import torch
+
+        from saferclip_data.training.bench_train import loader_rate
+        from saferclip_data.training.trainer import loader_workers
+
+        spec = shapes["train"][-1]
+        workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        rate = loader_rate(spec["arch"], spec["batch_size"], workers, samples=shapes["loader_samples"])
+        results.figures[f"train loader samples/s ({workers} workers)"] = rate
+        for name in [k for k in results.figures if k.startswith("train ") and k.endswith(" samples/s")]:
+            if "loader" not in name:
+                results.figures[name.replace(" samples/s", " loader / step")] = rate / results.figures[name]
+
+    _part(results, "train loader", loader, log)
+    return results
+
+
+def default_out() -> Path:
+    return Path(tempfile.gettempdir()) / "saferclip-bench-suite"
