@@ -130,8 +130,8 @@ def train(
     if loader:
         where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         workers = loader_workers if loader_workers is not None else auto_workers("auto", where)
-        rate = loader_rate(model, batch_size, workers)
-        load, ratio = f"{rate:,.1f}/s ({workers} workers)", f"{rate / r['samples_per_s']:.2f}"
+        rate, where_decoded = loader_rate(model, batch_size, workers)
+        load, ratio = f"{rate:,.1f}/s ({workers} workers, {where_decoded})", f"{rate / r['samples_per_s']:.2f}"
     table.add_row(r["device"], f"{r['trainable_parameters']:,}", f"{r['samples_per_s']:,.1f}",
                   f"{r['step_seconds']:.3f}", f"{r['flops_per_sample'] / 1e9:,.1f}", f"{r['achieved_tflops']:.3f}",
                   mfu, load, ratio)  # fmt: skip

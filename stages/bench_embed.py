@@ -23,10 +23,12 @@ import numpy as np
 import yaml
 
 
-def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 1000, seed: int = 0,
+def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 8192, seed: int = 0,
                      distinct: int = 512) -> Path:  # fmt: skip
     """JPEG photo-like noise (smooth gradients + noise, so the codec has work) with short captions, as tars.
-    ``distinct`` pictures are encoded and reused in turn (decoding costs the same; encoding 50k would not)."""
+    ``distinct`` pictures are encoded and reused in turn (decoding costs the same; encoding 50k would not).
+    A tar is a shard of the build, and a worker overlaps batches within a shard, so tars are large, as
+    img2dataset writes them (10k samples): 8192 = 16 batches of 512."""
     import webdataset as wds
     from PIL import Image
 

@@ -201,8 +201,8 @@ def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print
 
         spec = shapes["train"][-1]
         workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        rate = loader_rate(spec["arch"], spec["batch_size"], workers, samples=shapes["loader_samples"])
-        results.figures[f"train loader samples/s ({workers} workers)"] = rate
+        rate, where = loader_rate(spec["arch"], spec["batch_size"], workers, samples=shapes["loader_samples"])
+        results.figures[f"train loader samples/s ({workers} workers, decoded: {where})"] = rate
         for name in [k for k in results.figures if k.startswith("train ") and k.endswith(" samples/s")]:
             if "loader" not in name:
                 results.figures[name.replace(" samples/s", " loader / step")] = rate / results.figures[name]

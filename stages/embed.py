@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
+from saferclip_data.training.decode import decode_pil, decode_tensors, tensor_path_mismatch
 from saferclip_data.training.models import encode_text, trim_tokens
-
-from .decode import decode_pil, decode_tensors, tensor_path_mismatch
 
 log = logging.getLogger(__name__)
 

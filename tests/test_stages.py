@@ -216,7 +216,7 @@ def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
     same pixels as PIL to within a quarter of a grey level on average, the same rejects, the same vectors."""
     import torch
 
-    from saferclip_data.stages.decode import decode_pil, decode_tensors
+    from saferclip_data.training.decode import decode_pil, decode_tensors
 
     sizes = [(64, 64), (100, 80), (80, 100), (100, 80), (37, 53), (300, 200)]
     blobs = [_noise_jpeg(w, h, i) for i, (w, h) in enumerate(sizes)] + [_noise_jpeg(50, 70, 9, "PNG")]
@@ -245,7 +245,7 @@ def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
 def test_tensor_decoder_is_refused_for_preprocessing_it_cannot_reproduce():
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from saferclip_data.stages.decode import tensor_path_mismatch
+    from saferclip_data.training.decode import tensor_path_mismatch
 
     assert tensor_path_mismatch(image_transform_v2(PreprocessCfg(size=224), is_train=False), 224) is None
     squash = image_transform_v2(PreprocessCfg(size=224, resize_mode="squash"), is_train=False)

@@ -449,3 +449,31 @@ def test_training_step_on_cuda_never_waits_for_the_device(finetune):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+def test_images_decoded_on_the_device_train_like_pil_decoded_ones(built, tmp_path):
+    """decode: device (the GPU path, here on the CPU): the loader hands over encoded bytes, the trainer decodes
+    them with the model's preprocessing; same pixels to rounding, same losses to ~1e-3, same data order."""
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.decode import DeviceDecoder
+    from saferclip_data.training.trainer import TrainConfig, train
+
+    clip = _tiny("toy-resnet-tiny")
+    kwargs = {"epoch": 2, "batch_size": 6}
+    pil = next(iter(quad_pipeline(_quad_urls(built), clip.preprocess, clip.tokenizer, clip.image_size, **kwargs)))
+    raw = next(iter(quad_pipeline(_quad_urls(built), None, clip.tokenizer, clip.image_size, **kwargs)))
+    assert isinstance(raw["unsafe_image"], list) and isinstance(raw["unsafe_image"][0], bytes)
+    assert raw["key"] == pil["key"] and torch.equal(raw["has_image"], pil["has_image"])
+    decoded = DeviceDecoder(clip.preprocess, clip.image_size, torch.device("cpu"))(raw)
+    for name in ("unsafe_image", "safe_image"):
+        assert decoded[name].shape == pil[name].shape
+        assert (decoded[name] - pil[name]).abs().mean() < 0.02  # normalised units: a fraction of a grey level
+
+    losses = {}
+    for decode in ("cpu", "device"):
+        config = TrainConfig(epochs=1, batch_size=8, warmup_steps=1, decode=decode, seed=3)
+        train(_tiny("toy-resnet-tiny"), built / "shards" / "quad", tmp_path / decode, config, stop_after=2)
+        losses[decode] = _steps(tmp_path / decode)
+    assert [s["keys"] for s in losses["cpu"]] == [s["keys"] for s in losses["device"]]
+    for a, b in zip(losses["cpu"], losses["device"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2, abs=1e-3)

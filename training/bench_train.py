@@ -149,28 +149,47 @@ def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar
     return folder
 
 
-def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, image_px: int = 256) -> float:
-    """Samples/s the trainer's data path delivers (tar reading, JPEG decoding, preprocessing, tokenising,
-    collating; pinned when CUDA is there) with ``workers`` DataLoader processes, on synthetic quad shards."""
+def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, image_px: int = 256,
+                decode: str = "auto") -> tuple[float, str]:  # fmt: skip
+    """(samples/s, where images were decoded) of the trainer's data path on synthetic quad shards: tar reading,
+    JPEG decoding and preprocessing (PIL in the workers, or on the device as the trainer does with ``decode``),
+    tokenising, collating, the copy to the device; ``workers`` DataLoader processes."""
     import tempfile
     from pathlib import Path
 
     from .data import quad_pipeline
     from .models import load_clip, text_trim
+    from .trainer import _to, device_decoder
 
     clip = load_clip(arch, None, init_seed=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    decoder = device_decoder(clip, decode, device)
     with tempfile.TemporaryDirectory(prefix="saferclip-loader-") as tmp:
         shards = synthetic_quad_shards(Path(tmp), samples, image_px, clip.embed_dim)
         urls = sorted(str(p) for p in shards.glob("*.tar"))
-        stream = quad_pipeline(urls, clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+        preprocess = None if decoder is not None else clip.preprocess
+        stream = quad_pipeline(urls, preprocess, clip.tokenizer, clip.image_size, epoch=2,
                                batch_size=batch_size, text_trim=text_trim(clip.model))  # fmt: skip
         if workers:
             stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                                 pin_memory=torch.cuda.is_available(), prefetch_factor=4)  # fmt: skip
+                                                 pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
+
+        def deliver(batch: dict) -> int:
+            on_device = _to(batch, device)
+            if decoder is not None:
+                on_device = decoder(on_device)
+            return len(batch["key"])
+
         iterator = iter(stream)
-        first = next(iterator)  # worker start-up is not the steady rate
+        first = deliver(next(iterator))  # worker start-up is not the steady rate
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         started, count = time.perf_counter(), 0
         for batch in iterator:
-            count += len(batch["key"])
+            count += deliver(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-    return count / seconds if count else len(first["key"]) / seconds
+    where = f"{device.type} (nvJPEG)" if decoder is not None and device.type == "cuda" else (
+        "device tensors" if decoder is not None else "PIL in the loader")  # fmt: skip
+    return (count / seconds if count else first / seconds), where

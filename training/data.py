@@ -38,13 +38,16 @@ def _image(sample: dict, prefix: str) -> bytes | None:
     return None
 
 
-def decode_quad(sample: dict, preprocess: Callable, tokenizer: Callable, image_size: int) -> dict:
-    """One tar sample -> tensors: unsafe and safe image/tokens, top-1 target embeddings, flags, metadata."""
+def decode_quad(sample: dict, preprocess: Callable | None, tokenizer: Callable, image_size: int) -> dict:
+    """One tar sample -> tensors: unsafe and safe image/tokens, top-1 target embeddings, flags, metadata.
+    With ``preprocess`` None the images stay encoded bytes (None where absent), for ``decode.DeviceDecoder``."""
     from PIL import Image
 
     meta = json.loads(sample["json"])
 
-    def pixels(data: bytes | None) -> tuple[torch.Tensor, bool]:
+    def pixels(data: bytes | None) -> tuple[torch.Tensor | bytes | None, bool]:
+        if preprocess is None:
+            return data, data is not None
         if data is None:
             return torch.zeros(3, image_size, image_size), False
         return preprocess(Image.open(io.BytesIO(data)).convert("RGB")), True
@@ -99,7 +102,7 @@ def _share(samples: Iterable[dict], rank: int, world_size: int, limit: int | Non
 
 def quad_pipeline(
     urls: Sequence[str],
-    preprocess: Callable,
+    preprocess: Callable | None,
     tokenizer: Callable,
     image_size: int,
     *,
@@ -119,7 +122,8 @@ def quad_pipeline(
     Every process and DataLoader worker reads the same shuffled stream of (still encoded) samples and keeps its
     share: rank ``rank`` of ``world_size`` takes every ``world_size``-th sample, at most ``limit`` of them (so
     that all ranks run the same number of steps), and worker w of W takes every W-th of those before decoding.
-    Tar reading is repeated per process; the decoding, which costs, is not.
+    Tar reading is repeated per process; the decoding, which costs, is not. With ``preprocess`` None the
+    images are left encoded, to be decoded on the training device (``decode.DeviceDecoder``).
     """
     import webdataset as wds
 

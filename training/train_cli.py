@@ -24,6 +24,11 @@ class TrainingSection(BaseModel):
     grad_accum: int = Field(default=1, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(default=50, gt=0, description="optimiser steps between checkpoints")
+    decode: Literal["auto", "cpu", "device"] = Field(
+        default="auto",
+        description="where training images are decoded: cpu (PIL in the DataLoader workers), device (batched "
+        "nvJPEG + resize on the GPU), auto = device on CUDA where the model's preprocessing allows",
+    )
     log_every: int = Field(
         default=10, gt=0, description="optimiser steps between log.jsonl writes (reading a loss waits for the GPU)"
     )

@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when available
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
     num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
+    decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
 
     def adapter(self) -> AdapterSettings:
         return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
@@ -98,6 +99,20 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def device_decoder(clip, setting: str, device: torch.device):
+    """A ``DeviceDecoder`` when images are to be decoded on the training device: asked for ("device"), or
+    "auto" on CUDA where the model's preprocessing can be reproduced there; None = PIL in the loader."""
+    from .decode import DeviceDecoder, tensor_path_mismatch
+
+    if setting not in ("auto", "cpu", "device"):
+        raise ValueError(f"decode: '{setting}' is not auto, cpu or device")
+    if setting == "cpu" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "auto" and tensor_path_mismatch(clip.preprocess, clip.image_size):
+        return None
+    return DeviceDecoder(clip.preprocess, clip.image_size, device)
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -185,6 +200,7 @@ def train(
     rank, world = _process_group()
     device = _device(config)
     config = replace(config, num_workers=loader_workers(config.num_workers, device))
+    decoder = device_decoder(clip, config.decode, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
@@ -250,7 +266,8 @@ def train(
 
     stopped = False
     for epoch in range(start_epoch, config.epochs):
-        stream = quad_pipeline(urls, clip.preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
+        preprocess = None if decoder is not None else clip.preprocess  # None: images reach the step encoded
+        stream = quad_pipeline(urls, preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
                                batch_size=config.batch_size, seed=config.seed, schedule=config.schedule,
                                rank=rank, world_size=world, limit=per_rank[epoch], text_trim=trim)  # fmt: skip
         if config.num_workers:
@@ -263,8 +280,11 @@ def train(
             done += 1
             if epoch == start_epoch and done <= skip_batches:
                 continue  # consumed before the checkpoint: same stream, same order
+            on_device = _to(batch, device)
+            if decoder is not None:
+                on_device = decoder(on_device)
             with autocast:
-                loss, parts = pair.loss(_to(batch, device), config.method, weights)
+                loss, parts = pair.loss(on_device, config.method, weights)
             (loss / config.grad_accum).backward()
             keys += batch["key"]
             pending += 1
