@@ -196,6 +196,18 @@ def _add_subapps() -> None:
 _add_subapps()
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits) of click and of typer, which vendors its own copy of click since 0.20: with
+    ``standalone_mode=False`` they reach ``main``, which prints them as click would (one line, exit code 2)."""
+    import click
+
+    usage: list[type] = [click.exceptions.ClickException]
+    done: list[type] = [click.exceptions.Exit, typer.Exit]
+    if hasattr(typer, "TyperException"):  # typer >= 0.20: its usage errors derive from it and can show themselves
+        usage.append(typer.TyperException)
+    return tuple(usage), tuple(done)
+
+
 def main() -> None:
     """Console-script entry: run the app, turning user mistakes into one line and exit code 2."""
     try:
@@ -207,12 +219,11 @@ def main() -> None:
         console.print("aborted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; unwrap the user's ones
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        usage, done = _click_exception_types()
+        if isinstance(exc, usage) and hasattr(exc, "show"):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
+        if isinstance(exc, done):
             sys.exit(exc.exit_code)
         user = _user_error_of(exc)
         if user is None:

@@ -54,6 +54,16 @@ def knn(
     Console(width=max(Console().width, 150)).print(table)
 
 
+def _gpu_share(value: str) -> str:
+    if value != "auto":
+        try:
+            if float(value) < 0:
+                raise ValueError
+        except ValueError:
+            raise typer.BadParameter(f"'{value}' is not auto or a non-negative number") from None
+    return value
+
+
 @bench_app.command(epilog="Example: saferclip-data bench embed --model ViT-B-32 --images 20000 --batch-size 512")
 def embed(
     model: Annotated[
@@ -67,7 +77,10 @@ def embed(
         float, typer.Option(min=0.1, help="CPU cores per worker (a Ray actor uses this many torch threads).")
     ] = 1.0,
     gpus: Annotated[
-        str, typer.Option(help="GPUs per worker: auto (one where there are GPUs), or a share such as 0.5.")
+        str,
+        typer.Option(
+            help="GPUs per worker: auto (one where there are GPUs), or a share such as 0.5.", callback=_gpu_share
+        ),
     ] = "auto",
     executors: Annotated[str, typer.Option(help="Comma-separated: local, ray.")] = "local,ray",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -82,11 +95,7 @@ def embed(
     from saferclip_data.stages.bench_embed import EmbedRun, run_bench
 
     names = [e.strip() for e in executors.split(",") if e.strip()]
-    try:
-        share: float | str = gpus if gpus == "auto" else float(gpus)
-    except ValueError:
-        raise typer.BadParameter(f"'{gpus}' is not auto or a number", param_hint="--gpus") from None
-    run = EmbedRun(batch_size, concurrency, cpus, share, device, precision, decoder)
+    run = EmbedRun(batch_size, concurrency, cpus, gpus if gpus == "auto" else float(gpus), device, precision, decoder)
     rows = run_bench(model, images, image_px, names, run)
     table = Table(title=f"embed: {model}, {images:,} JPEGs of {image_px}px, batch {batch_size}")
     for column in ("path", "where", "images/s", "stage seconds", "ratio to encoder", "ray / local"):
@@ -140,8 +149,10 @@ def train(
 
 @bench_app.command(epilog="Example (a GPU session): saferclip-data bench suite --out /tmp/bench")
 def suite(
-    out: Annotated[Path | None, typer.Option(help="Folder for results.json and results.md.")] = None,
-    quick: Annotated[bool, typer.Option(help="Toy shapes: checks the suite itself in a minute on a CPU.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for results.json and results.md [default: TMPDIR/saferclip-bench-suite]")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Toy shapes: checks the suite itself in about 15 s on a CPU.")] = False,
 ) -> None:
     """Every benchmark of the GPU issue in one run: kNN 100k x 4M x 768 (k=16), the embed stage for ViT-L/14 and
     ViT-B/32 (in-process, through Ray, two actors per GPU), the trainer (ViT-B/32 and ViT-L/14, LoRA and full).

@@ -145,3 +145,11 @@ def test_the_embedded_default_recipe_is_the_demo_and_valid(cli):
     code, out, err = cli("validate")
     assert code == 0, err
     assert out.startswith("recipe ok: demo: source -> embed")
+
+
+def test_usage_errors_are_one_clear_line_whatever_click_typer_brings(cli):
+    """typer vendors its own click since 0.20: its usage errors must still end as click prints them, exit 2."""
+    code, _, err = cli("build", "--nope")
+    assert code == 2 and "No such option: --nope" in err and "Traceback" not in err
+    code, _, err = cli("bench", "embed", "--gpus", "abc")
+    assert code == 2 and "Invalid value for '--gpus'" in err and "Traceback" not in err
