@@ -199,10 +199,15 @@ _add_subapps()
 def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(usage errors, exits) of click and of typer, which vendors its own copy of click since 0.20: with
     ``standalone_mode=False`` they reach ``main``, which prints them as click would (one line, exit code 2)."""
-    import click
+    usage: list[type] = []
+    done: list[type] = [typer.Exit]
+    try:  # a typer that vendors click no longer needs it installed
+        import click
 
-    usage: list[type] = [click.exceptions.ClickException]
-    done: list[type] = [click.exceptions.Exit, typer.Exit]
+        usage.append(click.exceptions.ClickException)
+        done.append(click.exceptions.Exit)
+    except ImportError:
+        pass
     if hasattr(typer, "TyperException"):  # typer >= 0.20: its usage errors derive from it and can show themselves
         usage.append(typer.TyperException)
     return tuple(usage), tuple(done)
