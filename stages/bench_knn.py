@@ -79,17 +79,20 @@ def naive_topk(q, pool, k: int, fast) -> tuple:
     return torch.cat(out_s), torch.cat(out_i)
 
 
-def reference_topk(queries: np.ndarray, pool: np.ndarray, k: int, chunk: int = 65_536) -> np.ndarray:
-    """Exact fp32 top-k indices on the host (numpy), ties to the lower index, the pool in chunks."""
+def reference_topk(queries: np.ndarray, pool: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
+    """Exact fp32 top-k indices on the host CPU, the pool in chunks: each chunk's k best (torch's CPU matmul and
+    top-k, on every core), then the candidates ordered by score and, on ties, by the lower index (numpy)."""
+    import torch
+
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_i = np.full((len(queries), k), -1, np.int64)
+    q = torch.as_tensor(queries, dtype=torch.float32)
     for start in range(0, len(pool), chunk):
-        s = queries @ pool[start : start + chunk].T
-        s_all, i_all = (
-            np.concatenate([best_s, s], 1),
-            np.concatenate([best_i, np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)], 1),
-        )
-        order = np.lexsort((i_all, -s_all), axis=1)[:, :k]
+        block = torch.as_tensor(pool[start : start + chunk], dtype=torch.float32)
+        top = torch.topk(q @ block.T, min(k, len(block)), dim=1)
+        s_all = np.concatenate([best_s, top.values.numpy()], 1)
+        i_all = np.concatenate([best_i, top.indices.numpy() + start], 1)
+        order = np.lexsort((np.where(i_all < 0, np.iinfo(np.int64).max, i_all), -s_all), axis=1)[:, :k]
         best_s, best_i = np.take_along_axis(s_all, order, 1), np.take_along_axis(i_all, order, 1)
     return best_i
 
