@@ -19,32 +19,44 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: shapes of the full (GPU) suite and of the quick (CPU) one
-FULL = {
-    "knn": {"pool_rows": 4_000_000, "query_rows": 100_000, "dim": 768, "k": 16, "repeats": 2},
-    "embed": [
-        {"arch": "ViT-L-14", "images": 20_480, "concurrency": 1, "gpus": "auto"},
-        {"arch": "ViT-B-32", "images": 65_536, "concurrency": 1, "gpus": "auto"},
-        {"arch": "ViT-B-32", "images": 65_536, "concurrency": 2, "gpus": 0.5, "executors": ["ray"]},
-    ],
-    "embed_run": {"batch_size": 512, "cpus": 4.0, "image_px": 256},
-    "train": [
-        {"arch": "ViT-B-32", "finetune": "lora", "batch_size": 256},
-        {"arch": "ViT-L-14", "finetune": "lora", "batch_size": 48},
-        {"arch": "ViT-L-14", "finetune": "full", "batch_size": 48},
-        {"arch": "ViT-L-14", "finetune": "full", "batch_size": 128},
-    ],
-    "train_steps": 5,
-    "loader_samples": 4096,
-}
-QUICK = {
-    "knn": {"pool_rows": 6_400, "query_rows": 300, "dim": 32, "k": 16, "repeats": 1},
-    "embed": [{"arch": "toy-vit-tiny", "images": 96, "concurrency": 1, "gpus": 0, "executors": ["local"]}],
-    "embed_run": {"batch_size": 32, "cpus": 1.0, "image_px": 64},
-    "train": [{"arch": "toy-vit-tiny", "finetune": "lora", "batch_size": 8}],
-    "train_steps": 1,
-    "loader_samples": 64,
-}
+#: the parts of the full (GPU) suite, most important first (a run cut short keeps the first ones), and of the
+#: quick (CPU) one, which runs the same code on toy shapes
+EMBED_RUN = {"batch_size": 512, "cpus": 4.0, "image_px": 256}
+FULL: list[dict[str, Any]] = [
+    {"kind": "knn", "pool_rows": 4_000_000, "query_rows": 100_000, "dim": 768, "k": 16, "repeats": 2},
+    {"kind": "embed", "arch": "ViT-L-14", "images": 20_480, "concurrency": 1, "gpus": "auto", **EMBED_RUN},
+    {"kind": "embed", "arch": "ViT-B-32", "images": 32_768, "concurrency": 1, "gpus": "auto", **EMBED_RUN},
+    {"kind": "train", "arch": "ViT-B-32", "finetune": "lora", "batch_size": 256, "steps": 5},
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "lora", "batch_size": 48, "steps": 5},
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5},
+    {
+        "kind": "embed",
+        "arch": "ViT-B-32",
+        "images": 32_768,
+        "concurrency": 2,
+        "gpus": 0.5,
+        "executors": ["ray"],
+        **EMBED_RUN,
+    },  # fmt: skip
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 128, "steps": 5},
+    {"kind": "loader", "arch": "ViT-L-14", "batch_size": 48, "samples": 4096},
+]
+QUICK: list[dict[str, Any]] = [
+    {"kind": "knn", "pool_rows": 6_400, "query_rows": 300, "dim": 32, "k": 16, "repeats": 1},
+    {
+        "kind": "embed",
+        "arch": "toy-vit-tiny",
+        "images": 96,
+        "concurrency": 1,
+        "gpus": 0,
+        "executors": ["local"],
+        "batch_size": 32,
+        "cpus": 1.0,
+        "image_px": 64,
+    },  # fmt: skip
+    {"kind": "train", "arch": "toy-vit-tiny", "finetune": "lora", "batch_size": 8, "steps": 1},
+    {"kind": "loader", "arch": "toy-vit-tiny", "batch_size": 8, "samples": 64},
+]
 
 #: the GPU issue's acceptance targets: figure name -> (comparison, threshold)
 TARGETS: dict[str, tuple[str, float]] = {
@@ -129,85 +141,87 @@ def _part(results: SuiteResults, name: str, run: Callable[[], None], log: Callab
     results.write()
 
 
-def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> SuiteResults:
-    from saferclip_data.training.bench_train import bench_train
-
-    from .bench_embed import EmbedRun, run_bench
+def _knn(results: SuiteResults, spec: dict) -> None:
     from .bench_knn import run_knn_bench
 
-    shapes = QUICK if quick else FULL
+    rows = run_knn_bench(spec["pool_rows"], spec["query_rows"], spec["dim"], spec["k"], ["torch"], spec["repeats"])
+    results.tables["knn"] = [asdict(r) for r in rows]
+    naive, ours = rows[0], rows[1]
+    results.figures.update(
+        {
+            "knn effective TFLOP/s": ours.tflops,
+            "knn x naive": naive.seconds / ours.seconds,
+            "knn exact rows": ours.exact_rows,
+            "knn recall": ours.recall,
+            "knn naive TFLOP/s": naive.tflops,
+            "knn time / matmul": ours.seconds / ours.matmul_seconds,
+        }
+    )
+
+
+def _embed(results: SuiteResults, spec: dict, name: str) -> None:
+    from .bench_embed import EmbedRun, run_bench
+
+    run = EmbedRun(spec["batch_size"], spec["concurrency"], spec["cpus"], spec["gpus"])
+    rows = run_bench(spec["arch"], spec["images"], spec["image_px"], spec.get("executors", ["local", "ray"]), run)
+    results.tables[name] = [dict(zip(("path", "where", "img/s", "seconds", "ratio", "ray/local"), r)) for r in rows]
+    encoder = float(rows[0][2].replace(",", ""))
+    results.figures[f"{name} encoder img/s"] = encoder
+    for row in rows[1:]:
+        executor = row[0].rsplit(" ", 1)[-1]
+        rate = float(row[2].replace(",", ""))
+        results.figures[f"{name} {executor} img/s"] = rate
+        results.figures[f"{name} {executor} / encoder"] = rate / encoder
+        if row[5]:
+            results.figures[f"{name} {executor} / local"] = float(row[5])
+
+
+def _train(results: SuiteResults, spec: dict, name: str) -> None:
+    from saferclip_data.training.bench_train import bench_train
+
+    r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], spec["steps"], "auto", "auto")
+    results.tables[name] = [r]
+    results.figures[f"{name} samples/s"] = r["samples_per_s"]
+    if r["mfu"] is not None:
+        results.figures[f"{name} MFU"] = r["mfu"]
+        best = f"train {spec['arch']} {spec['finetune']} MFU"  # the target's figure: the best batch size
+        results.figures[best] = max(results.figures.get(best, 0.0), r["mfu"])
+
+
+def _loader(results: SuiteResults, spec: dict) -> None:
+    import torch
+
+    from saferclip_data.training.bench_train import loader_rate
+    from saferclip_data.training.trainer import loader_workers
+
+    workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rate, where = loader_rate(spec["arch"], spec["batch_size"], workers, samples=spec["samples"])
+    results.figures[f"train loader samples/s ({workers} workers, decoded: {where})"] = rate
+    for name in [k for k in results.figures if k.startswith("train ") and k.endswith(" samples/s")]:
+        results.figures[name.replace(" samples/s", " loader / step")] = rate / results.figures[name]
+
+
+def part_name(spec: dict) -> str:
+    if spec["kind"] == "embed":
+        return f"embed {spec['arch']}" + (f" x{spec['concurrency']} actors" if spec["concurrency"] > 1 else "")
+    if spec["kind"] == "train":
+        return f"train {spec['arch']} {spec['finetune']} batch {spec['batch_size']}"
+    return spec["kind"]
+
+
+def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> SuiteResults:
+    """Run every part of the full (or quick) suite in order; results written after each."""
     results = SuiteResults(out, machine_facts())
     results.write()
-
-    def knn() -> None:
-        s = shapes["knn"]
-        rows = run_knn_bench(s["pool_rows"], s["query_rows"], s["dim"], s["k"], ["torch"], s["repeats"])
-        results.tables["knn"] = [asdict(r) for r in rows]
-        naive, ours = rows[0], rows[1]
-        results.figures.update(
-            {
-                "knn effective TFLOP/s": ours.tflops,
-                "knn x naive": naive.seconds / ours.seconds,
-                "knn exact rows": ours.exact_rows,
-                "knn recall": ours.recall,
-                "knn naive TFLOP/s": naive.tflops,
-                "knn time / matmul": ours.seconds / ours.matmul_seconds,
-            }
-        )
-
-    _part(results, "knn", knn, log)
-    er = shapes["embed_run"]
-    for spec in shapes["embed"]:
-        executors = spec.get("executors", ["local", "ray"])
-        run = EmbedRun(er["batch_size"], spec["concurrency"], er["cpus"], spec["gpus"])
-        name = f"embed {spec['arch']}" + (f" x{spec['concurrency']} actors" if spec["concurrency"] > 1 else "")
-
-        def embed(spec=spec, executors=executors, run=run, name=name) -> None:
-            rows = run_bench(spec["arch"], spec["images"], er["image_px"], executors, run)
-            results.tables[name] = [dict(zip(("path", "where", "img/s", "seconds", "ratio", "ray/local"), r))
-                                    for r in rows]  # fmt: skip
-            encoder = float(rows[0][2].replace(",", ""))
-            results.figures[f"{name} encoder img/s"] = encoder
-            for row in rows[1:]:
-                executor = row[0].rsplit(" ", 1)[-1]
-                rate = float(row[2].replace(",", ""))
-                results.figures[f"{name} {executor} img/s"] = rate
-                results.figures[f"{name} {executor} / encoder"] = rate / encoder
-                if row[5]:
-                    results.figures[f"{name} {executor} / local"] = float(row[5])
-
-        _part(results, name, embed, log)
-    for spec in shapes["train"]:
-        name = f"train {spec['arch']} {spec['finetune']}"
-        key = name if not any(s is not spec and s["arch"] == spec["arch"] and s["finetune"] == spec["finetune"]
-                              for s in shapes["train"]) else f"{name} batch {spec['batch_size']}"  # fmt: skip
-
-        def train(spec=spec, key=key) -> None:
-            r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], shapes["train_steps"], "auto", "auto")
-            results.tables[key] = [r]
-            results.figures[f"{key} samples/s"] = r["samples_per_s"]
-            if r["mfu"] is not None:
-                results.figures[f"{key} MFU"] = r["mfu"]
-                base = f"train {spec['arch']} {spec['finetune']} MFU"
-                results.figures[base] = max(results.figures.get(base, 0.0), r["mfu"])
-
-        _part(results, key, train, log)
-
-    def loader() -> None:
-        import torch
-
-        from saferclip_data.training.bench_train import loader_rate
-        from saferclip_data.training.trainer import loader_workers
-
-        spec = shapes["train"][-1]
-        workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        rate, where = loader_rate(spec["arch"], spec["batch_size"], workers, samples=shapes["loader_samples"])
-        results.figures[f"train loader samples/s ({workers} workers, decoded: {where})"] = rate
-        for name in [k for k in results.figures if k.startswith("train ") and k.endswith(" samples/s")]:
-            if "loader" not in name:
-                results.figures[name.replace(" samples/s", " loader / step")] = rate / results.figures[name]
-
-    _part(results, "train loader", loader, log)
+    for spec in QUICK if quick else FULL:
+        name = part_name(spec)
+        run = {
+            "knn": lambda spec=spec: _knn(results, spec),
+            "embed": lambda spec=spec, name=name: _embed(results, spec, name),
+            "train": lambda spec=spec, name=name: _train(results, spec, name),
+            "loader": lambda spec=spec: _loader(results, spec),
+        }[spec["kind"]]
+        _part(results, name, run, log)
     return results
 
 

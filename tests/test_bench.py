@@ -77,8 +77,8 @@ def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, 
     results = bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (
-        set(saved["errors"]) == {"train toy-vit-tiny lora"}
-        and "no trainer today" in saved["errors"]["train toy-vit-tiny lora"]
+        set(saved["errors"]) == {"train toy-vit-tiny lora batch 8"}
+        and "no trainer today" in saved["errors"]["train toy-vit-tiny lora batch 8"]
     )
     figures = saved["figures"]
     assert figures["knn exact rows"] == 1.0 and figures["knn effective TFLOP/s"] > 0
