@@ -123,6 +123,34 @@ def run_global_job(job: StageJob) -> dict[str, Any]:
     }
 
 
+def plan_actors(stage: str, config: StageConfig, wanted: int, cluster: dict[str, float]) -> tuple[int, float, str]:
+    """(actors, GPUs per actor, a note when the request was cut) for ``wanted`` actors on a cluster with these
+    total resources. ``gpus: auto`` shares the cluster's GPUs among the actors (one each at most: concurrency 2 on
+    one GPU gives 0.5 each, two actors feeding one GPU); an explicit request that the whole cluster could never
+    hold is cut to what fits, with a note, instead of leaving actors waiting for resources forever."""
+    total_gpus = cluster.get("GPU", 0.0)
+    if config.gpus == "auto":
+        gpus = min(1.0, total_gpus / max(1, wanted)) if total_gpus >= 1 else 0.0
+    else:
+        gpus = float(config.gpus)
+    fits = [wanted]
+    if config.cpus > 0:
+        fits.append(int(cluster.get("CPU", 0.0) / config.cpus + 1e-9))
+    if gpus > 0:
+        fits.append(int(total_gpus / gpus + 1e-9))
+    if min(fits) < 1:
+        raise UserError(
+            f"stage {stage}: one worker asks for cpus {config.cpus:g} and gpus {gpus:g}, more than the "
+            f"whole Ray cluster has ({cluster.get('CPU', 0):g} CPUs, {total_gpus:g} GPUs)"
+        )
+    count = min(fits)
+    note = ""
+    if count < wanted:
+        note = (f"concurrency {config.concurrency} x (cpus {config.cpus:g}, gpus {gpus:g}) does not fit the cluster "
+                f"({cluster.get('CPU', 0):g} CPUs, {total_gpus:g} GPUs): running {count} worker(s)")  # fmt: skip
+    return count, gpus, note
+
+
 class LocalExecutor:
     """In-process, one shard after another: for debugging and machines without Ray. Same outputs as Ray."""
 
@@ -173,22 +201,20 @@ class RayExecutor:
             self._we_started = True
         return ray
 
-    def _gpus(self, ray, config: StageConfig) -> float:
-        if config.gpus == "auto":
-            return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        return float(config.gpus)
-
     def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
         ray = self._ensure_ray()
         config = job.config
-        gpus = self._gpus(ray, config)
+        wanted = min(config.concurrency, len(pending))
+        count, gpus, note = plan_actors(job.stage_cls.name, config, wanted, ray.cluster_resources())
+        if note:
+            log.warning("stage %s: %s", job.stage_cls.name, note)
         job = StageJob(job.stage_cls, config, job.sections, job.workdir, torch_threads=max(1, int(config.cpus)))
         # spread over the nodes (each reads and writes its own shards on the shared work dir); an actor whose node
         # dies is restarted elsewhere and its shard retried, so losing a worker node loses no work
         remote_cls = ray.remote(ShardWorker).options(
             num_cpus=config.cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=3, scheduling_strategy="SPREAD"
         )
-        actors = [remote_cls.remote(job) for _ in range(min(config.concurrency, len(pending)))]
+        actors = [remote_cls.remote(job) for _ in range(count)]
         try:
             ray.get([a.ready.remote() for a in actors])
             for stats in self._shards_on(ray, actors, pending):
@@ -230,7 +256,7 @@ class RayExecutor:
 
     def run_global(self, job: StageJob) -> dict[str, Any]:
         ray = self._ensure_ray()
-        gpus = self._gpus(ray, job.config)
+        gpus = plan_actors(job.stage_cls.name, job.config, 1, ray.cluster_resources())[1]
         task = ray.remote(run_global_job).options(num_cpus=job.config.cpus, num_gpus=gpus)
         return ray.get(task.remote(job))
 

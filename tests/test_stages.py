@@ -282,3 +282,20 @@ def test_prefetching_stage_prepares_the_next_batch_while_the_current_one_compute
     for i in range(3):  # batch i+1 was being prepared before batch i finished computing
         assert events.index(("prepare start", i + 1, events[0][2])) < events.index(("compute end", i, ""))
     assert Slow(Stage.Config(), {}).process_batch(batches[0]).table["x"][0].as_py() == 0  # the pure call still works
+
+
+def test_actor_plan_shares_gpus_on_auto_and_never_asks_for_more_than_the_cluster_has():
+    from saferclip_data.pipeline.errors import UserError
+    from saferclip_data.pipeline.executors import plan_actors
+    from saferclip_data.pipeline.stage import StageConfig
+
+    one_gpu = {"CPU": 16.0, "GPU": 1.0}
+    assert plan_actors("embed", StageConfig(gpus="auto", cpus=4), 1, one_gpu) == (1, 1.0, "")
+    assert plan_actors("embed", StageConfig(gpus="auto", cpus=4), 2, one_gpu) == (2, 0.5, "")  # two feed one GPU
+    assert plan_actors("embed", StageConfig(gpus="auto", cpus=1), 3, {"CPU": 8.0}) == (3, 0.0, "")
+    count, gpus, note = plan_actors("embed", StageConfig(gpus=1, cpus=1), 3, one_gpu)
+    assert (count, gpus) == (1, 1.0) and "running 1 worker" in note  # not two actors waiting forever
+    count, _, note = plan_actors("embed", StageConfig(gpus=0, cpus=1, concurrency=4), 4, {"CPU": 2.0})
+    assert count == 2 and "concurrency 4" in note
+    with pytest.raises(UserError, match="stage embed: one worker asks for cpus 4"):
+        plan_actors("embed", StageConfig(gpus=0, cpus=4), 1, {"CPU": 2.0})
