@@ -54,7 +54,7 @@ class ShardWorker:
         started = time.perf_counter()
         stage = self.stage
         table = stage.read_shard(spec, self.workdir)
-        batch_size = self.job.config.batch_size
+        batch_size = stage.batch_rows()
         outputs: list[pa.Table] = []
         rejects = []
         starts = range(0, table.num_rows, batch_size) if table.num_rows else [0]

@@ -130,7 +130,7 @@ class Stage(ABC):
 
     def describe_resources(self) -> str:
         c = self.config
-        return f"cpus={c.cpus:g} gpus={c.gpus} batch={c.batch_size} concurrency={c.concurrency}"
+        return f"cpus={c.cpus:g} gpus={c.gpus} batch={c.batch_size or 'by device'} concurrency={c.concurrency}"
 
     # ---- worker side -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -139,6 +139,11 @@ class Stage(ABC):
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         """Assemble this shard's input: the declared columns of each upstream stage, aligned on ``key``."""
         return workdir.read_aligned(spec.shard_id, self.inputs)
+
+    def batch_rows(self) -> int:
+        """Records per ``process_batch`` call on this worker (after ``setup``): the config's ``batch_size``; a
+        stage may choose by the device it found."""
+        return self.config.batch_size
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
         """The pure core of a map stage. A stage that splits its work (``prefetch``) need not override it."""

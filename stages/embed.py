@@ -74,7 +74,7 @@ class ModelConfig(BaseModel):
 
 
 class EmbedConfig(StageConfig):
-    batch_size: int = Field(default=64, gt=0)
+    batch_size: int | None = Field(default=None, gt=0, description="records per batch; unset: 512 on CUDA, 64 on CPU")
     gpus: float | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = CUDA where the worker has it")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -163,6 +163,9 @@ class EmbedStage(Stage):
             self.std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
         #: the side stream prepare_batch decodes and uploads on, so that it overlaps the encoders (CUDA only)
         self._stream = torch.cuda.Stream() if self.device == "cuda" else None
+
+    def batch_rows(self) -> int:
+        return self.config.batch_size or (512 if self.device == "cuda" else 64)
 
     def output_metadata(self) -> dict[str, str]:
         return {"model_identity": self.clip.identity, "embed_dim": str(self.clip.embed_dim)}

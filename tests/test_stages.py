@@ -299,3 +299,8 @@ def test_actor_plan_shares_gpus_on_auto_and_never_asks_for_more_than_the_cluster
     assert count == 2 and "concurrency 4" in note
     with pytest.raises(UserError, match="stage embed: one worker asks for cpus 4"):
         plan_actors("embed", StageConfig(gpus=0, cpus=4), 1, {"CPU": 2.0})
+
+
+def test_embed_batch_size_follows_the_device_unless_set(embed_stage):
+    assert embed_stage.config.batch_size is None and embed_stage.batch_rows() == 64  # CPU worker
+    assert EmbedStage(EmbedConfig(batch_size=8), {}).batch_rows() == 8
