@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
-from saferclip_data.training.decode import decode_pil, decode_tensors, tensor_path_mismatch
+from saferclip_data.training.decode import decode_pil, decode_tensors, normalization, tensor_path_mismatch
 from saferclip_data.training.models import encode_text, trim_tokens
 
 log = logging.getLogger(__name__)
@@ -158,9 +158,7 @@ class EmbedStage(Stage):
             log.info("embed: decoding with PIL on the CPU: %s", mismatch)
         self.mean = self.std = None
         if self.decoder == "tensor":
-            normalize = next(t for t in self.clip.preprocess.transforms if type(t).__name__ == "Normalize")
-            self.mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
-            self.std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
+            self.mean, self.std = normalization(self.clip.preprocess, self.device)
         #: the side stream prepare_batch decodes and uploads on, so that it overlaps the encoders (CUDA only)
         self._stream = torch.cuda.Stream() if self.device == "cuda" else None
 

@@ -214,16 +214,14 @@ def _noise_jpeg(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
 def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
     """The GPU path's arithmetic (batched decode, size groups, resize, crop, normalise), run on the CPU: the
     same pixels as PIL to within a quarter of a grey level on average, the same rejects, the same vectors."""
-    import torch
 
-    from saferclip_data.training.decode import decode_pil, decode_tensors
+    from saferclip_data.training.decode import decode_pil, decode_tensors, normalization
 
     sizes = [(64, 64), (100, 80), (80, 100), (100, 80), (37, 53), (300, 200)]
     blobs = [_noise_jpeg(w, h, i) for i, (w, h) in enumerate(sizes)] + [_noise_jpeg(50, 70, 9, "PNG")]
     blobs.append(blobs[0][:200])  # truncated
     clip = embed_stage.clip
-    norm = next(t for t in clip.preprocess.transforms if type(t).__name__ == "Normalize")
-    mean, std = torch.tensor(norm.mean).view(1, 3, 1, 1), torch.tensor(norm.std).view(1, 3, 1, 1)
+    mean, std = normalization(clip.preprocess)
     reference, ok_ref, failed_ref = decode_pil(blobs, clip.preprocess)
     pixels, ok, failed = decode_tensors(blobs, clip.image_size, mean, std, "cpu")
     assert ok == ok_ref == list(range(7)) and [i for i, _ in failed] == [i for i, _ in failed_ref] == [7]

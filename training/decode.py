@@ -65,6 +65,17 @@ def _decode_all(blobs: list[bytes], device: Any) -> tuple[dict[int, Any], list[t
     return decoded, sorted(failed)
 
 
+def normalization(preprocess: Any, device: Any = "cpu") -> tuple[Any, Any]:
+    """(mean, std) of the preprocessing's Normalize step as (1, 3, 1, 1) tensors on ``device``."""
+    import torch
+
+    normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    shape = (1, 3, 1, 1)
+    return torch.tensor(normalize.mean, device=device).view(shape), torch.tensor(normalize.std, device=device).view(
+        shape
+    )
+
+
 def _error(exc: Exception) -> str:
     """torchvision's message without the C++ source location it carries."""
     return f"{type(exc).__name__}: " + re.sub(r"\s*\S+\.cpp:\d+,?", "", str(exc)).strip(" ,")
@@ -135,15 +146,11 @@ class DeviceDecoder:
     FIELDS = ("unsafe_image", "safe_image")
 
     def __init__(self, preprocess: Any, image_size: int, device: Any):
-        import torch
-
         mismatch = tensor_path_mismatch(preprocess, image_size)
         if mismatch:
             raise ValueError(f"images cannot be decoded on the device for this model: {mismatch}")
-        normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
         self.size, self.device = image_size, device
-        self.mean = torch.tensor(normalize.mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(normalize.std, device=device).view(1, 3, 1, 1)
+        self.mean, self.std = normalization(preprocess, device)
 
     def __call__(self, batch: dict) -> dict:
         import torch

@@ -75,11 +75,9 @@ class ToyPixels:
     """PIL scenes -> normalised tensors, through a JPEG round trip as the embed stage sees them."""
 
     def __init__(self, preprocess, size: int):
-        import torch
+        from .decode import normalization
 
-        normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
-        self.mean = torch.tensor(normalize.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(normalize.std).view(1, 3, 1, 1)
+        self.mean, self.std = normalization(preprocess)
         self.size = size
 
     def __call__(self, images):
