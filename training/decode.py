@@ -70,10 +70,8 @@ def normalization(preprocess: Any, device: Any = "cpu") -> tuple[Any, Any]:
     import torch
 
     normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
-    shape = (1, 3, 1, 1)
-    return torch.tensor(normalize.mean, device=device).view(shape), torch.tensor(normalize.std, device=device).view(
-        shape
-    )
+    mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (normalize.mean, normalize.std))
+    return mean, std
 
 
 def _error(exc: Exception) -> str:
