@@ -9,7 +9,6 @@ included). The ratio of the two is what the GPU issue asks to be ≥ 0.9.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -19,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 
@@ -30,17 +28,11 @@ def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 8192, 
     A tar is a shard of the build, and a worker overlaps batches within a shard, so tars are large, as
     img2dataset writes them (10k samples): 8192 = 16 batches of 512."""
     import webdataset as wds
-    from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    from saferclip_data.training.bench_train import noise_jpegs
+
     folder.mkdir(parents=True, exist_ok=True)
-    base = np.linspace(0, 255, size, dtype=np.float32)
-    jpegs = []
-    for _ in range(min(images, distinct)):
-        pixels = base[None, :, None] * rng.random(3)[None, None, :] + rng.normal(0, 20, (size, size, 3))
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-        jpegs.append(buffer.getvalue())
+    jpegs = noise_jpegs(min(images, distinct), size, seed)
     for start in range(0, images, per_tar):
         with wds.TarWriter(str(folder / f"bench-{start // per_tar:05d}.tar")) as writer:
             for i in range(start, min(images, start + per_tar)):

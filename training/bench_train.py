@@ -105,6 +105,25 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
     }  # fmt: skip
 
 
+def noise_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
+    """Photo-like synthetic JPEGs (a coloured gradient plus noise, so the codec has work) for the benchmarks,
+    which encode a few and reuse them: decoding costs the same, encoding tens of thousands would not."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size, dtype=np.float32)
+    out = []
+    for _ in range(count):
+        pixels = base[None, :, None] * rng.random(3)[None, None, :] + rng.normal(0, 20, (size, size, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
 def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar: int = 500, distinct: int = 64):
     """Quadruplet tars in the shards stage's layout (JPEGs, captions, target embeddings, json), to time the real
     loader without a build; ``distinct`` pictures are encoded and reused."""
@@ -114,17 +133,11 @@ def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar
 
     import numpy as np
     import webdataset as wds
-    from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(min(samples, distinct)):
-        pixels = rng.normal(128, 40, (image_px, image_px, 3)).clip(0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-        jpegs.append(buffer.getvalue())
+    jpegs = noise_jpegs(min(samples, distinct), image_px)
 
     def npy(n: int) -> bytes:
         buffer = io.BytesIO()
