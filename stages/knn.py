@@ -31,16 +31,6 @@ RERANK_MARGIN = 16
 GROUP = 64
 
 
-def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int):
-    """Keep the k best of two candidate sets per query: score descending, then pool index ascending."""
-    scores = np.concatenate([best_s, s], axis=1)
-    index = np.concatenate([best_i, i], axis=1)
-    missing = index < 0
-    index_key = np.where(missing, np.iinfo(np.int64).max, index)
-    order = np.lexsort((index_key, -np.where(missing, -np.inf, scores)), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(index, order, 1)
-
-
 def _block_topk_faiss(queries: np.ndarray, block: np.ndarray, k: int, use_gpu: bool):
     import faiss
 
@@ -131,7 +121,7 @@ def _candidates(scores: Any, count: int) -> Any:
 
 
 def _merge_device(best_s, best_i, s, i, k: int):
-    """The k best of both per row on the device: score descending, then pool index ascending (two stable
+    """The k best of both per row (on the tensors' device): score descending, then pool index ascending (two stable
     sorts make the lexicographic order), missing entries (-1) last."""
     import torch
 
@@ -163,8 +153,7 @@ def _torch_search(queries: np.ndarray, pool: Any, k: int, on_gpu: bool, block_ro
         for block in _device_blocks(pool, tiles.block_rows, device):
             if block.shape[0] == 0:
                 continue
-            if block.shape[1] != queries.shape[1]:
-                raise ValueError(f"pool dimension {block.shape[1]} differs from query dimension {queries.shape[1]}")
+            _check_width(block, queries)
             block_fast = block.to(fast)
             count = k + RERANK_MARGIN
             for start in range(0, n, q_rows):
@@ -215,22 +204,28 @@ def knn_search(
 
 
 def _faiss_search(queries: np.ndarray, pool: Any, k: int, on_gpu: bool, block_rows: int):
+    import torch
+
     n = queries.shape[0]
-    best_s = np.full((n, k), -np.inf, np.float32)
-    best_i = np.full((n, k), -1, np.int64)
+    best_s = torch.full((n, k), -torch.inf)
+    best_i = torch.full((n, k), -1, dtype=torch.int64)
     offset, seen = 0, 0
     if not isinstance(pool, np.ndarray) and hasattr(pool, "cpu"):  # a torch tensor
         pool = pool.float().cpu().numpy()
     for block in _blocks(pool, block_rows):
         if block.shape[0] == 0:
             continue
-        if block.shape[1] != queries.shape[1]:
-            raise ValueError(f"pool dimension {block.shape[1]} differs from query dimension {queries.shape[1]}")
+        _check_width(block, queries)
         s, i = _block_topk_faiss(queries, block, k, on_gpu)
-        best_s, best_i = _merge(best_s, best_i, s, i + offset, k)
+        best_s, best_i = _merge_device(best_s, best_i, torch.from_numpy(s), torch.from_numpy(i) + offset, k)
         offset += block.shape[0]
         seen += 1
-    return best_s, best_i, seen
+    return best_s.numpy(), best_i.numpy(), seen
+
+
+def _check_width(block: Any, queries: np.ndarray) -> None:
+    if block.shape[1] != queries.shape[1]:
+        raise ValueError(f"pool dimension {block.shape[1]} differs from query dimension {queries.shape[1]}")
 
 
 def _blocks(pool: np.ndarray | Iterable[np.ndarray], block_rows: int) -> Iterator[np.ndarray]:
