@@ -188,9 +188,7 @@ def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, i
                                                  pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
 
         def deliver(batch: dict) -> int:
-            on_device = _to(batch, device)
-            if decoder is not None:
-                on_device = decoder(on_device)
+            _to(batch, device, decoder)
             return len(batch["key"])
 
         iterator = iter(stream)

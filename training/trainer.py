@@ -140,11 +140,13 @@ def autocast_for(device: torch.device, precision: str):
 HOST_FIELDS = frozenset({"has_image", "has_safe_image"})
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {
+def _to(batch: dict, device: torch.device, decoder=None) -> dict:
+    """The batch on ``device`` (row flags stay on the host); encoded images decoded there by ``decoder``."""
+    moved = {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_FIELDS else v
         for k, v in batch.items()
     }
+    return decoder(moved) if decoder is not None else moved
 
 
 class StepLog:
@@ -280,9 +282,7 @@ def train(
             done += 1
             if epoch == start_epoch and done <= skip_batches:
                 continue  # consumed before the checkpoint: same stream, same order
-            on_device = _to(batch, device)
-            if decoder is not None:
-                on_device = decoder(on_device)
+            on_device = _to(batch, device, decoder)  # decoded outside autocast: pixels stay fp32 as the PIL path's
             with autocast:
                 loss, parts = pair.loss(on_device, config.method, weights)
             (loss / config.grad_accum).backward()
