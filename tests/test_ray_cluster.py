@@ -106,15 +106,19 @@ def test_build_on_two_node_cluster_matches_local(tmp_path, manifest_200, two_nod
         env={"RAY_AUTH_MODE": "disabled"},
     )
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-
-    produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("*/part-*.parquet"))
-    assert len(produced) == 16  # 2 stages x 4 shards x (output, rejects)
-    for rel in produced:
-        assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
+    _assert_same_as_local(recipe, cluster_work, local_work, parts=16)  # 2 stages x 4 shards x (output, rejects)
     nodes = {json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")}
     assert len(nodes) == 2, "both nodes of the cluster embedded shards"
+
+
+def _assert_same_as_local(recipe, cluster_work, local_work, parts: int) -> None:
+    """The same recipe built in-process writes byte-identical parquet files to those the cluster wrote."""
+    proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("*/part-*.parquet"))
+    assert len(produced) == parts
+    for rel in produced:
+        assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
 
 
 def _kill_tree(proc: subprocess.Popen) -> int:
@@ -163,11 +167,6 @@ def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(t
     out, err = build.communicate(timeout=400)
     assert build.returncode == 0, err[-3000:]
 
-    proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("*/part-*.parquet"))
-    assert len(produced) == 80  # 2 stages x 20 shards x (output, rejects)
-    for rel in produced:
-        assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
+    _assert_same_as_local(recipe, cluster_work, local_work, parts=80)  # 2 stages x 20 shards x (output, rejects)
     after = [json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")]
     assert len(after) == 20 and len(set(after)) == 2  # shards before the loss on both nodes, the rest survived
