@@ -108,6 +108,8 @@ def load_clip(
     import open_clip
     import torch
 
+    from .tokens import fast_tokenizer
+
     register_toy_configs()
     if pretrained == TOY_TAG:
         from .toy_pretrain import PretrainConfig, ensure_pretrained
@@ -126,7 +128,7 @@ def load_clip(
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=pretrained or None, cache_dir=cache_dir
         )
-        tokenizer = open_clip.get_tokenizer(arch)
+        tokenizer = fast_tokenizer(open_clip.get_tokenizer(arch))
     except Exception as exc:  # downloads, bad checkpoints: all end as one clear line for the user
         if kind == "random":
             raise
