@@ -20,7 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
-from saferclip_data.training.decode import decode_pil, decode_tensors, normalization, tensor_path_mismatch
+from saferclip_data.training.decode import (
+    byte_views,
+    decode_pil,
+    decode_tensors,
+    normalization,
+    tensor_path_mismatch,
+)
 from saferclip_data.training.models import encode_text, trim_tokens
 
 log = logging.getLogger(__name__)
@@ -176,9 +182,9 @@ class EmbedStage(Stage):
         work overlap the previous batch's encoders."""
         import torch
 
-        blobs = batch["image"].to_pylist()
+        blobs = byte_views(batch["image"])
         captions = batch["caption"].to_pylist()
-        image_rows = [i for i, b in enumerate(blobs) if b]
+        image_rows = [i for i, b in enumerate(blobs) if b is not None]
         stream = self._stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             if self.decoder == "pil":

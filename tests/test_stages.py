@@ -240,6 +240,23 @@ def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
     assert (va * vb).sum(1).min() > 0.999
 
 
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
+def test_byte_views_are_the_rows_bytes_over_one_copy_per_chunk(kind):
+    from saferclip_data.training.decode import byte_views
+
+    rows = [b"\xff\xd8\xffabc", None, b"", b"xyz", b"0123456789"]
+    whole = pa.array(rows, kind)
+    column = pa.chunked_array([whole.slice(1, 3), whole.slice(0, 1), whole.slice(4)])  # offsets inside chunks
+    views = byte_views(column)
+    want = [rows[1], rows[2], rows[3], rows[0], rows[4]]
+    assert [None if v is None else bytes(v) for v in views] == [None, None, b"xyz", rows[0], rows[4]]
+    assert views[2].flags.writeable  # the tensor decoders need writable memory
+    assert [bytes(v[:3]) for v in views if v is not None] == [w[:3] for w in want if w]
+    assert byte_views(pa.chunked_array([], kind)) == []
+    with pytest.raises(TypeError, match="binary column"):
+        byte_views(pa.array(["text"]))
+
+
 def test_tensor_decoder_is_refused_for_preprocessing_it_cannot_reproduce():
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
