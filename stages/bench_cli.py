@@ -91,7 +91,9 @@ def embed(
 ) -> None:
     """The embed stage end to end (WebDataset shards of JPEGs -> decode -> image and text embeddings -> parquet)
     against the image encoder alone on ready pixels: images/s of each, their ratio (1.0 = the pipeline costs
-    nothing beyond the encoder) and, for Ray, the ratio to the same stage in-process."""
+    nothing beyond the encoder) and, for Ray, the ratio to the same stage in-process. The "host" rows time the
+    worker's per-batch work besides the encoders (tokenising, JPEG bytes to pixels), one batch at a time: a
+    ratio below 1 is work one worker cannot hide behind the encoder."""
     from saferclip_data.stages.bench_embed import EmbedRun, run_bench
 
     names = [e.strip() for e in executors.split(",") if e.strip()]

@@ -23,20 +23,21 @@ import yaml
 
 def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 8192, seed: int = 0,
                      distinct: int = 512) -> Path:  # fmt: skip
-    """JPEG photo-like noise (smooth gradients + noise, so the codec has work) with short captions, as tars.
+    """JPEG photo-like noise (smooth gradients + noise, so the codec has work) with alt-text-length captions.
     ``distinct`` pictures are encoded and reused in turn (decoding costs the same; encoding 50k would not).
     A tar is a shard of the build, and a worker overlaps batches within a shard, so tars are large, as
     img2dataset writes them (10k samples): 8192 = 16 batches of 512."""
     import webdataset as wds
 
-    from saferclip_data.training.bench_train import noise_jpegs
+    from saferclip_data.training.bench_train import noise_jpegs, synthetic_captions
 
     folder.mkdir(parents=True, exist_ok=True)
     jpegs = noise_jpegs(min(images, distinct), size, seed)
+    captions = synthetic_captions(images, seed)
     for start in range(0, images, per_tar):
         with wds.TarWriter(str(folder / f"bench-{start // per_tar:05d}.tar")) as writer:
             for i in range(start, min(images, start + per_tar)):
-                writer.write({"__key__": f"img{i:07d}", "jpg": jpegs[i % len(jpegs)], "txt": f"a photo number {i}"})
+                writer.write({"__key__": f"img{i:07d}", "jpg": jpegs[i % len(jpegs)], "txt": captions[i]})
     return folder
 
 
@@ -65,6 +66,50 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
     seconds = time.perf_counter() - started
     where = torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     return batches * batch_size / seconds, f"{where}, {dtype}".replace("torch.", "")
+
+
+def _rate(work, items: int, sync=lambda: None, repeats: int = 3) -> float:
+    """Items/s of the best of ``repeats`` timed calls, after one warm-up call."""
+    work()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        sync()
+        best = min(best, time.perf_counter() - started)
+    return items / best
+
+
+def host_work_rates(arch: str, batch_size: int, image_px: int, device: str) -> list[tuple[str, str, float]]:
+    """Items/s of each piece of per-batch work an embed worker does besides the encoders, one batch at a time:
+    tokenising (open_clip's tokenizer, and the cached front the stage uses) and turning a batch of JPEG bytes
+    into model-ready pixels with the tensor decoder on ``device`` (nvJPEG on CUDA). Set against the encoder's
+    images/s they say which one a worker cannot hide: the slowest one bounds a single worker."""
+    import open_clip
+    import pyarrow as pa
+    import torch
+
+    from saferclip_data.training.bench_train import noise_jpegs, synthetic_captions
+    from saferclip_data.training.decode import byte_views, decode_tensors
+    from saferclip_data.training.models import load_clip
+
+    captions = synthetic_captions(batch_size, seed=1)
+    clip = load_clip(arch)
+    base = open_clip.get_tokenizer(arch)
+    jpegs = noise_jpegs(min(batch_size, 64), image_px)
+    column = pa.chunked_array([pa.array([jpegs[i % len(jpegs)] for i in range(batch_size)], pa.binary())])
+    dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    mean = torch.zeros(1, 3, 1, 1, device=dev)
+    std = torch.ones(1, 3, 1, 1, device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    decoder_where = "cuda, nvJPEG" if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    return [
+        ("tokenise (open_clip)", "1 thread, captions/s", _rate(lambda: base(captions), batch_size)),
+        ("tokenise (cached, used)", "1 thread, captions/s", _rate(lambda: clip.tokenizer(captions), batch_size)),
+        ("JPEG to pixels", f"tensor decoder, {decoder_where}",
+         _rate(lambda: decode_tensors(byte_views(column), clip.image_size, mean, std, dev), batch_size, sync)),
+    ]  # fmt: skip
 
 
 @dataclass
@@ -110,6 +155,8 @@ def run_bench(arch: str, images: int, image_px: int, executors: list[str], run: 
     rows = []
     ceiling, where = encoder_ceiling(arch, run.batch_size, images, run.device, run.precision)
     rows.append(("image encoder only", where, f"{ceiling:,.0f}", "-", "1.00", ""))
+    for name, where, rate in host_work_rates(arch, run.batch_size, image_px, run.device):
+        rows.append((f"  host: {name}", where, f"{rate:,.0f}", "-", f"{rate / ceiling:.2f}", ""))
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="saferclip-bench-") as tmp:
         shards = synthetic_shards(Path(tmp) / "shards", images, image_px)

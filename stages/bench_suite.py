@@ -168,6 +168,9 @@ def _embed(results: SuiteResults, spec: dict, name: str) -> None:
     encoder = float(rows[0][2].replace(",", ""))
     results.figures[f"{name} encoder img/s"] = encoder
     for row in rows[1:]:
+        if row[0].startswith("  host: "):
+            results.figures[f"{name} {row[0].strip()} /s"] = float(row[2].replace(",", ""))
+            continue
         executor = row[0].rsplit(" ", 1)[-1]
         rate = float(row[2].replace(",", ""))
         results.figures[f"{name} {executor} img/s"] = rate

@@ -124,6 +124,27 @@ def noise_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
     return out
 
 
+CAPTION_PARTS = (
+    ["a young woman", "an old man", "two children", "a tall cyclist", "a street musician", "a family of four",
+     "a brown dog", "a group of hikers", "a chef in a white apron", "a girl with a kite"],
+    ["walking slowly", "standing quietly", "laughing together", "sitting on a wooden bench", "carrying groceries",
+     "looking at the camera", "waiting for the bus", "reading a newspaper"],
+    ["along the river", "in a crowded market", "near the old stone bridge", "on a snowy mountain path",
+     "outside a small cafe", "in the middle of a sunflower field", "by the harbour", "under a red umbrella"],
+    ["at dusk", "on a rainy afternoon", "in the early morning light", "during a summer festival", "at night",
+     "on a foggy day", "in autumn", "under a clear blue sky"],
+)  # fmt: skip
+
+
+def synthetic_captions(count: int, seed: int = 0) -> list[str]:
+    """Captions of the length web alt-texts and ViSU captions have (10-20 words, 12-24 tokens), so the
+    benchmarks tokenise and run the text tower on realistic widths; a number keeps each one distinct."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(part) for part in CAPTION_PARTS) + f", photo {i}" for i in range(count)]
+
+
 def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar: int = 500, distinct: int = 64):
     """Quadruplet tars in the shards stage's layout (JPEGs, captions, target embeddings, json), to time the real
     loader without a build; ``distinct`` pictures are encoded and reused."""
@@ -138,6 +159,7 @@ def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     jpegs = noise_jpegs(min(samples, distinct), image_px)
+    captions = synthetic_captions(samples)
 
     def npy(n: int) -> bytes:
         buffer = io.BytesIO()
@@ -152,8 +174,8 @@ def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar
                     "__key__": f"u{i:07d}",
                     "unsafe.jpg": jpegs[i % len(jpegs)],
                     "safe.jpg": jpegs[-1 - i % len(jpegs)],
-                    "unsafe.txt": f"a photo number {i} with a knife".encode(),
-                    "safe.txt": f"a photo number {i}".encode(),
+                    "unsafe.txt": f"{captions[i]} with a knife".encode(),
+                    "safe.txt": captions[i].encode(),
                     "targets_text.npy": npy(4),
                     "targets_image.npy": npy(4),
                     "json": json.dumps(meta).encode(),
