@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,19 +46,34 @@ class ShardWorker:
         self.workdir = WorkDir(job.workdir)
         self.stage.setup()
         self.node = _ray_node_id()
+        #: a prefetch stage's background thread: the next batch's preparation, and the look-ahead (the next
+        #: shard read and its first batch prepared while this shard's last batch computes)
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-prefetch") if self.stage.prefetch else None
+        )
+        self._ahead: tuple[str, Future] | None = None
 
     def ready(self) -> dict[str, str]:
         return {"pid": str(os.getpid()), **self.stage.output_metadata()}
 
-    def run_shard(self, spec: ShardSpec, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    def run_shard(
+        self, spec: ShardSpec, on_batch: Callable[[int], None] | None = None, upcoming: ShardSpec | None = None
+    ) -> dict[str, Any]:
+        """Run one shard and write its output. ``upcoming``: the shard this worker will be given next; a prefetch
+        stage reads it and prepares its first batch while this shard's last batch computes, so the device does
+        not wait between shards (a shard that is not the announced one is read as usual)."""
         started = time.perf_counter()
         stage = self.stage
-        table = stage.read_shard(spec, self.workdir)
+        table, first = self._take_look_ahead(spec)
+        if table is None:
+            table = stage.read_shard(spec, self.workdir)
         batch_size = stage.batch_rows()
         outputs: list[pa.Table] = []
         rejects = []
         starts = range(0, table.num_rows, batch_size) if table.num_rows else [0]
-        for batch, result in batch_results(stage, [table.slice(start, batch_size) for start in starts]):
+        batches = [table.slice(start, batch_size) for start in starts]
+        look_ahead = (lambda: self._look_ahead(upcoming)) if upcoming is not None and self._pool else None
+        for batch, result in batch_results(stage, batches, self._pool, first, look_ahead):
             outputs.append(result.table)
             rejects.extend(result.rejects)
             if on_batch:
@@ -83,21 +98,54 @@ class ShardWorker:
         self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats, metadata)
         return stats
 
+    def _look_ahead(self, spec: ShardSpec) -> None:
+        """Queue reading ``spec`` and preparing its first batch on the prefetch thread (behind this shard's
+        last preparation)."""
 
-def batch_results(stage: Stage, batches: list[pa.Table]) -> Iterator[tuple[pa.Table, BatchResult]]:
-    """Each batch with its result, in order; for a ``prefetch`` stage the next batch is prepared in a
-    background thread while the current one computes (one batch ahead, so memory stays bounded)."""
-    if not stage.prefetch or len(batches) < 2:
+        def read_and_prepare() -> tuple[pa.Table, Any]:
+            table = self.stage.read_shard(spec, self.workdir)
+            return table, self.stage.prepare_batch(table.slice(0, self.stage.batch_rows()))
+
+        self._ahead = (spec.shard_id, self._pool.submit(read_and_prepare))
+
+    def _take_look_ahead(self, spec: ShardSpec) -> tuple[pa.Table | None, Any]:
+        """(table, its first batch prepared) when ``spec`` was read ahead, else (None, None); a look-ahead of
+        another shard is dropped (its error, if any, with it: that shard will be read again when it comes)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != spec.shard_id:
+            return None, None
+        return ahead[1].result()
+
+
+def batch_results(
+    stage: Stage,
+    batches: list[pa.Table],
+    pool: ThreadPoolExecutor | None = None,
+    first: Any = None,
+    then: Callable[[], None] | None = None,
+) -> Iterator[tuple[pa.Table, BatchResult]]:
+    """Each batch with its result, in order; for a ``prefetch`` stage the next batch is prepared on ``pool``'s
+    thread (one of its own if None) while the current one computes (one batch ahead, so memory stays bounded).
+    ``first``: the first batch already prepared (by a look-ahead); ``then`` is called once the last batch's
+    preparation is queued, to queue more work behind it."""
+    if not stage.prefetch:
         for batch in batches:
             yield batch, stage.process_batch(batch)
         return
-    with ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-prefetch") as pool:
-        ahead = pool.submit(stage.prepare_batch, batches[0])
+    own_pool = pool is None
+    pool = pool or ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-prefetch")
+    try:
+        ahead: Any = first if first is not None else pool.submit(stage.prepare_batch, batches[0])
         for i, batch in enumerate(batches):
-            prepared = ahead.result()
+            prepared = ahead.result() if isinstance(ahead, Future) else ahead
             if i + 1 < len(batches):
                 ahead = pool.submit(stage.prepare_batch, batches[i + 1])
+            elif then is not None:
+                then()
             yield batch, stage.compute_batch(prepared)
+    finally:
+        if own_pool:
+            pool.shutdown(wait=True)
 
 
 def _ray_node_id() -> str:
@@ -158,8 +206,8 @@ class LocalExecutor:
 
     def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
         worker = ShardWorker(job)
-        for spec in pending:
-            on_shard(worker.run_shard(spec, on_batch=on_records))
+        for spec, upcoming in zip(pending, [*pending[1:], None]):
+            on_shard(worker.run_shard(spec, on_batch=on_records, upcoming=upcoming))
 
     def run_global(self, job: StageJob) -> dict[str, Any]:
         return run_global_job(job)
@@ -226,20 +274,30 @@ class RayExecutor:
 
     @staticmethod
     def _shards_on(ray, actors: list, specs: list[ShardSpec], max_losses: int = 20):
-        """Yield each shard's stats as its actor finishes it, one shard in flight per actor. A shard whose actor
-        was lost (its node died, or it is restarting) goes back to the queue: shards are idempotent (written
-        atomically, committed by a marker), so a rerun cannot leave half a shard. A stage's own error stops the
-        stage."""
+        """Yield each shard's stats as its actor finishes it, one shard in flight per actor. Each actor is also
+        promised its next shard (announced as ``upcoming``, so it reads that shard while finishing this one);
+        a promised shard waits for its actor, so at the end one actor may have a shard more to do than another.
+        A shard whose actor was lost (its node died, or it is restarting) goes back to the queue with the one
+        promised to it: shards are idempotent (written atomically, committed by a marker), so a rerun cannot
+        leave half a shard. A stage's own error stops the stage."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        queue, idle, in_flight = deque(specs), list(actors), {}
+        queue, idle, in_flight = deque(specs), list(range(len(actors))), {}
+        promised: dict[int, ShardSpec] = {}
         losses = 0
-        while queue or in_flight:
-            while idle and queue:
-                actor, spec = idle.pop(), queue.popleft()
-                in_flight[actor.run_shard.remote(spec)] = (actor, spec)
+        while queue or in_flight or promised:
+            while idle and (queue or promised):
+                worker = next((w for w in idle if w in promised), idle[-1])
+                spec = promised.pop(worker, None) or (queue.popleft() if queue else None)
+                if spec is None:
+                    break  # the remaining shards are promised to busy actors
+                idle.remove(worker)
+                upcoming = promised[worker] = queue.popleft() if queue else None
+                if upcoming is None:
+                    del promised[worker]
+                in_flight[actors[worker].run_shard.remote(spec, None, upcoming)] = (worker, spec)
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, spec = in_flight.pop(ref)
+            worker, spec = in_flight.pop(ref)
             try:
                 stats = ray.get(ref)
             except (RayActorError, ActorUnavailableError) as exc:
@@ -248,10 +306,12 @@ class RayExecutor:
                     raise RuntimeError(f"shard {spec.shard_id}: workers lost {losses} times; last: {exc}") from exc
                 log.warning("shard %s: its worker was lost (%s); retrying", spec.shard_id, type(exc).__name__)
                 time.sleep(min(5.0, 0.5 * losses))  # a restarting actor needs a moment
+                if worker in promised:
+                    queue.appendleft(promised.pop(worker))
                 queue.appendleft(spec)
-                idle.append(actor)  # max_restarts=-1: Ray brings it back on a live node
+                idle.append(worker)  # max_restarts=-1: Ray brings it back on a live node
                 continue
-            idle.append(actor)
+            idle.append(worker)
             yield stats
 
     def run_global(self, job: StageJob) -> dict[str, Any]:

@@ -25,8 +25,8 @@ def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 8192, 
                      distinct: int = 512) -> Path:  # fmt: skip
     """JPEG photo-like noise (smooth gradients + noise, so the codec has work) with alt-text-length captions.
     ``distinct`` pictures are encoded and reused in turn (decoding costs the same; encoding 50k would not).
-    A tar is a shard of the build, and a worker overlaps batches within a shard, so tars are large, as
-    img2dataset writes them (10k samples): 8192 = 16 batches of 512."""
+    A tar is a shard of the build; tars are as large as img2dataset writes them (10k samples): 8192 = 16
+    batches of 512."""
     import webdataset as wds
 
     from saferclip_data.training.bench_train import noise_jpegs, synthetic_captions

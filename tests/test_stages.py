@@ -299,6 +299,109 @@ def test_prefetching_stage_prepares_the_next_batch_while_the_current_one_compute
     assert Slow(Stage.Config(), {}).process_batch(batches[0]).table["x"][0].as_py() == 0  # the pure call still works
 
 
+class _SlowPrefetch(Stage):
+    """A prefetch stage over upstream stage "a" that logs when each shard is read and each batch prepared and
+    computed (with the thread doing it)."""
+
+    name = "slowpf"
+    prefetch = True
+    inputs = {"a": ("key",)}
+    events: list = []
+
+    def read_shard(self, spec, workdir):
+        self.events.append(("read", spec.shard_id))
+        return super().read_shard(spec, workdir)
+
+    def batch_rows(self) -> int:
+        return 2
+
+    def prepare_batch(self, batch):
+        import time
+
+        self.events.append(("prepare", batch["key"][0].as_py()))
+        time.sleep(0.03)
+        return batch
+
+    def compute_batch(self, prepared):
+        import time
+
+        time.sleep(0.03)
+        self.events.append(("computed", prepared["key"][0].as_py()))
+        return BatchResult(prepared.append_column("n", pa.array([len(k.as_py()) for k in prepared["key"]])), [])
+
+
+def test_a_worker_reads_the_announced_next_shard_while_its_last_batch_computes(tmp_path):
+    wd = WorkDir(tmp_path)
+    empty = pa.table({"key": pa.array([], pa.string())})
+    shards = {"s0": ["a0", "a1", "a2"], "s1": ["b0", "b1", "b2", "b3"], "s2": ["c0"]}
+    for shard, keys in shards.items():
+        wd.write_shard("a", shard, pa.table({"key": keys}), empty, {}, {})
+    events = _SlowPrefetch.events
+    worker = ShardWorker(StageJob(_SlowPrefetch, _SlowPrefetch.Config(), {}, str(tmp_path)))
+    worker.run_shard(ShardSpec("s0"), upcoming=ShardSpec("s1"))
+    # s1 was read and its first batch prepared before s0's last batch finished computing
+    assert events.index(("read", "s1")) < events.index(("prepare", "b0")) < events.index(("computed", "a2"))
+    worker.run_shard(ShardSpec("s1"), upcoming=ShardSpec("s0"))  # announced s0, but s2 comes: s2 is read anew
+    worker.run_shard(ShardSpec("s2"))
+    assert [e for e in events if e[0] == "read"] == [("read", s) for s in ("s0", "s1", "s0", "s2")]
+    assert events.count(("prepare", "b0")) == 1 and events.count(("computed", "b0")) == 1  # not prepared twice
+    for shard, keys in shards.items():
+        out = wd.read_shard("slowpf", shard)
+        assert out["key"].to_pylist() == keys and out["n"].to_pylist() == [2] * len(keys)
+
+
+def test_ray_dispatch_announces_each_actors_next_shard_and_requeues_a_lost_actors_shards():
+    """The Ray executor's scheduling with a stand-in for ray: every shard runs once, each actor's announced
+    next shard is the one it runs next, and a lost actor's shard and promised shard go back to the queue."""
+    from ray.exceptions import RayActorError
+
+    from saferclip_data.pipeline.executors import RayExecutor
+
+    calls: list[tuple[int, str, str | None]] = []
+    lose_once: set[str] = set()
+
+    class Ref:
+        def __init__(self, actor, spec, upcoming):
+            self.actor, self.spec, self.upcoming = actor, spec, upcoming
+
+    class Actor:
+        def __init__(self, index):
+            self.index = index
+            self.run_shard = self
+
+        def remote(self, spec, on_batch, upcoming):
+            calls.append((self.index, spec.shard_id, upcoming.shard_id if upcoming else None))
+            return Ref(self, spec, upcoming)
+
+    class FakeRay:
+        @staticmethod
+        def wait(refs, num_returns):
+            return refs[:1], refs[1:]
+
+        @staticmethod
+        def get(ref):
+            if ref.spec.shard_id in lose_once:
+                lose_once.discard(ref.spec.shard_id)
+                raise RayActorError()
+            return {"shard": ref.spec.shard_id}
+
+    for actors, shards, lost in [(1, 1, ""), (1, 2, ""), (1, 5, "s2"), (2, 3, ""), (2, 7, "s3"), (3, 8, "s7")]:
+        calls.clear()
+        lose_once.add(lost)
+        specs = [ShardSpec(f"s{i}") for i in range(shards)]
+        done = [s["shard"] for s in RayExecutor._shards_on(FakeRay, [Actor(i) for i in range(actors)], specs)]
+        assert sorted(done) == sorted(s.shard_id for s in specs), (actors, shards)  # each once, none left
+        for actor in range(actors):
+            runs = [(shard, upcoming) for a, shard, upcoming in calls if a == actor]
+            for (shard, upcoming), (next_shard, _) in zip(runs, runs[1:]):
+                if upcoming is not None and shard != lost:  # a lost actor's promise was requeued
+                    assert upcoming == next_shard
+            if runs:
+                assert runs[-1][1] is None  # nothing announced that it did not run
+        if lost:
+            assert sum(1 for _, shard, _ in calls if shard == lost) == 2  # retried once
+
+
 def test_actor_plan_shares_gpus_on_auto_and_never_asks_for_more_than_the_cluster_has():
     from saferclip_data.pipeline.errors import UserError
     from saferclip_data.pipeline.executors import plan_actors
