@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import UserError
-from .stage import BatchResult, GlobalContext, ShardSpec, Stage, StageConfig, rejects_table
+from .stage import BatchResult, GlobalContext, ShardSpec, Stage, StageConfig, finished, rejects_table
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,10 @@ def batch_results(
     then: Callable[[], None] | None = None,
 ) -> Iterator[tuple[pa.Table, BatchResult]]:
     """Each batch with its result, in order; for a ``prefetch`` stage the next batch is prepared on ``pool``'s
-    thread (one of its own if None) while the current one computes (one batch ahead, so memory stays bounded).
-    ``first``: the first batch already prepared (by a look-ahead); ``then`` is called once the last batch's
-    preparation is queued, to queue more work behind it."""
+    thread (one of its own if None) while the current one computes (one batch ahead, so memory stays bounded),
+    and a result handed back as a function is finished after the next batch's compute has started (two batches
+    in flight on the device). ``first``: the first batch already prepared (by a look-ahead); ``then`` is called
+    once the last batch's preparation is queued, to queue more work behind it."""
     if not stage.prefetch:
         for batch in batches:
             yield batch, stage.process_batch(batch)
@@ -136,13 +137,19 @@ def batch_results(
     pool = pool or ThreadPoolExecutor(1, thread_name_prefix=f"{stage.name}-prefetch")
     try:
         ahead: Any = first if first is not None else pool.submit(stage.prepare_batch, batches[0])
+        started: tuple[pa.Table, Any] | None = None  # the batch whose compute runs, and its result to finish
         for i, batch in enumerate(batches):
             prepared = ahead.result() if isinstance(ahead, Future) else ahead
             if i + 1 < len(batches):
                 ahead = pool.submit(stage.prepare_batch, batches[i + 1])
             elif then is not None:
                 then()
-            yield batch, stage.compute_batch(prepared)
+            result = stage.compute_batch(prepared)
+            if started is not None:
+                yield started[0], finished(started[1])
+            started = (batch, result)
+        if started is not None:
+            yield started[0], finished(started[1])
     finally:
         if own_pool:
             pool.shutdown(wait=True)

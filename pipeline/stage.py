@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -70,6 +70,11 @@ class BatchResult:
 
     table: pa.Table
     rejects: list[Reject] = field(default_factory=list)
+
+
+def finished(result: BatchResult | Callable[[], BatchResult]) -> BatchResult:
+    """A ``compute_batch`` result, finished if it was handed back as a function."""
+    return result if isinstance(result, BatchResult) else result()
 
 
 def rejects_table(stage: str, rejects: Iterable[Reject]) -> pa.Table:
@@ -149,7 +154,7 @@ class Stage(ABC):
         """The pure core of a map stage. A stage that splits its work (``prefetch``) need not override it."""
         if not self.prefetch:
             raise NotImplementedError(f"stage {self.name} has no process_batch")
-        return self.compute_batch(self.prepare_batch(batch))
+        return finished(self.compute_batch(self.prepare_batch(batch)))
 
     #: the worker runs ``prepare_batch`` of the next batch in a background thread while ``compute_batch`` of
     #: the current one runs, so host work (decoding, tokenising, uploading) hides behind the device's
@@ -159,8 +164,11 @@ class Stage(ABC):
         """First half of ``process_batch`` (``prefetch`` stages): whatever can run ahead of the compute."""
         raise NotImplementedError(f"stage {self.name} has no prepare_batch")
 
-    def compute_batch(self, prepared: Any) -> BatchResult:
-        """Second half of ``process_batch`` (``prefetch`` stages): from what ``prepare_batch`` returned."""
+    def compute_batch(self, prepared: Any) -> BatchResult | Callable[[], BatchResult]:
+        """Second half of ``process_batch`` (``prefetch`` stages): from what ``prepare_batch`` returned. It may
+        return a function that finishes the result instead (waits for the device, builds the table): the worker
+        calls it only after starting the next batch's compute, so an accelerator is not left idle while the
+        host turns one batch's output into Arrow and launches the next."""
         raise NotImplementedError(f"stage {self.name} has no compute_batch")
 
     def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:

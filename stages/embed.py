@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -205,10 +206,31 @@ class EmbedStage(Stage):
         keys = batch["key"]
         return PreparedBatch(keys, image_rows, pixels, ok, failed, text_rows, tokens, ready)
 
-    def compute_batch(self, prepared: PreparedBatch) -> BatchResult:
+    def compute_batch(self, prepared: PreparedBatch) -> Callable[[], BatchResult]:
+        """Run the encoders and start copying the features to the host; returns the function that waits for
+        them and builds the batch's table, which the worker calls once the next batch's encoders are queued
+        (so the GPU does not wait for the host between batches)."""
         import torch
 
         p = prepared
+        if p.ready is not None:  # the side stream's uploads and decoding are done before the encoders read them
+            torch.cuda.current_stream().wait_event(p.ready)
+            for tensor in (p.pixels, p.tokens):
+                if tensor is not None:
+                    tensor.record_stream(torch.cuda.current_stream())
+        image_feats = text_feats = None
+        with torch.inference_mode():
+            if p.pixels is not None:
+                image_feats = _to_host(torch.nn.functional.normalize(self.model.encode_image(p.pixels).float(), dim=-1))
+            if p.tokens is not None:
+                text_feats = _to_host(torch.nn.functional.normalize(encode_text(self.model, p.tokens).float(), dim=-1))
+        copied = torch.cuda.current_stream().record_event() if self.device == "cuda" else None
+        return lambda: self._batch_result(p, image_feats, text_feats, copied)
+
+    def _batch_result(self, p: PreparedBatch, image_feats: Any, text_feats: Any, copied: Any) -> BatchResult:
+        """The batch's table (float16 vectors, nulls where a record has no image or caption) and its rejects."""
+        if copied is not None:
+            copied.synchronize()
         n, dim = len(p.keys), self.clip.embed_dim
         keys = p.keys.to_pylist()
         image_vectors = np.zeros((n, dim), np.float32)
@@ -221,21 +243,13 @@ class EmbedStage(Stage):
             row = p.image_rows[j]
             rejects.append(Reject(keys[row], "undecodable image", error))
             rejected[row] = True
-        if p.ready is not None:  # the side stream's uploads and decoding are done before the encoders read them
-            torch.cuda.current_stream().wait_event(p.ready)
-            for tensor in (p.pixels, p.tokens):
-                if tensor is not None:
-                    tensor.record_stream(torch.cuda.current_stream())
-        with torch.inference_mode():
-            if p.pixels is not None:
-                feats = torch.nn.functional.normalize(self.model.encode_image(p.pixels).float(), dim=-1)
-                rows = [p.image_rows[j] for j in p.ok]
-                image_vectors[rows] = feats.cpu().numpy()
-                has_image[rows] = True
-            if p.tokens is not None:
-                feats = torch.nn.functional.normalize(encode_text(self.model, p.tokens).float(), dim=-1)
-                text_vectors[p.text_rows] = feats.cpu().numpy()
-                has_text[p.text_rows] = True
+        if image_feats is not None:
+            rows = [p.image_rows[j] for j in p.ok]
+            image_vectors[rows] = image_feats.numpy()
+            has_image[rows] = True
+        if text_feats is not None:
+            text_vectors[p.text_rows] = text_feats.numpy()
+            has_text[p.text_rows] = True
 
         keep = ~rejected
         table = pa.table(
@@ -246,6 +260,12 @@ class EmbedStage(Stage):
             }
         )
         return BatchResult(table, rejects)
+
+
+def _to_host(features: Any) -> Any:
+    """Features on the host: from CUDA an asynchronous copy into pinned memory (wait on an event before
+    reading it), on the CPU the tensor itself."""
+    return features.to("cpu", non_blocking=True) if features.is_cuda else features
 
 
 @dataclass

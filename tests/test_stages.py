@@ -299,6 +299,37 @@ def test_prefetching_stage_prepares_the_next_batch_while_the_current_one_compute
     assert Slow(Stage.Config(), {}).process_batch(batches[0]).table["x"][0].as_py() == 0  # the pure call still works
 
 
+def test_a_result_handed_back_as_a_function_is_finished_after_the_next_compute_starts():
+    """Two batches in flight on the device: the host's bookkeeping of batch i waits until batch i+1 is queued."""
+    from saferclip_data.pipeline.executors import batch_results
+
+    events: list[tuple[str, int]] = []
+
+    class Deferred(Stage):
+        name = "deferred"
+        prefetch = True
+
+        def prepare_batch(self, batch):
+            return batch
+
+        def compute_batch(self, prepared):
+            i = prepared["x"][0].as_py()
+            events.append(("compute", i))
+
+            def finish():
+                events.append(("finish", i))
+                return BatchResult(prepared.append_column("y", pa.array([i * 10])))
+
+            return finish
+
+    stage = Deferred(Stage.Config(), {})
+    batches = [pa.table({"x": [i]}) for i in range(3)]
+    results = list(batch_results(stage, batches))
+    assert [(b["x"][0].as_py(), r.table["y"][0].as_py()) for b, r in results] == [(0, 0), (1, 10), (2, 20)]
+    assert events == [("compute", 0), ("compute", 1), ("finish", 0), ("compute", 2), ("finish", 1), ("finish", 2)]
+    assert stage.process_batch(batches[1]).table["y"].to_pylist() == [10]  # the pure call finishes it
+
+
 class _SlowPrefetch(Stage):
     """A prefetch stage over upstream stage "a" that logs when each shard is read and each batch prepared and
     computed (with the thread doing it)."""
