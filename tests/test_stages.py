@@ -211,6 +211,33 @@ def _noise_jpeg(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.gpu
+def test_gpu_pipelined_batches_match_batch_by_batch():
+    """Side-stream decoding, two batches in flight and asynchronous copies back give the vectors each batch
+    gets alone (a missed stream wait or event would hand back unfinished or reused memory)."""
+    from saferclip_data.pipeline.executors import batch_results
+
+    gpu = EmbedStage(EmbedConfig(device="cuda"), {"model": ModelConfig(arch="toy-vit-tiny")})
+    gpu.setup()
+    batches = [
+        pa.table(
+            {
+                "key": [f"k{b}-{i}" for i in range(8)],
+                "caption": [scene(b * 8 + i)[1] for i in range(8)],
+                "image": pa.array([scene(b * 8 + i)[0] for i in range(8)], pa.binary()),
+            }
+        )  # fmt: skip
+        for b in range(5)
+    ]
+    alone = [gpu.process_batch(b).table for b in batches]
+    pipelined = [r.table for _, r in batch_results(gpu, batches)]
+    for a, b in zip(alone, pipelined):
+        assert a["key"].to_pylist() == b["key"].to_pylist()
+        for column in ("image_embedding", "text_embedding"):
+            x, y = (np.asarray(t[column].to_pylist(), np.float32) for t in (a, b))
+            np.testing.assert_allclose(x, y, atol=2e-3)
+
+
 def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
     """The GPU path's arithmetic (batched decode, size groups, resize, crop, normalise), run on the CPU: the
     same pixels as PIL to within a quarter of a grey level on average, the same rejects, the same vectors."""
