@@ -41,8 +41,8 @@ def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 8192, 
     return folder
 
 
-def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precision: str) -> tuple[float, str]:
-    """(images/s of the image tower alone, device description) on random pixels of the model's input size."""
+def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precision: str) -> tuple[float, str, int]:
+    """(images/s of the image tower alone, device description, input size) on random pixels of that size."""
     import torch
 
     from saferclip_data.stages.embed import ModelConfig, load_worker_model
@@ -65,7 +65,7 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
     run()
     seconds = time.perf_counter() - started
     where = torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    return batches * batch_size / seconds, f"{where}, {dtype}".replace("torch.", "")
+    return batches * batch_size / seconds, f"{where}, {dtype}".replace("torch.", ""), size
 
 
 def _rate(work, items: int, sync=lambda: None, repeats: int = 3) -> float:
@@ -81,7 +81,8 @@ def _rate(work, items: int, sync=lambda: None, repeats: int = 3) -> float:
     return items / best
 
 
-def host_work_rates(arch: str, batch_size: int, image_px: int, device: str) -> list[tuple[str, str, float]]:
+def host_work_rates(arch: str, image_size: int, batch_size: int, image_px: int,
+                    device: str) -> list[tuple[str, str, float]]:  # fmt: skip
     """Items/s of each piece of per-batch work an embed worker does besides the encoders, one batch at a time:
     tokenising (open_clip's tokenizer, and the cached front the stage uses) and turning a batch of JPEG bytes
     into model-ready pixels with the tensor decoder on ``device`` (nvJPEG on CUDA). Set against the encoder's
@@ -92,11 +93,13 @@ def host_work_rates(arch: str, batch_size: int, image_px: int, device: str) -> l
 
     from saferclip_data.training.bench_train import noise_jpegs, synthetic_captions
     from saferclip_data.training.decode import byte_views, decode_tensors
-    from saferclip_data.training.models import load_clip
+    from saferclip_data.training.models import register_toy_configs
+    from saferclip_data.training.tokens import fast_tokenizer
 
+    register_toy_configs()
     captions = synthetic_captions(batch_size, seed=1)
-    clip = load_clip(arch)
     base = open_clip.get_tokenizer(arch)
+    cached = fast_tokenizer(open_clip.get_tokenizer(arch))
     jpegs = noise_jpegs(min(batch_size, 64), image_px)
     column = pa.chunked_array([pa.array([jpegs[i % len(jpegs)] for i in range(batch_size)], pa.binary())])
     dev = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -106,9 +109,9 @@ def host_work_rates(arch: str, batch_size: int, image_px: int, device: str) -> l
     decoder_where = "cuda, nvJPEG" if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return [
         ("tokenise (open_clip)", "1 thread, captions/s", _rate(lambda: base(captions), batch_size)),
-        ("tokenise (cached, used)", "1 thread, captions/s", _rate(lambda: clip.tokenizer(captions), batch_size)),
+        ("tokenise (cached, used)", "1 thread, captions/s", _rate(lambda: cached(captions), batch_size)),
         ("JPEG to pixels", f"tensor decoder, {decoder_where}",
-         _rate(lambda: decode_tensors(byte_views(column), clip.image_size, mean, std, dev), batch_size, sync)),
+         _rate(lambda: decode_tensors(byte_views(column), image_size, mean, std, dev), batch_size, sync)),
     ]  # fmt: skip
 
 
@@ -153,9 +156,9 @@ def run_bench(arch: str, images: int, image_px: int, executors: list[str], run: 
     """Rows of (path, where, images/s, stage seconds, ratio to the encoder); a Ray row also gets its ratio to
     the local one (the Ray overhead)."""
     rows = []
-    ceiling, where = encoder_ceiling(arch, run.batch_size, images, run.device, run.precision)
+    ceiling, where, image_size = encoder_ceiling(arch, run.batch_size, images, run.device, run.precision)
     rows.append(("image encoder only", where, f"{ceiling:,.0f}", "-", "1.00", ""))
-    for name, where, rate in host_work_rates(arch, run.batch_size, image_px, run.device):
+    for name, where, rate in host_work_rates(arch, image_size, run.batch_size, image_px, run.device):
         rows.append((f"  host: {name}", where, f"{rate:,.0f}", "-", f"{rate / ceiling:.2f}", ""))
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="saferclip-bench-") as tmp:
