@@ -26,9 +26,7 @@ FULL: list[dict[str, Any]] = [
     {"kind": "knn", "pool_rows": 4_000_000, "query_rows": 100_000, "dim": 768, "k": 16, "repeats": 2},
     {"kind": "embed", "arch": "ViT-L-14", "images": 20_480, "concurrency": 1, "gpus": "auto", **EMBED_RUN},
     {"kind": "embed", "arch": "ViT-B-32", "images": 32_768, "concurrency": 1, "gpus": "auto", **EMBED_RUN},
-    {"kind": "train", "arch": "ViT-B-32", "finetune": "lora", "batch_size": 256, "steps": 5},
-    {"kind": "train", "arch": "ViT-L-14", "finetune": "lora", "batch_size": 48, "steps": 5},
-    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5},
+    # two actors feeding one GPU: ViT-B/32's encoder (~15 ms a batch) may be faster than one worker's host work
     {
         "kind": "embed",
         "arch": "ViT-B-32",
@@ -38,6 +36,9 @@ FULL: list[dict[str, Any]] = [
         "executors": ["ray"],
         **EMBED_RUN,
     },  # fmt: skip
+    {"kind": "train", "arch": "ViT-B-32", "finetune": "lora", "batch_size": 256, "steps": 5},
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "lora", "batch_size": 48, "steps": 5},
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5},
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 128, "steps": 5},
     {"kind": "loader", "arch": "ViT-L-14", "batch_size": 48, "samples": 4096},
 ]
@@ -62,6 +63,7 @@ QUICK: list[dict[str, Any]] = [
 TARGETS: dict[str, tuple[str, float]] = {
     "embed ViT-L-14 local / encoder": (">=", 0.9),
     "embed ViT-B-32 local img/s": (">=", 14_000),
+    "embed ViT-B-32 x2 actors ray img/s": (">=", 14_000),  # the same target, met by two actors on the GPU
     "embed ViT-L-14 ray / local": (">=", 0.9),
     "embed ViT-B-32 ray / local": (">=", 0.9),
     "knn effective TFLOP/s": (">=", 300),
