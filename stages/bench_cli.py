@@ -120,6 +120,9 @@ def train(
         int | None, typer.Option(min=0, help="Also time the data loader with this many processes (default: as train).")
     ] = None,
     loader: Annotated[bool, typer.Option(help="Time the data loader too (synthetic quadruplet shards).")] = True,
+    reference_precision: Annotated[
+        str, typer.Option(help="Frozen reference weights: auto (bf16 when the step is bf16), fp32 or bf16.")
+    ] = "auto",
 ) -> None:
     """Trainer throughput on synthetic batches: samples/s, FLOPs per sample (counted by torch on one real step:
     trained and frozen encoders, loss, backward) and MFU against the device's dense bf16 peak; then the samples/s
@@ -130,8 +133,8 @@ def train(
     from saferclip_data.training.bench_train import bench_train, loader_rate
     from saferclip_data.training.trainer import loader_workers as auto_workers
 
-    r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops)
-    table = Table(title=f"train step: {model}, {finetune}, batch {batch_size}")
+    r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision)
+    table = Table(title=f"train step: {model}, {finetune}, batch {batch_size}, reference weights {r['reference']}")
     columns = ("device", "trainable params", "samples/s", "s/step", "GFLOP/sample", "TFLOP/s", "MFU", "loader",
                "loader / step")  # fmt: skip
     for column in columns:

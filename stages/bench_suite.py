@@ -41,6 +41,8 @@ FULL: list[dict[str, Any]] = [
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5},
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 128, "steps": 5},
     {"kind": "loader", "arch": "ViT-L-14", "batch_size": 48, "samples": 4096},
+    # the frozen reference as the trained model (fp32 under autocast), to show what bf16 reference weights bring
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5, "reference": "fp32"},
 ]
 QUICK: list[dict[str, Any]] = [
     {"kind": "knn", "pool_rows": 6_400, "query_rows": 300, "dim": 32, "k": 16, "repeats": 1},
@@ -56,6 +58,7 @@ QUICK: list[dict[str, Any]] = [
         "image_px": 64,
     },  # fmt: skip
     {"kind": "train", "arch": "toy-vit-tiny", "finetune": "lora", "batch_size": 8, "steps": 1},
+    {"kind": "train", "arch": "toy-vit-tiny", "finetune": "lora", "batch_size": 8, "steps": 1, "reference": "bf16"},
     {"kind": "loader", "arch": "toy-vit-tiny", "batch_size": 8, "samples": 64},
 ]
 
@@ -184,11 +187,14 @@ def _embed(results: SuiteResults, spec: dict, name: str) -> None:
 def _train(results: SuiteResults, spec: dict, name: str) -> None:
     from saferclip_data.training.bench_train import bench_train
 
-    r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], spec["steps"], "auto", "auto")
+    reference = spec.get("reference", "auto")
+    r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], spec["steps"], "auto", "auto", None, reference)
     results.tables[name] = [r]
     results.figures[f"{name} samples/s"] = r["samples_per_s"]
     if r["mfu"] is not None:
         results.figures[f"{name} MFU"] = r["mfu"]
+    if reference != "auto":
+        return  # a comparison row: not a candidate for the target
         best = f"train {spec['arch']} {spec['finetune']} MFU"  # the target's figure: the best batch size
         results.figures[best] = max(results.figures.get(best, 0.0), r["mfu"])
 
@@ -210,7 +216,8 @@ def part_name(spec: dict) -> str:
     if spec["kind"] == "embed":
         return f"embed {spec['arch']}" + (f" x{spec['concurrency']} actors" if spec["concurrency"] > 1 else "")
     if spec["kind"] == "train":
-        return f"train {spec['arch']} {spec['finetune']} batch {spec['batch_size']}"
+        reference = f", reference {spec['reference']}" if "reference" in spec else ""
+        return f"train {spec['arch']} {spec['finetune']} batch {spec['batch_size']}{reference}"
     return spec["kind"]
 
 

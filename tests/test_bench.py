@@ -16,6 +16,9 @@ def test_bench_train_counts_flops_per_step_and_mfu_against_the_given_peak():
     assert lora["samples_per_s"] == pytest.approx(8 / lora["step_seconds"])
     assert lora["mfu"] == pytest.approx(lora["achieved_tflops"] / 1.0)
     assert full["mfu"] is None  # no peak is known for a CPU
+    assert lora["reference"] == "as trained"  # fp32 step: the reference keeps the model's weights
+    bf16_reference = bench_train("toy-vit-tiny", "lora", 8, 1, "fp32", "cpu", reference_precision="bf16")
+    assert bf16_reference["reference"] == "bfloat16" and bf16_reference["flops_per_sample"] > 0
 
 
 @pytest.mark.slow
@@ -80,10 +83,8 @@ def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, 
     monkeypatch.setattr("saferclip_data.training.bench_train.bench_train", broken)
     results = bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert (
-        set(saved["errors"]) == {"train toy-vit-tiny lora batch 8"}
-        and "no trainer today" in saved["errors"]["train toy-vit-tiny lora batch 8"]
-    )
+    lora = "train toy-vit-tiny lora batch 8"
+    assert set(saved["errors"]) == {lora, f"{lora}, reference bf16"} and "no trainer today" in saved["errors"][lora]
     figures = saved["figures"]
     assert figures["knn exact rows"] == 1.0 and figures["knn effective TFLOP/s"] > 0
     assert figures["embed toy-vit-tiny local / encoder"] == pytest.approx(

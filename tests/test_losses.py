@@ -43,6 +43,23 @@ def test_info_nce_by_hand():
     assert info_nce(t(X, Y), t(Y, X), tau=0.5).item() == pytest.approx(math.log1p(math.exp(2)))
 
 
+def test_losses_of_bf16_embeddings_are_computed_in_fp32_even_under_autocast():
+    """Embeddings leave a bf16 step in bf16; near cos = 1 bf16 steps by 0.004 and τ = 0.01 logits by 0.4, so the
+    losses upcast: the result equals the fp32 computation on the same (bf16) embeddings."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g)
+    b = (a + 0.01 * torch.randn(64, 32, generator=g)).bfloat16()
+    a = a.bfloat16()
+    want_distance = cosine_distance(a.float(), b.float()).item()
+    want_nce = info_nce(a.float(), b.float()).item()
+    assert 0 < want_distance < 1e-3  # far below bf16's step near 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        distance, nce = cosine_distance(a, b), info_nce(a, b)
+    assert distance.dtype == nce.dtype == torch.float32
+    assert distance.item() == pytest.approx(want_distance, rel=1e-4)
+    assert nce.item() == pytest.approx(want_nce, rel=1e-4)
+
+
 def test_relative_redirection_uses_only_the_own_unsafe_item_as_negative():
     value = relative_redirection(t(X, X), own_unsafe=t(X, Y), safe_target=t(Y, X)).item()
     assert value == pytest.approx((softplus(1) + softplus(-1)) / 2)

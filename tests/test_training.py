@@ -310,6 +310,38 @@ def test_lora_checkpoint_holds_only_adapters_and_loads_back_merged(built, tmp_pa
         load_checkpoint(other, tmp_path / "out" / "last.pt")
 
 
+def test_a_bf16_reference_runs_outside_autocast_and_matches_the_model_it_copies(built):
+    """On a GPU the frozen reference holds bf16 weights (auto): it must still be the trained model's start, so
+    the preservation terms begin near zero, and it must stay frozen."""
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.models import load_clip
+    from saferclip_data.training.reference import TrainedWithReference
+    from saferclip_data.training.trainer import reference_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert reference_dtype(cuda, "auto", "auto") is torch.bfloat16 and reference_dtype(cpu, "auto", "auto") is None
+    assert reference_dtype(cuda, "auto", "fp32") is None and reference_dtype(cpu, "bf16", "auto") is torch.bfloat16
+    with pytest.raises(ValueError, match="reference_precision"):
+        reference_dtype(cpu, "auto", "fp16")
+
+    clip = load_clip("toy-vit-tiny", None, init_seed=0)
+    batch = next(iter(quad_pipeline(_quad_urls(built), clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+                                    batch_size=16)))  # fmt: skip
+    pair = TrainedWithReference(clip.model, reference_dtype=torch.bfloat16)
+    assert {p.dtype for p in pair.reference.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pair.model.parameters()} == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = pair.loss(batch)
+        e = pair.embeddings(batch)
+    for trained, frozen in ((e.safe_image, e.ref_safe_image), (e.safe_text, e.ref_safe_text)):
+        cosine = torch.nn.functional.cosine_similarity(trained.float(), frozen.float(), dim=-1)
+        assert cosine.min() > 0.999  # bf16 weights vs autocast over fp32: the same model to bf16 rounding
+    assert parts["preserve_image"] < 1e-3 and parts["preserve_text"] < 1e-3
+    loss.backward()
+    assert all(p.grad is None for p in pair.reference.parameters())
+    assert any(p.grad is not None for p in pair.model.parameters())
+
+
 def test_bf16_autocast_step_trains_and_auto_means_fp32_on_cpu(built, tmp_path):
     from saferclip_data.training.trainer import TrainConfig, train, uses_bf16
 

@@ -55,18 +55,18 @@ def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
 
 
 def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision: str, device_name: str,
-                peak: float | None = None) -> dict:  # fmt: skip
+                peak: float | None = None, reference_precision: str = "auto") -> dict:  # fmt: skip
     from torch.utils.flop_counter import FlopCounterMode
 
     from .adapters import AdapterSettings
     from .models import load_clip
     from .reference import TrainedWithReference
-    from .trainer import autocast_for
+    from .trainer import autocast_for, reference_dtype
 
     device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     clip = load_clip(arch, None, init_seed=0)
-    pair = TrainedWithReference(clip.model.to(device), AdapterSettings(finetune=finetune))
-    pair.reference.to(device)
+    ref_dtype = reference_dtype(device, precision, reference_precision)
+    pair = TrainedWithReference(clip.model.to(device), AdapterSettings(finetune=finetune), ref_dtype)
     params = pair.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     batch = synthetic_batch(clip, batch_size, device)
@@ -102,6 +102,7 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
         "achieved_tflops": achieved / 1e12,
         "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_tflops": peak,
+        "reference": str(ref_dtype or "as trained").replace("torch.", ""),
     }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ ever called under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -36,10 +37,18 @@ class BatchEncoder(torch.nn.Module):
 class TrainedWithReference:
     """``model`` is trained (as ``adapter`` says); ``reference`` is the frozen copy of it as it was before."""
 
-    def __init__(self, model: torch.nn.Module, adapter: AdapterSettings | None = None):
+    def __init__(
+        self, model: torch.nn.Module, adapter: AdapterSettings | None = None, reference_dtype: torch.dtype | None = None
+    ):
+        """``reference_dtype``: the frozen copy's weights (bf16 on a GPU: it is never trained, so it needs no
+        fp32 master weights, and bf16 weights run ~1.4x faster than autocast over fp32 ones); None keeps the
+        model's."""
         self.reference = copy.deepcopy(model).eval()
         for p in self.reference.parameters():
             p.requires_grad_(False)
+        if reference_dtype is not None:
+            self.reference.to(reference_dtype)
+        self.reference_dtype = reference_dtype
         self.model = model.train()
         #: what a checkpoint saves (the peft wrapper with LoRA; the model itself for a full fine-tune)
         self.wrapper = attach(self.model, adapter or AdapterSettings(finetune="full"))
@@ -57,11 +66,15 @@ class TrainedWithReference:
     @torch.no_grad()
     def reference_embeddings(self, unsafe_image, safe_image, unsafe_text, safe_text):
         """V0(v*), V0(v), T0(t*), T0(t): each tower called once on the unsafe and safe items together (one big
-        batch keeps a GPU busier than two); the images are None when the batch has none."""
-        texts = encode_text(self.reference, torch.cat([unsafe_text, safe_text])).chunk(2)
-        if unsafe_image is None or len(unsafe_image) == 0:
-            return None, None, *texts
-        return (*self.reference.encode_image(torch.cat([unsafe_image, safe_image])).chunk(2), *texts)
+        batch keeps a GPU busier than two); the images are None when the batch has none. A reference in its own
+        dtype runs outside autocast (which would run its layer norms in fp32 and cast around them)."""
+        plain = self.reference_dtype is not None
+        with torch.autocast(unsafe_text.device.type, enabled=False) if plain else contextlib.nullcontext():
+            texts = encode_text(self.reference, torch.cat([unsafe_text, safe_text])).chunk(2)
+            if unsafe_image is None or len(unsafe_image) == 0:
+                return None, None, *texts
+            images = torch.cat([unsafe_image, safe_image])
+            return (*self.reference.encode_image(images.to(self.reference_dtype) if plain else images).chunk(2), *texts)
 
     def embeddings(self, batch: dict) -> Embeddings:
         """Trained and frozen embeddings of a streamed batch (``training.data.collate``). Image fields cover

@@ -45,6 +45,11 @@ class TrainingSection(BaseModel):
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
+    reference_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="weights of the frozen reference (T0, V0): auto = bf16 when the step runs in bf16 (it is never "
+        "trained, and bf16 weights run faster than autocast over fp32 ones), fp32 = as the trained model",
+    )
     num_workers: int | Literal["auto"] = Field(
         default="auto",
         description="DataLoader processes decoding images; auto = one per CPU core up to 8 (one spared) on CUDA, "

@@ -53,6 +53,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     device: str = "auto"  # auto: CUDA when available
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
+    reference_precision: str = "auto"  # the frozen reference's weights: auto = bf16 when the step is bf16
     num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
     decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
 
@@ -128,6 +129,16 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision: '{precision}' is not auto, fp32 or bf16")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def reference_dtype(device: torch.device, precision: str, reference_precision: str) -> torch.dtype | None:
+    """The frozen reference's weight dtype: bf16 where the step runs in bf16 (``auto``), or as asked; None = as
+    the trained model (fp32)."""
+    if reference_precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"reference_precision: '{reference_precision}' is not auto, fp32 or bf16")
+    if reference_precision == "bf16" or (reference_precision == "auto" and uses_bf16(device, precision)):
+        return torch.bfloat16
+    return None
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -209,7 +220,9 @@ def train(
     if not urls:
         raise FileNotFoundError(f"no training tars in {shard_dir}")
     weights: SaferWeights = weights_from(config.weights)
-    pair = TrainedWithReference(clip.model.to(device), config.adapter())
+    pair = TrainedWithReference(
+        clip.model.to(device), config.adapter(), reference_dtype(device, config.precision, config.reference_precision)
+    )
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         pair.encoder = torch.nn.parallel.DistributedDataParallel(
