@@ -24,6 +24,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,7 @@ from pydantic import Field
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import ENABLED_STAGES, GlobalContext, Stage, StageConfig
 
-from .benchmark_export import image_extension, sha256_file, source_rows
+from .benchmark_export import image_extension, sha256_file
 from .score import column_suffix, unit_rows
 
 
@@ -51,6 +52,45 @@ def shuffle_order(keys: list[str], seed: int) -> list[int]:
     """Row indices in a seeded, key-determined order: stable under re-runs and independent of input order."""
     digests = [hashlib.sha256(f"{seed}:{k}".encode()).hexdigest() for k in keys]
     return sorted(range(len(keys)), key=lambda i: (digests[i], keys[i]))
+
+
+class SpilledImages:
+    """The image bytes of ``keys``, copied once from the source shards into one file and read back by offset
+    (memory-mapped), so writing the tars holds one source shard at a time instead of every selected image (a
+    LAION-sized selection does not fit in memory; the tars are written in shuffled order, which needs random
+    access). ``in`` and ``[key]`` as a dict; close() deletes the file."""
+
+    def __init__(self, path: Path, workdir: Any, keys: set[str]):
+        import mmap
+
+        import pyarrow.compute as pc
+
+        self.path, self.offsets = path, {}
+        wanted = pa.array(sorted(keys), pa.string())
+        with open(path, "wb") as spill:
+            for shard in workdir.completed_shards("source"):
+                table = workdir.read_shard("source", shard, ["key", "image"])
+                table = table.filter(pc.is_in(table["key"], value_set=wanted))
+                for key, image in zip(table["key"].to_pylist(), table["image"].to_pylist()):
+                    if image:
+                        self.offsets[key] = (spill.tell(), len(image))
+                        spill.write(image)
+        self._file = open(path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.offsets
+
+    def __getitem__(self, key: str) -> bytes:
+        start, length = self.offsets[key]
+        return self._map[start : start + length]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+        self._file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -147,20 +187,32 @@ class ShardsStage(Stage):
 
     def _materialise(self, ctx: GlobalContext, folder: Path, table: pa.Table, selection: list[dict]) -> None:
         """Write the tars listed in the selection, with the images and frozen target embeddings they need."""
-        import webdataset as wds
-
         c = self.config
         m = column_suffix(c.modality)
         row_of = {k: i for i, k in enumerate(table["key"].to_pylist())}
         dim = table.schema.field("text_embedding").type.list_size
         vectors = {mod: unit_rows(table[f"{mod}_embedding"], dim)[0].astype(np.float16) for mod in ("image", "text")}
-        captions = self._captions = table["caption"].to_pylist()
+        self._captions = table["caption"].to_pylist()
         # python lists once: per-row pyarrow scalar access in the sample loop costs more than the tar writing
         self._columns = {c: table[c].to_pylist() for c in ("key", "given_pair", "category", f"{m}_difficulty")}
         needed = {s["key"] for s in selection}
         given = table["given_pair"].to_pylist()
         needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
-        images = {k: r["image"] for k, r in source_rows(ctx.workdir, needed).items() if r["image"]}
+        folder.mkdir(parents=True, exist_ok=True)
+        images = SpilledImages(folder / f".images.spill-{os.getpid()}", ctx.workdir, needed)
+        try:
+            self._write_tars(folder, selection, table, row_of, vectors, images)
+        finally:
+            images.close()
+
+    def _write_tars(self, folder: Path, selection: list[dict], table: pa.Table, row_of: dict[str, int],
+                    vectors: dict[str, np.ndarray], images: SpilledImages) -> None:  # fmt: skip
+        """Each tar of the selection, written whole to a temporary name and renamed; sizes.json, stats.json."""
+        import webdataset as wds
+
+        c = self.config
+        m = column_suffix(c.modality)
+        captions = self._captions
         by_tar: dict[str, list[dict]] = {}
         for s in selection:
             by_tar.setdefault(s["tar"], []).append(s)
