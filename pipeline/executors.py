@@ -62,7 +62,7 @@ class ShardWorker:
         """Run one shard and write its output. ``upcoming``: the shard this worker will be given next; a prefetch
         stage reads it and prepares its first batch while this shard's last batch computes, so the device does
         not wait between shards (a shard that is not the announced one is read as usual)."""
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         stage = self.stage
         table, first = self._take_look_ahead(spec)
         if table is None:
@@ -92,6 +92,7 @@ class ShardWorker:
             "rejected": len(rejects),
             "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
             "seconds": round(time.perf_counter() - started, 3),
+            "started_at": started_at,  # wall clock (unix seconds): spans across workers, without their set-up
             "metadata": metadata,
             "worker": {"pid": os.getpid(), "node": self.node},
         }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,8 @@ class WorkDir:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(self.shard_path(stage, shard_id), _with_metadata(table, metadata))
         atomic_write_parquet(self.shard_path(stage, shard_id, "rejects"), rejects)
-        atomic_write_bytes(self.shard_path(stage, shard_id, "done"), json.dumps(stats, indent=2).encode())
+        marker = {**stats, "written_at": time.time()}  # wall clock (unix seconds) once the output is on disk
+        atomic_write_bytes(self.shard_path(stage, shard_id, "done"), json.dumps(marker, indent=2).encode())
 
     def read_shard(self, stage: str, shard_id: str, columns: list[str] | None = None) -> pa.Table:
         path = self.shard_path(stage, shard_id)

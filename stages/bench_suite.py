@@ -43,6 +43,17 @@ FULL: list[dict[str, Any]] = [
     {"kind": "loader", "arch": "ViT-L-14", "batch_size": 48, "samples": 4096},
     # the frozen reference as the trained model (fp32 under autocast), to show what bf16 reference weights bring
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5, "reference": "fp32"},
+    # whether torch.compile pays (compiling costs about a minute per process: last)
+    {
+        "kind": "embed",
+        "arch": "ViT-B-32",
+        "images": 32_768,
+        "concurrency": 1,
+        "gpus": "auto",
+        "executors": ["local"],
+        "compile": "default",
+        **EMBED_RUN,
+    },  # fmt: skip
 ]
 QUICK: list[dict[str, Any]] = [
     {"kind": "knn", "pool_rows": 6_400, "query_rows": 300, "dim": 32, "k": 16, "repeats": 1},
@@ -167,7 +178,7 @@ def _knn(results: SuiteResults, spec: dict) -> None:
 def _embed(results: SuiteResults, spec: dict, name: str) -> None:
     from .bench_embed import EmbedRun, run_bench
 
-    run = EmbedRun(spec["batch_size"], spec["concurrency"], spec["cpus"], spec["gpus"])
+    run = EmbedRun(spec["batch_size"], spec["concurrency"], spec["cpus"], spec["gpus"], compile=spec.get("compile"))
     rows = run_bench(spec["arch"], spec["images"], spec["image_px"], spec.get("executors", ["local", "ray"]), run)
     results.tables[name] = [dict(zip(("path", "where", "img/s", "seconds", "ratio", "ray/local"), r)) for r in rows]
     encoder = float(rows[0][2].replace(",", ""))
@@ -214,7 +225,8 @@ def _loader(results: SuiteResults, spec: dict) -> None:
 
 def part_name(spec: dict) -> str:
     if spec["kind"] == "embed":
-        return f"embed {spec['arch']}" + (f" x{spec['concurrency']} actors" if spec["concurrency"] > 1 else "")
+        actors = f" x{spec['concurrency']} actors" if spec["concurrency"] > 1 else ""
+        return f"embed {spec['arch']}{actors}" + (f" compiled {spec['compile']}" if spec.get("compile") else "")
     if spec["kind"] == "train":
         reference = f", reference {spec['reference']}" if "reference" in spec else ""
         return f"train {spec['arch']} {spec['finetune']} batch {spec['batch_size']}{reference}"

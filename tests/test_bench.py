@@ -31,6 +31,8 @@ def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
     assert [n.split(":")[0] for n in names[1:-1]] == ["  host"] * 3 and "tokenise" in names[1]
     ceiling = float(rows[0][2].replace(",", ""))
     assert ceiling > 0
+    span, whole = (float(x) for x in rows[-1][3].replace("(", "").replace(")", "").split())
+    assert 0 < span < whole  # shards only, without the worker's model loading
     for row in rows[1:]:  # each rate against the encoder's
         rate = float(row[2].replace(",", ""))
         assert rate > 0 and float(row[4]) == pytest.approx(rate / ceiling, rel=0.01, abs=0.01)

@@ -284,6 +284,25 @@ def test_byte_views_are_the_rows_bytes_over_one_copy_per_chunk(kind):
         byte_views(pa.array(["text"]))
 
 
+@pytest.mark.slow
+def test_a_compiled_image_tower_gives_the_eager_vectors_for_full_and_short_batches(embed_stage):
+    """torch.compile (inductor; a C++ compiler on the CPU): short batches are padded to the batch size, so they
+    reuse the one compiled graph and still give each image its own vector."""
+    compiled = EmbedStage(EmbedConfig(device="cpu", batch_size=8, compile="default"),
+                          {"model": ModelConfig(arch="toy-vit-tiny")})  # fmt: skip
+    compiled.setup()
+    for rows in (8, 3):
+        batch = pa.table({"key": [f"k{i}" for i in range(rows)], "caption": [scene(i)[1] for i in range(rows)],
+                          "image": pa.array([scene(i)[0] for i in range(rows)], pa.binary())})  # fmt: skip
+        want, got = embed_stage.process_batch(batch).table, compiled.process_batch(batch).table
+        assert got.num_rows == rows
+        for column in ("image_embedding", "text_embedding"):
+            x, y = (np.asarray(t[column].to_pylist(), np.float32) for t in (want, got))
+            np.testing.assert_allclose(x, y, atol=2e-3)
+    assert EmbedConfig(compile="default").fingerprint_dict()["compile"] == "default"
+    assert "compile" not in EmbedConfig().fingerprint_dict()  # unset: existing work dirs stay up to date
+
+
 def test_tensor_decoder_is_refused_for_preprocessing_it_cannot_reproduce():
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
