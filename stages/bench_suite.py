@@ -41,9 +41,7 @@ FULL: list[dict[str, Any]] = [
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5},
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 128, "steps": 5},
     {"kind": "loader", "arch": "ViT-L-14", "batch_size": 48, "samples": 4096},
-    # the frozen reference as the trained model (fp32 under autocast), to show what bf16 reference weights bring
-    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5, "reference": "fp32"},
-    # whether torch.compile pays (compiling costs about a minute per process: last)
+    # whether torch.compile pays (compiling costs about a minute per process: near the end)
     {
         "kind": "embed",
         "arch": "ViT-B-32",
@@ -54,6 +52,8 @@ FULL: list[dict[str, Any]] = [
         "compile": "default",
         **EMBED_RUN,
     },  # fmt: skip
+    # the frozen reference as the trained model (fp32 under autocast), to show what bf16 reference weights bring
+    {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5, "reference": "fp32"},
 ]
 QUICK: list[dict[str, Any]] = [
     {"kind": "knn", "pool_rows": 6_400, "query_rows": 300, "dim": 32, "k": 16, "repeats": 1},
