@@ -459,12 +459,12 @@ def test_training_step_on_cuda_never_waits_for_the_device(finetune):
     from saferclip_data.training.adapters import AdapterSettings
     from saferclip_data.training.bench_train import synthetic_batch
     from saferclip_data.training.reference import TrainedWithReference
-    from saferclip_data.training.trainer import StepLog, autocast_for
+    from saferclip_data.training.trainer import StepLog, autocast_for, reference_dtype
 
     device = torch.device("cuda")
     clip = _tiny()
-    pair = TrainedWithReference(clip.model.to(device), AdapterSettings(finetune=finetune))
-    pair.reference.to(device)
+    frozen = reference_dtype(device, "auto", "auto")  # as the trainer: a bf16 reference outside autocast
+    pair = TrainedWithReference(clip.model.to(device), AdapterSettings(finetune=finetune), frozen)
     optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=1e-4, fused=True)
     batch = synthetic_batch(clip, 16, device)
     log = StepLog(None, every=10)
