@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,9 +163,18 @@ def end_to_end(shards: Path, work: Path, arch: str, executor: str, run: EmbedRun
     return {"records": manifest["counts"]["in"], "seconds": span, "stage_seconds": manifest["seconds"]}
 
 
-def run_bench(arch: str, images: int, image_px: int, executors: list[str], run: EmbedRun) -> list[tuple[str, ...]]:
+def _link_tree(source: Path, target: Path) -> None:
+    """A copy of ``source`` made of hard links (instant; the builds replace files, they never write into them)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, target, copy_function=os.link)
+
+
+def run_bench(arch: str, images: int, image_px: int, executors: list[str], run: EmbedRun,
+              scratch: Path | None = None) -> list[tuple[str, ...]]:  # fmt: skip
     """Rows of (path, where, images/s, stage seconds, ratio to the encoder); a Ray row also gets its ratio to
-    the local one (the Ray overhead)."""
+    the local one (the Ray overhead). The synthetic shards and the built source stage (not timed) are made once
+    per size and reused by the next build: in ``scratch`` when given (the suite's, across its parts), else
+    within this call."""
     rows = []
     ceiling, where, image_size = encoder_ceiling(arch, run.batch_size, images, run.device, run.precision, run.compile)
     label = "image encoder only" + (f" (compiled, {run.compile})" if run.compile else "")
@@ -172,10 +182,20 @@ def run_bench(arch: str, images: int, image_px: int, executors: list[str], run: 
     for name, where, rate in host_work_rates(arch, image_size, run.batch_size, image_px, run.device):
         rows.append((f"  host: {name}", where, f"{rate:,.0f}", "-", f"{rate / ceiling:.2f}", ""))
     rates: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="saferclip-bench-") as tmp:
-        shards = synthetic_shards(Path(tmp) / "shards", images, image_px)
+    with tempfile.TemporaryDirectory(prefix="saferclip-bench-", dir=scratch) as tmp:
+        kept = scratch or Path(tmp)
+        shards = kept / f"shards-{images}-{image_px}"
+        if not (shards / "done").is_file():
+            shutil.rmtree(shards, ignore_errors=True)
+            synthetic_shards(shards, images, image_px)
+            (shards / "done").touch()
+        built_source = kept / f"source-{images}-{image_px}"
         for executor in executors:
+            if built_source.is_dir():
+                _link_tree(built_source, Path(tmp) / executor / "w" / "source")
             result = end_to_end(shards, Path(tmp) / executor, arch, executor, run)
+            if not built_source.is_dir():
+                _link_tree(Path(tmp) / executor / "w" / "source", built_source)
             rate = rates[executor] = result["records"] / result["seconds"]
             workers = run.concurrency if executor == "ray" else 1
             vs_local = f"{rate / rates['local']:.2f}" if executor != "local" and "local" in rates else ""

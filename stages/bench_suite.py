@@ -175,11 +175,12 @@ def _knn(results: SuiteResults, spec: dict) -> None:
     )
 
 
-def _embed(results: SuiteResults, spec: dict, name: str) -> None:
+def _embed(results: SuiteResults, spec: dict, name: str, scratch: Path) -> None:
     from .bench_embed import EmbedRun, run_bench
 
     run = EmbedRun(spec["batch_size"], spec["concurrency"], spec["cpus"], spec["gpus"], compile=spec.get("compile"))
-    rows = run_bench(spec["arch"], spec["images"], spec["image_px"], spec.get("executors", ["local", "ray"]), run)
+    executors = spec.get("executors", ["local", "ray"])
+    rows = run_bench(spec["arch"], spec["images"], spec["image_px"], executors, run, scratch=scratch)
     results.tables[name] = [dict(zip(("path", "where", "img/s", "seconds", "ratio", "ray/local"), r)) for r in rows]
     encoder = float(rows[0][2].replace(",", ""))
     results.figures[f"{name} encoder img/s"] = encoder
@@ -234,18 +235,21 @@ def part_name(spec: dict) -> str:
 
 
 def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> SuiteResults:
-    """Run every part of the full (or quick) suite in order; results written after each."""
+    """Run every part of the full (or quick) suite in order; results written after each. The embed parts share
+    one scratch folder (synthetic shards and source stages made once per size)."""
     results = SuiteResults(out, machine_facts())
     results.write()
-    for spec in QUICK if quick else FULL:
-        name = part_name(spec)
-        run = {
-            "knn": lambda spec=spec: _knn(results, spec),
-            "embed": lambda spec=spec, name=name: _embed(results, spec, name),
-            "train": lambda spec=spec, name=name: _train(results, spec, name),
-            "loader": lambda spec=spec: _loader(results, spec),
-        }[spec["kind"]]
-        _part(results, name, run, log)
+    with tempfile.TemporaryDirectory(prefix="saferclip-suite-") as tmp:
+        scratch = Path(tmp)
+        for spec in QUICK if quick else FULL:
+            name = part_name(spec)
+            run = {
+                "knn": lambda spec=spec: _knn(results, spec),
+                "embed": lambda spec=spec, name=name: _embed(results, spec, name, scratch),
+                "train": lambda spec=spec, name=name: _train(results, spec, name),
+                "loader": lambda spec=spec: _loader(results, spec),
+            }[spec["kind"]]
+            _part(results, name, run, log)
     return results
 
 

@@ -38,6 +38,35 @@ def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
         assert rate > 0 and float(row[4]) == pytest.approx(rate / ceiling, rel=0.01, abs=0.01)
 
 
+@pytest.mark.slow
+def test_bench_embed_makes_the_shards_and_the_source_stage_once_per_size(tmp_path, monkeypatch):
+    """The suite's embed parts share synthetic shards and the (untimed) source stage of one size."""
+    import os
+
+    from saferclip_data.stages import bench_embed
+
+    made, linked = [], []
+    make, build = bench_embed.synthetic_shards, bench_embed.end_to_end
+
+    def counting_make(*args, **kwargs):
+        made.append(args[1:3])
+        return make(*args, **kwargs)
+
+    def spying_build(shards, work, *args):
+        result = build(shards, work, *args)
+        linked.append(min(os.stat(p).st_nlink for p in (work / "w" / "source").glob("*.parquet")))
+        return result
+
+    monkeypatch.setattr(bench_embed, "synthetic_shards", counting_make)
+    monkeypatch.setattr(bench_embed, "end_to_end", spying_build)
+    run = bench_embed.EmbedRun(32, 1, 1.0, 0, "cpu", "fp32")
+    for _ in range(2):
+        rows = bench_embed.run_bench("toy-vit-tiny", 64, 64, ["local"], run, scratch=tmp_path)
+        assert float(rows[-1][2].replace(",", "")) > 0
+    assert made == [(64, 64)]  # the shards once
+    assert linked == [1, 2]  # the second build reads the first one's source output (hard links), not its own
+
+
 def test_bench_knn_times_each_backend_against_matmul_and_the_naive_loop_and_checks_exactness():
     from saferclip_data.stages.bench_knn import run_knn_bench
 
