@@ -199,7 +199,8 @@ class ShardsStage(Stage):
         given = table["given_pair"].to_pylist()
         needed |= {given[row_of[s["key"]]] for s in selection if s["kind"] == "quad"} - {None}
         folder.mkdir(parents=True, exist_ok=True)
-        images = SpilledImages(folder / f".images.spill-{os.getpid()}", ctx.workdir, needed)
+        # named like the work dir's temporary files, so that a crashed run's spill is cleaned when the stage reruns
+        images = SpilledImages(folder / f".images.spill.tmp-{os.getpid()}", ctx.workdir, needed)
         try:
             self._write_tars(folder, selection, table, row_of, vectors, images)
         finally:
