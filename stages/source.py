@@ -15,10 +15,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage
-from saferclip_data.pipeline.workdir import WorkDir, cache_root
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet, cache_root
 
 from . import download, layouts, readers
 from .blocklist import Blocklist, load_blocklist
@@ -29,6 +30,8 @@ from .toyworld import world_fingerprint, write_world
 
 __all__ = ["OUTPUT_COLUMNS", "SourceConfig", "SourceStage", "ToyWorldOptions", "tar_files"]
 UNSAFE_LABELS = frozenset({"unsafe", "nsfw", "1", "true", "yes"})  # label values that mark an unsafe record
+#: where a manifest source keeps each shard's manifest rows (in its stage folder), written when planning
+INPUT_DIR = "_input"
 
 
 class SourceStage(Stage):
@@ -126,10 +129,16 @@ class SourceStage(Stage):
             specs = [
                 ShardSpec(
                     f"part-{i:05d}",
-                    {"start": start, "stop": min(start + size, rows), "rows": min(start + size, rows) - start},
-                )
+                    {
+                        "start": start,
+                        "stop": min(start + size, rows),
+                        "rows": min(start + size, rows) - start,
+                    },
+                )  # fmt: skip
                 for i, start in enumerate(range(0, rows, size))
             ]
+            if workdir is not None:
+                self._write_input_slices(workdir, specs)
         else:
             files = readers.list_image_folder(Path(c.path))
             specs = [
@@ -231,7 +240,7 @@ class SourceStage(Stage):
             return table
         if c.kind == "image_folder":
             return readers.read_image_folder(Path(c.path), spec.payload["files"])
-        table = self._manifest_slice(spec.payload["start"], spec.payload["stop"])
+        table = self._manifest_slice(self._manifest_rows(spec, workdir), spec.payload["start"], spec.payload["stop"])
         return download.attach(table, self.download_dir(workdir)) if c.download else table
 
     def _keys(self, part: pa.Table, start: int, stop: int) -> list[str]:
@@ -242,9 +251,28 @@ class SourceStage(Stage):
         stem = readers.sanitize_key(Path(c.path).stem if c.path else c.hub_dataset or "hub")
         return [f"{stem}_{i:09d}" for i in range(start, stop)]
 
-    def _manifest_slice(self, start: int, stop: int) -> pa.Table:
+    def _write_input_slices(self, workdir: WorkDir, specs: list[ShardSpec]) -> None:
+        """Each shard's manifest rows as a parquet file in the stage's folder, written once by the driver, so a
+        worker reads its own rows and never loads the whole manifest (10⁷ rows of captions and URLs are
+        gigabytes, and every Ray actor would hold them)."""
+        (workdir.stage_dir(self.name) / INPUT_DIR).mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            spec.payload["input"] = f"{INPUT_DIR}/{spec.shard_id}.parquet"
+            start, stop = spec.payload["start"], spec.payload["stop"]
+            atomic_write_parquet(workdir.stage_dir(self.name) / spec.payload["input"],
+                                 self.manifest_table.slice(start, stop - start))  # fmt: skip
+
+    def _manifest_rows(self, spec: ShardSpec, workdir: WorkDir | None) -> pa.Table:
+        """This shard's manifest rows: the slice the driver wrote when it planned the shards, else (work dirs
+        planned before slices existed, or no work dir) from the whole manifest."""
+        name = spec.payload.get("input")
+        if name and workdir is not None and (workdir.stage_dir(self.name) / name).is_file():
+            return pq.read_table(workdir.stage_dir(self.name) / name)
+        start, stop = spec.payload["start"], spec.payload["stop"]
+        return self.manifest_table.slice(start, stop - start)
+
+    def _manifest_slice(self, part: pa.Table, start: int, stop: int) -> pa.Table:
         c = self.config
-        part = self.manifest_table.slice(start, stop - start)
         n = part.num_rows
 
         def column(name: str, as_string: bool = True) -> pa.Array:

@@ -37,6 +37,24 @@ def test_manifest_source_keys_groups_and_rejects(tmp_path):
     assert "img00004.jpg" in next(r.error for r in result.rejects if r.key == "rec_00004")
 
 
+def test_a_manifest_worker_reads_only_its_shard_rows_written_when_planning(tmp_path, monkeypatch):
+    """The driver writes each shard's manifest rows once; a worker (a fresh stage instance) reads those and never
+    the whole manifest, and gets the same records."""
+    manifest = write_image_manifest(tmp_path, 7, fmt="parquet")
+    wd = WorkDir(tmp_path / "w")
+    specs = _source(kind="manifest", path=str(manifest), shard_size=3).plan_shards(wd)
+    assert [s.payload["input"] for s in specs] == [f"_input/part-0000{i}.parquet" for i in range(3)]
+    reads: list[str] = []
+    real = SourceStage._read_part
+    monkeypatch.setattr(SourceStage, "_read_part", staticmethod(lambda part: reads.append(part.path) or real(part)))
+    worker = _source(kind="manifest", path=str(manifest), shard_size=3)
+    from_slices = pa.concat_tables([worker.read_shard(s, wd) for s in specs])
+    assert reads == []  # the worker never loaded the manifest
+    from_manifest = pa.concat_tables([worker.read_shard(s, None) for s in specs])
+    assert reads == [str(manifest)] and from_slices.equals(from_manifest)
+    assert from_slices["key"].to_pylist() == [f"rec_{i:05d}" for i in range(7)]
+
+
 def test_text_only_records_allowed_when_configured(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"caption": "a red circle"}\n{"caption": "a blue square", "image": null}\n')
