@@ -129,12 +129,8 @@ class SourceStage(Stage):
             specs = [
                 ShardSpec(
                     f"part-{i:05d}",
-                    {
-                        "start": start,
-                        "stop": min(start + size, rows),
-                        "rows": min(start + size, rows) - start,
-                    },
-                )  # fmt: skip
+                    {"start": start, "stop": min(start + size, rows), "rows": min(start + size, rows) - start},
+                )
                 for i, start in enumerate(range(0, rows, size))
             ]
             if workdir is not None:
