@@ -35,7 +35,7 @@ FULL: list[dict[str, Any]] = [
         "gpus": 0.5,
         "executors": ["ray"],
         **EMBED_RUN,
-    },  # fmt: skip
+    },
     {"kind": "train", "arch": "ViT-B-32", "finetune": "lora", "batch_size": 256, "steps": 5},
     {"kind": "train", "arch": "ViT-L-14", "finetune": "lora", "batch_size": 48, "steps": 5},
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5},
@@ -51,7 +51,7 @@ FULL: list[dict[str, Any]] = [
         "executors": ["local"],
         "compile": "default",
         **EMBED_RUN,
-    },  # fmt: skip
+    },
     # the frozen reference as the trained model (fp32 under autocast), to show what bf16 reference weights bring
     {"kind": "train", "arch": "ViT-L-14", "finetune": "full", "batch_size": 48, "steps": 5, "reference": "fp32"},
 ]

@@ -244,7 +244,7 @@ def test_gpu_pipelined_batches_match_batch_by_batch():
                 "caption": [scene(b * 8 + i)[1] for i in range(8)],
                 "image": pa.array([scene(b * 8 + i)[0] for i in range(8)], pa.binary()),
             }
-        )  # fmt: skip
+        )
         for b in range(5)
     ]
     alone = [gpu.process_batch(b).table for b in batches]

@@ -138,8 +138,8 @@ CAPTION_PARTS = (
 
 
 def synthetic_captions(count: int, seed: int = 0) -> list[str]:
-    """Captions of the length web alt-texts and ViSU captions have (10-20 words, 12-24 tokens), so the
-    benchmarks tokenise and run the text tower on realistic widths; a number keeps each one distinct."""
+    """Captions of the length web alt-texts and ViSU captions have (10-20 words, 15-29 tokens with start and
+    end), so the benchmarks tokenise and run the text tower on realistic widths; a number keeps each distinct."""
     import random
 
     rng = random.Random(seed)
