@@ -7,11 +7,13 @@ measured alongside (for kNN: the bare matrix product of the same shapes on the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from saferclip_data.stages.embed import CompileMode
 
 bench_app = typer.Typer(help="Benchmarks that print measured throughput and ratios to a measured ceiling.")
 console = Console(stderr=True)
@@ -64,15 +66,6 @@ def _gpu_share(value: str) -> str:
     return value
 
 
-def _compile_mode(value: str | None) -> str | None:
-    if value is not None and value not in COMPILE_MODES:
-        raise typer.BadParameter(f"'{value}' is not one of {', '.join(COMPILE_MODES)}")
-    return value
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-
 @bench_app.command(epilog="Example: saferclip-data bench embed --model ViT-B-32 --images 20000 --batch-size 512")
 def embed(
     model: Annotated[
@@ -95,13 +88,13 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
     decoder: Annotated[
-        str | None, typer.Option(help="pil or tensor (batched, on the device); default: the stage's choice.")
+        Literal["pil", "tensor"] | None,
+        typer.Option(help="pil or tensor (batched, on the device); default: the stage's choice."),
     ] = None,
     compile_mode: Annotated[
-        str | None,
+        CompileMode | None,
         typer.Option(
             "--compile",
-            callback=_compile_mode,
             help="torch.compile mode for the image tower, in the stage and the ceiling alike: default, "
             "reduce-overhead (CUDA graphs) or max-autotune; default: eager.",
         ),
@@ -142,7 +135,8 @@ def train(
     ] = None,
     loader: Annotated[bool, typer.Option(help="Time the data loader too (synthetic quadruplet shards).")] = True,
     reference_precision: Annotated[
-        str, typer.Option(help="Frozen reference weights: auto (bf16 when the step is bf16), fp32 or bf16.")
+        Literal["auto", "fp32", "bf16"],
+        typer.Option(help="Frozen reference weights: auto (bf16 when the step is bf16), fp32 or bf16."),
     ] = "auto",
 ) -> None:
     """Trainer throughput on synthetic batches: samples/s, FLOPs per sample (counted by torch on one real step:

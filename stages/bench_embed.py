@@ -49,14 +49,14 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
     compiled with ``compile_mode`` when the stage is, so that the ratio compares like with like."""
     import torch
 
-    from saferclip_data.stages.embed import ModelConfig, load_worker_model
+    from saferclip_data.stages.embed import ModelConfig, image_encoder, load_worker_model
 
     _, model, dev, dtype = load_worker_model(ModelConfig(arch=arch), device, precision, "bench")
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     pixels = torch.randn(batch_size, 3, size, size, device=dev, dtype=dtype)
     batches = max(1, images // batch_size)
-    encode = torch.compile(model.encode_image, mode=compile_mode, dynamic=False) if compile_mode else model.encode_image
+    encode = image_encoder(model, compile_mode)
 
     def run() -> None:
         with torch.inference_mode():
@@ -75,15 +75,11 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
 
 def _rate(work, items: int, sync=lambda: None, repeats: int = 3) -> float:
     """Items/s of the best of ``repeats`` timed calls, after one warm-up call."""
+    from .bench_knn import best_seconds
+
     work()
     sync()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        sync()
-        best = min(best, time.perf_counter() - started)
-    return items / best
+    return items / best_seconds(repeats, work, sync)
 
 
 def host_work_rates(arch: str, image_size: int, batch_size: int, image_px: int,

@@ -80,6 +80,20 @@ class ModelConfig(BaseModel):
         return self
 
 
+#: torch.compile modes the embed stage and ``bench embed --compile`` accept
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+
+
+def image_encoder(model: Any, compile_mode: str | None) -> Callable:
+    """The model's image tower as called per batch: eager, or compiled for one fixed shape (``dynamic=False``:
+    the stage pads every batch to the batch size), the same way for the stage and for the bench's ceiling."""
+    if compile_mode is None:
+        return model.encode_image
+    import torch
+
+    return torch.compile(model.encode_image, mode=compile_mode, dynamic=False)
+
+
 class EmbedConfig(StageConfig):
     batch_size: int | None = Field(default=None, gt=0, description="records per batch; unset: 512 on CUDA, 64 on CPU")
     gpus: float | Literal["auto"] = "auto"
@@ -87,7 +101,7 @@ class EmbedConfig(StageConfig):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto", description="auto = bf16 on CUDA, fp32 on CPU"
     )
-    compile: Literal["default", "reduce-overhead", "max-autotune"] | None = Field(
+    compile: CompileMode | None = Field(
         default=None,
         description="torch.compile the image tower with this mode (reduce-overhead adds CUDA graphs); compiled "
         "once per worker (about a minute for ViT-L/14), every batch padded to the batch size so one graph serves; "
@@ -174,9 +188,8 @@ class EmbedStage(Stage):
             self.mean, self.std = normalization(self.clip.preprocess, self.device)
         #: the side stream prepare_batch decodes and uploads on, so that it overlaps the encoders (CUDA only)
         self._stream = torch.cuda.Stream() if self.device == "cuda" else None
-        self._encode_image = self.model.encode_image
+        self._encode_image = image_encoder(self.model, self.config.compile)
         if self.config.compile:
-            self._encode_image = torch.compile(self.model.encode_image, mode=self.config.compile, dynamic=False)
             size = self.clip.image_size  # compile now, in the worker's set-up, not inside the first shard
             with torch.inference_mode():
                 self._image_features(torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype))
