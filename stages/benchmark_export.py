@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,15 +69,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_tables(workdir: WorkDir, keys: set[str], columns: list[str]) -> Iterator[pa.Table]:
+    """The source rows of the given keys, one source shard at a time (only those rows leave the shard)."""
+    wanted = pa.array(sorted(keys), pa.string())
+    for shard in workdir.completed_shards("source"):
+        table = workdir.read_shard("source", shard, columns)
+        yield table.filter(pc.is_in(table["key"], value_set=wanted))
+
+
 def source_rows(workdir: WorkDir, keys: set[str]) -> dict[str, dict]:
     """Caption and image bytes of the given keys, read shard by shard (only those rows are kept in memory)."""
-    out: dict[str, dict] = {}
-    for shard in workdir.completed_shards("source"):
-        table = workdir.read_shard("source", shard, ["key", "caption", "image"])
-        mask = pc.is_in(table["key"], value_set=pa.array(sorted(keys), pa.string()))
-        for row in table.filter(mask).to_pylist():
-            out[row["key"]] = row
-    return out
+    return {
+        row["key"]: row
+        for table in source_tables(workdir, keys, ["key", "caption", "image"])
+        for row in table.to_pylist()
+    }
 
 
 def _write_retrieval_set(folder: Path, samples: list[tuple[str, bytes, str, dict]]) -> list[Path]:

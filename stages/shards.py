@@ -33,7 +33,7 @@ from pydantic import Field
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import ENABLED_STAGES, GlobalContext, Stage, StageConfig
 
-from .benchmark_export import image_extension, sha256_file
+from .benchmark_export import image_extension, sha256_file, source_tables
 from .score import column_suffix, unit_rows
 
 
@@ -63,14 +63,9 @@ class SpilledImages:
     def __init__(self, path: Path, workdir: Any, keys: set[str]):
         import mmap
 
-        import pyarrow.compute as pc
-
         self.path, self.offsets = path, {}
-        wanted = pa.array(sorted(keys), pa.string())
         with open(path, "wb") as spill:
-            for shard in workdir.completed_shards("source"):
-                table = workdir.read_shard("source", shard, ["key", "image"])
-                table = table.filter(pc.is_in(table["key"], value_set=wanted))
+            for table in source_tables(workdir, keys, ["key", "image"]):
                 for key, image in zip(table["key"].to_pylist(), table["image"].to_pylist()):
                     if image:
                         self.offsets[key] = (spill.tell(), len(image))
