@@ -203,10 +203,10 @@ def _train(results: SuiteResults, spec: dict, name: str) -> None:
     r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], spec["steps"], "auto", "auto", None, reference)
     results.tables[name] = [r]
     results.figures[f"{name} samples/s"] = r["samples_per_s"]
-    if r["mfu"] is not None:
-        results.figures[f"{name} MFU"] = r["mfu"]
-    if reference != "auto":
-        return  # a comparison row: not a candidate for the target
+    if r["mfu"] is None:
+        return  # no peak known for this device
+    results.figures[f"{name} MFU"] = r["mfu"]
+    if reference == "auto":  # a row with another reference is a comparison, not a candidate for the target
         best = f"train {spec['arch']} {spec['finetune']} MFU"  # the target's figure: the best batch size
         results.figures[best] = max(results.figures.get(best, 0.0), r["mfu"])
 

@@ -123,3 +123,21 @@ def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, 
     )
     assert all(v["pass"] is None for v in saved["verdicts"].values())  # an H200's targets are not judged on a CPU
     assert "FAILED" in (tmp_path / "results.md").read_text() and results.figures == figures
+
+
+def test_the_suite_judges_full_fine_tuning_by_its_best_batch_and_leaves_comparison_rows_out(tmp_path, monkeypatch):
+    from saferclip_data.stages import bench_suite
+
+    mfu = {(48, "auto"): 0.31, (128, "auto"): 0.36, (48, "fp32"): 0.40}
+
+    def stand_in(arch, finetune, batch_size, steps, precision, device, peak, reference):
+        return {"samples_per_s": 100.0, "mfu": mfu[batch_size, reference]}
+
+    monkeypatch.setattr("saferclip_data.training.bench_train.bench_train", stand_in)
+    results = bench_suite.SuiteResults(tmp_path, {"cuda": "13.0"})
+    for spec in [s for s in bench_suite.FULL if s["kind"] == "train" and s["finetune"] == "full"]:
+        bench_suite._train(results, spec, bench_suite.part_name(spec))
+    assert results.figures["train ViT-L-14 full batch 48 MFU"] == 0.31
+    assert results.figures["train ViT-L-14 full batch 48, reference fp32 MFU"] == 0.40  # reported, not judged
+    verdict = results.verdicts()["train ViT-L-14 full MFU"]
+    assert verdict["value"] == 0.36 and verdict["pass"] is True
