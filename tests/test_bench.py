@@ -141,3 +141,35 @@ def test_the_suite_judges_full_fine_tuning_by_its_best_batch_and_leaves_comparis
     assert results.figures["train ViT-L-14 full batch 48, reference fp32 MFU"] == 0.40  # reported, not judged
     verdict = results.verdicts()["train ViT-L-14 full MFU"]
     assert verdict["value"] == 0.36 and verdict["pass"] is True
+
+
+def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_measure_it(tmp_path, monkeypatch):
+    """The full suite only runs on a GPU; with stand-ins for the measurements, each target's figure name must
+    match what its part records (a target left 'not measured' would waste the GPU session)."""
+    from saferclip_data.stages import bench_knn, bench_suite
+    from saferclip_data.stages.bench_knn import KnnRow
+
+    def embed_rows(arch, images, image_px, executors, run, scratch=None):
+        rows = [("image encoder only", "cuda", "1,000", "-", "1.00", "")]
+        for executor in executors:
+            ratio = "0.95" if executor == "ray" and "local" in executors else ""
+            rows.append((f"embed stage, {executor}", "1 worker(s)", "950", "1.0 (2.0)", "0.95", ratio))
+        return rows
+
+    def knn_rows(*args):
+        return [KnnRow("torch naive loop", "cuda", 4.0, 150.0, 1.0, 4.0, 1.0, 1.0),
+                KnnRow("torch (saferclip)", "cuda", 1.0, 600.0, 1.0, 4.0, 1.0, 1.0)]  # fmt: skip
+
+    monkeypatch.setattr("saferclip_data.stages.bench_embed.run_bench", embed_rows)
+    monkeypatch.setattr(bench_knn, "run_knn_bench", knn_rows)
+    monkeypatch.setattr(
+        "saferclip_data.training.bench_train.bench_train", lambda *a: {"samples_per_s": 9.0, "mfu": 0.4}
+    )
+    monkeypatch.setattr("saferclip_data.training.bench_train.loader_rate", lambda *a, **k: (99.0, "cuda (nvJPEG)"))
+    monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"cuda": "13.0", "device": "stand-in"})
+    results = bench_suite.run_suite(tmp_path, log=lambda line: None)
+    assert results.errors == {}
+    verdicts = results.verdicts()
+    assert [name for name, v in verdicts.items() if v["value"] is None] == []
+    assert verdicts["knn x naive"]["value"] == 4.0 and verdicts["embed ViT-L-14 ray / local"]["value"] == 0.95
+    assert verdicts["embed ViT-B-32 local img/s"]["pass"] is False and verdicts["train ViT-L-14 full MFU"]["pass"]
