@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from saferclip_data.stages.embed import CompileMode
+from saferclip_data.training.models import CompileMode
 
 bench_app = typer.Typer(help="Benchmarks that print measured throughput and ratios to a measured ceiling.")
 console = Console(stderr=True)
@@ -138,6 +138,14 @@ def train(
         Literal["auto", "fp32", "bf16"],
         typer.Option(help="Frozen reference weights: auto (bf16 when the step is bf16), fp32 or bf16."),
     ] = "auto",
+    compile_mode: Annotated[
+        CompileMode | None,
+        typer.Option(
+            "--compile",
+            help="torch.compile both towers, trained and reference, with this mode (as training.compile does): "
+            "default, reduce-overhead (CUDA graphs) or max-autotune; compiling is not timed; default: eager.",
+        ),
+    ] = None,
 ) -> None:
     """Trainer throughput on synthetic batches: samples/s, FLOPs per sample (counted by torch on one real step:
     trained and frozen encoders, loss, backward) and MFU against the device's dense bf16 peak; then the samples/s
@@ -148,8 +156,12 @@ def train(
     from saferclip_data.training.bench_train import bench_train, loader_rate
     from saferclip_data.training.trainer import loader_workers as auto_workers
 
-    r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision)
-    table = Table(title=f"train step: {model}, {finetune}, batch {batch_size}, reference weights {r['reference']}")
+    r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision,
+                    compile_mode)  # fmt: skip
+    compiled = f", compiled ({compile_mode})" if compile_mode else ""
+    table = Table(
+        title=f"train step: {model}, {finetune}, batch {batch_size}, reference weights {r['reference']}{compiled}"
+    )
     columns = ("device", "trainable params", "samples/s", "s/step", "GFLOP/sample", "TFLOP/s", "MFU", "loader",
                "loader / step")  # fmt: skip
     for column in columns:

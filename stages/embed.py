@@ -28,7 +28,7 @@ from saferclip_data.training.decode import (
     normalization,
     tensor_path_mismatch,
 )
-from saferclip_data.training.models import encode_text, trim_tokens
+from saferclip_data.training.models import CompileMode, encode_text, trim_tokens
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ class ModelConfig(BaseModel):
             tags = ", ".join(pretrained_tags(self.arch)) or "none"
             raise ValueError(f"model.pretrained: unknown tag '{self.pretrained}' for {self.arch} (known: {tags})")
         return self
-
-
-#: torch.compile modes the embed stage and ``bench embed --compile`` accept
-CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 
 
 def image_encoder(model: Any, compile_mode: str | None) -> Callable:

@@ -128,16 +128,17 @@ def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, 
 def test_the_suite_judges_full_fine_tuning_by_its_best_batch_and_leaves_comparison_rows_out(tmp_path, monkeypatch):
     from saferclip_data.stages import bench_suite
 
-    mfu = {(48, "auto"): 0.31, (128, "auto"): 0.36, (48, "fp32"): 0.40}
+    mfu = {(48, "auto", None): 0.31, (128, "auto", None): 0.33, (128, "auto", "default"): 0.36, (48, "fp32", None): 0.4}
 
-    def stand_in(arch, finetune, batch_size, steps, precision, device, peak, reference):
-        return {"samples_per_s": 100.0, "mfu": mfu[batch_size, reference]}
+    def stand_in(arch, finetune, batch_size, steps, precision, device, peak, reference, compile_mode):
+        return {"samples_per_s": 100.0, "mfu": mfu[batch_size, reference, compile_mode]}
 
     monkeypatch.setattr("saferclip_data.training.bench_train.bench_train", stand_in)
     results = bench_suite.SuiteResults(tmp_path, {"cuda": "13.0"})
     for spec in [s for s in bench_suite.FULL if s["kind"] == "train" and s["finetune"] == "full"]:
         bench_suite._train(results, spec, bench_suite.part_name(spec))
     assert results.figures["train ViT-L-14 full batch 48 MFU"] == 0.31
+    assert results.figures["train ViT-L-14 full batch 128 compiled default MFU"] == 0.36  # a setting: a candidate
     assert results.figures["train ViT-L-14 full batch 48, reference fp32 MFU"] == 0.40  # reported, not judged
     verdict = results.verdicts()["train ViT-L-14 full MFU"]
     assert verdict["value"] == 0.36 and verdict["pass"] is True

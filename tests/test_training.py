@@ -4,10 +4,12 @@ SIGKILL, two-process DDP, bf16 autocast, zero-shot on image folders, and the tra
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -351,6 +353,61 @@ def test_bf16_autocast_step_trains_and_auto_means_fp32_on_cpu(built, tmp_path):
     result = train(_tiny("toy-resnet-tiny"), built / "shards" / "quad", tmp_path / "bf16", config, stop_after=2)
     steps = _steps(tmp_path / "bf16")
     assert result["step"] == 2 and all(np.isfinite(s["loss"]) and s["loss"] > 0 for s in steps)
+
+
+@pytest.mark.slow
+def test_compiled_towers_train_as_the_eager_ones_and_checkpoint_the_same_parameters(built, tmp_path):
+    """training.compile (CPU inductor here): with LoRA, whose attention layers stay eager between the compiled
+    parts, the logged losses and the trained adapters equal an eager run's; the checkpoint names the same
+    parameters, and the exported model.pt is the same plain state dict."""
+    from saferclip_data.training.trainer import TrainConfig, train
+
+    shard_dir = built / "shards" / "quad"
+    config = TrainConfig(epochs=1, batch_size=8, lr=5e-3, warmup_steps=1, lora_rank=4, schedule=[["easy", "medium",
+                         "hard"]])  # fmt: skip
+    runs = {}
+    for mode in (None, "default"):
+        torch.manual_seed(0)  # the same LoRA init for both
+        out = tmp_path / str(mode)
+        train(_tiny(), shard_dir, out, replace(config, compile=mode), stop_after=3)
+        runs[mode] = (_steps(out), torch.load(out / "last.pt", weights_only=False)["trainable"])
+    (eager_log, eager_state), (compiled_log, compiled_state) = runs[None], runs["default"]
+    assert [s["keys"] for s in compiled_log] == [s["keys"] for s in eager_log]
+    assert [s["loss"] for s in compiled_log] == pytest.approx([s["loss"] for s in eager_log], rel=1e-4)
+    assert list(compiled_state) == list(eager_state) and all("lora_" in n for n in compiled_state)
+    for name, value in eager_state.items():
+        assert torch.allclose(compiled_state[name], value, atol=1e-5), name
+    with pytest.raises(ValueError, match="compile: 'fast'"):
+        train(_tiny(), shard_dir, tmp_path / "bad", replace(config, compile="fast"), stop_after=1)
+
+
+@pytest.mark.slow
+def test_a_compiled_full_fine_tune_step_gives_the_eager_loss_and_gradients(built):
+    from saferclip_data.training.adapters import AdapterSettings
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.reference import TrainedWithReference
+
+    clip = _tiny()
+    batch = next(iter(quad_pipeline(_quad_urls(built), clip.preprocess, clip.tokenizer, clip.image_size, epoch=2,
+                                    batch_size=16)))  # fmt: skip
+    results = []
+    for compiled in (False, True):
+        pair = TrainedWithReference(copy.deepcopy(clip.model), AdapterSettings(finetune="full"))
+        names = list(pair.wrapper.state_dict())
+        if compiled:
+            pair.compile("default")
+            assert list(pair.wrapper.state_dict()) == names  # nn.Module.compile keeps the parameter names
+        torch._dynamo.utils.counters.clear()
+        loss, _ = pair.loss(batch)
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled  # the towers did compile
+        loss.backward()
+        grads = {n: p.grad for n, p in pair.model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert set(compiled_grads) == set(eager_grads) and len(eager_grads) > 50
+    for name, grad in eager_grads.items():
+        assert torch.allclose(compiled_grads[name], grad, rtol=1e-3, atol=1e-5), name
 
 
 DDP_SCRIPT = """

@@ -78,6 +78,14 @@ def attach(model: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module
     return get_peft_model(model, config)
 
 
+def untraceable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """peft's LoRA attention layers in ``model``: they fold their adapters into the wrapped attention's weights
+    around every call (re-registering parameters), which torch.compile cannot trace."""
+    from peft.tuners.lora.layer import MultiheadAttention
+
+    return [m for m in model.modules() if isinstance(m, MultiheadAttention)]
+
+
 def trainable_state(wrapper: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train, by name (what a checkpoint needs beyond the base model)."""
     return {n: p.detach().clone() for n, p in wrapper.named_parameters() if p.requires_grad}

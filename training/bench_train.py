@@ -55,7 +55,9 @@ def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
 
 
 def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision: str, device_name: str,
-                peak: float | None = None, reference_precision: str = "auto") -> dict:  # fmt: skip
+                peak: float | None = None, reference_precision: str = "auto",
+                compile_mode: str | None = None) -> dict:  # fmt: skip
+    """One step counted (FLOPs, eagerly), warm-up steps (compiling, with ``compile_mode``), ``steps`` timed."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .adapters import AdapterSettings
@@ -81,7 +83,10 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    step()  # warm-up
+    if compile_mode is not None:
+        pair.compile(compile_mode)
+    for _ in range(1 if compile_mode is None else 3):  # warm-up; compiling, and recording CUDA graphs, takes more
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -103,6 +108,7 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
         "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_tflops": peak,
         "reference": str(ref_dtype or "as trained").replace("torch.", ""),
+        "compiled": compile_mode or "no",
     }  # fmt: skip
 
 

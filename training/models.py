@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from saferclip_data.pipeline.errors import UserError
 
@@ -221,3 +221,7 @@ def encode_text(model: Any, tokens: Any) -> Any:
             return model.text_projection(x)
         return x @ model.text_projection
     return x
+
+
+#: torch.compile modes the embed stage, the trainer and the benchmarks accept
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]

@@ -13,9 +13,22 @@ import copy
 
 import torch
 
-from .adapters import AdapterSettings, attach
+from .adapters import AdapterSettings, attach, untraceable_layers
 from .losses import Embeddings, SaferWeights, safeclip_loss, saferclip_loss
 from .models import encode_text
+
+
+def compile_towers(model: torch.nn.Module, mode: str) -> None:
+    """Compile the model's image and text transformers in place with ``nn.Module.compile``, which keeps parameter
+    names, so state dicts, adapters and checkpoints stay as they are. LoRA attention layers run eagerly between
+    the compiled parts (``adapters.untraceable_layers``). Shapes may change between calls (the trimmed caption
+    width, the rows that have images): torch then compiles once more with those sizes dynamic, not per shape."""
+    for layer in untraceable_layers(model):
+        layer.forward = torch.compiler.disable(layer.forward)
+    for name in ("visual", "transformer", "text"):
+        tower = getattr(model, name, None)
+        if isinstance(tower, torch.nn.Module):
+            tower.compile(mode=mode)
 
 
 class BatchEncoder(torch.nn.Module):
@@ -59,6 +72,12 @@ class TrainedWithReference:
                 module.eval()
         #: the module called for the trained embeddings; the trainer swaps in a DDP wrapper of it
         self.encoder: torch.nn.Module = BatchEncoder(self.model)
+
+    def compile(self, mode: str) -> None:
+        """torch.compile both towers of the trained model and of the reference (:func:`compile_towers`): fused
+        layer norms, activations and casts around the matmuls. Compiling happens on the first steps."""
+        compile_towers(self.model, mode)
+        compile_towers(self.reference, mode)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from .adapters import AdapterSettings, attach, load_trainable, merged, trainable_state
 from .data import DEFAULT_SCHEDULE, buckets_for_epoch, quad_pipeline
 from .losses import SaferWeights
-from .models import text_trim
+from .models import CompileMode, text_trim
 from .reference import TrainedWithReference
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     reference_precision: str = "auto"  # the frozen reference's weights: auto = bf16 when the step is bf16
     num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
     decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
+    compile: str | None = None  # torch.compile mode for the towers (trained and reference); None: eager
 
     def adapter(self) -> AdapterSettings:
         return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
@@ -223,6 +225,10 @@ def train(
     pair = TrainedWithReference(
         clip.model.to(device), config.adapter(), reference_dtype(device, config.precision, config.reference_precision)
     )
+    if config.compile is not None:
+        if config.compile not in get_args(CompileMode):
+            raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
+        pair.compile(config.compile)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         pair.encoder = torch.nn.parallel.DistributedDataParallel(
