@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -90,6 +91,92 @@ def collate(samples: list[dict], text_trim: Callable | None = None) -> dict:
     return out
 
 
+class _NotPlainTar(Exception):
+    """A header this reader leaves to tarfile (pax or GNU long names, links, anything but files and folders)."""
+
+
+def _plain_tar_index(url: str) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in the tar, read with wids' struct-based header parser:
+    about 6x faster than Python's tarfile, whose header parsing capped every DataLoader worker (each reads the
+    whole stream) at ~2.4k samples/s here. Raises _NotPlainTar for a tar it does not fully understand."""
+    import mmap
+
+    from wids.wids_mmtar import parse_tar_header
+
+    index, extended = [], {}
+    with open(url, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise _NotPlainTar(url)
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            offset, end = 0, len(mapped)
+            while offset + 512 <= end and mapped[offset] != 0:  # a zero block ends the archive
+                header = parse_tar_header(mapped[offset : offset + 500])
+                try:
+                    size = int(header.size.strip(b"\0 ") or b"0", 8)
+                except ValueError:
+                    raise _NotPlainTar(url) from None  # base-256 sizes and the like: tarfile's business
+                start = offset + 512
+                if start + size > end:
+                    raise ValueError(f"{url}: truncated tar (the member at byte {offset} runs past the end)")
+                if header.typeflag in (b"0", b"\0"):
+                    name = header.name.rstrip(b"\0")
+                    if header.magic.startswith(b"ustar") and header.prefix.strip(b"\0"):
+                        name = header.prefix.rstrip(b"\0") + b"/" + name
+                    name, size = extended.get(b"path", name), int(extended.get(b"size", size))
+                    index.append((name.decode("utf-8"), start, size))
+                    extended = {}
+                elif header.typeflag == b"x":  # pax records for the next member (tarfile writes them for a float
+                    extended = _pax_records(mapped[start : start + size], url)  # mtime, long or non-ASCII names)
+                elif header.typeflag != b"5":  # folders are skipped, like tarfile's non-regular members
+                    raise _NotPlainTar(url)
+                offset = start + (size + 511) // 512 * 512
+            if offset > end or (end - 512 < offset < end and mapped[offset] != 0):
+                raise ValueError(f"{url}: truncated tar (it ends at byte {end}, inside a member)")
+    return index
+
+
+def _pax_records(data: bytes, url: str) -> dict[bytes, bytes]:
+    """A pax extended header's "LENGTH KEY=VALUE\\n" records."""
+    records, position = {}, 0
+    while position < len(data):
+        length = int(data[position : data.index(b" ", position)])
+        key, _, value = data[data.index(b" ", position) + 1 : position + length - 1].partition(b"=")
+        records[key] = value
+        position += length
+    if b"hdrcharset" in records:
+        raise _NotPlainTar(url)  # names in another charset: tarfile decodes them
+    return records
+
+
+def _tar_members(url: str, index: list[tuple[str, int, int]]) -> Iterator[dict]:
+    """The indexed files as webdataset's tar expander yields them ({fname, data, __url__}), one at a time."""
+    import mmap
+    import re
+
+    skip = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata entries, which it skips
+    with open(url, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        for name, start, size in index:
+            if not skip.match(name):
+                yield {"fname": name, "data": mapped[start : start + size], "__url__": url}
+
+
+def tar_samples(shards: Iterable[dict]) -> Iterator[dict]:
+    """webdataset's ``tarfile_to_samples`` for local tars: the same samples in the same order (webdataset groups
+    the members by key), with each tar's members read through :func:`_tar_members`; a tar it leaves to tarfile
+    (long names, links) is read by webdataset itself."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys
+
+    for shard in shards:
+        url = shard["url"]
+        try:
+            index = _plain_tar_index(url)
+        except _NotPlainTar:
+            yield from wds.tarfile_to_samples()([shard])
+            continue
+        yield from group_by_keys(_tar_members(url, index))
+
+
 def _share(samples: Iterable[dict], rank: int, world_size: int, limit: int | None) -> Iterator[dict]:
     """This process's (and DataLoader worker's) share of the epoch's stream; see :func:`quad_pipeline`."""
     mine = itertools.islice(samples, rank, None, world_size)
@@ -132,7 +219,7 @@ def quad_pipeline(
     random.Random(seed * 1_000_003 + epoch).shuffle(urls)  # shard order: from (seed, epoch)
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(),
+        tar_samples,
         wds.select(lambda s: json.loads(s["json"])["difficulty"] in admitted),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 7919 + epoch)),
         partial(_share, rank=rank, world_size=world_size, limit=limit),
