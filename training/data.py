@@ -101,7 +101,10 @@ def _plain_tar_index(url: str) -> list[tuple[str, int, int]]:
     whole stream) at ~2.4k samples/s here. Raises _NotPlainTar for a tar it does not fully understand."""
     import mmap
 
-    from wids.wids_mmtar import parse_tar_header
+    try:
+        from wids.wids_mmtar import parse_tar_header
+    except ImportError:  # webdataset before 0.2.85 shipped wids inside itself
+        from webdataset.wids.wids_mmtar import parse_tar_header
 
     index, extended = [], {}
     with open(url, "rb") as file:
