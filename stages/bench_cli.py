@@ -104,9 +104,9 @@ def embed(
     against the image encoder alone on ready pixels: images/s of each, their ratio (1.0 = the pipeline costs
     nothing beyond the encoder) and, for Ray, the ratio to the same stage in-process. The stage is timed from its
     first shard's start to its last shard's output on disk; in brackets, the whole stage with the workers'
-    set-up (Ray actors, model loading, compiling), which a long build pays once. The "host" rows time the
-    worker's per-batch work besides the encoders (tokenising, JPEG bytes to pixels), one batch at a time: a
-    ratio below 1 is work one worker cannot hide behind the encoder."""
+    set-up (Ray actors, model loading, compiling), which a long build pays once. The "per batch" rows time the
+    worker's other per-batch work, one batch at a time: the text tower on trimmed captions, tokenising, JPEG
+    bytes to pixels. The device work adds to the image tower's; host work below 1 cannot hide behind it."""
     from saferclip_data.stages.bench_embed import EmbedRun, run_bench
 
     names = [e.strip() for e in executors.split(",") if e.strip()]

@@ -188,7 +188,7 @@ def _embed(results: SuiteResults, spec: dict, name: str, scratch: Path) -> None:
     encoder = float(rows[0][2].replace(",", ""))
     results.figures[f"{name} encoder img/s"] = encoder
     for row in rows[1:]:
-        if row[0].startswith("  host: "):
+        if row[0].startswith("  per batch: "):
             results.figures[f"{name} {row[0].strip()} /s"] = float(row[2].replace(",", ""))
             continue
         executor = row[0].rsplit(" ", 1)[-1]

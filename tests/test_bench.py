@@ -28,7 +28,8 @@ def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
     rows = run_bench("toy-vit-tiny", 96, 64, ["local"], EmbedRun(32, 1, 1.0, 0, "cpu", "fp32"))
     names = [r[0] for r in rows]
     assert names[0] == "image encoder only" and names[-1] == "embed stage, local"
-    assert [n.split(":")[0] for n in names[1:-1]] == ["  host"] * 3 and "tokenise" in names[1]
+    assert [n.split(":")[0] for n in names[1:-1]] == ["  per batch"] * 4
+    assert "text tower" in names[1] and "tokenise" in names[2]
     ceiling = float(rows[0][2].replace(",", ""))
     assert ceiling > 0
     span, whole = (float(x) for x in rows[-1][3].replace("(", "").replace(")", "").split())
