@@ -142,7 +142,7 @@ def train(
         CompileMode | None,
         typer.Option(
             "--compile",
-            help="torch.compile both towers, trained and reference, with this mode (as training.compile does): "
+            help="torch.compile the towers (reference; trained ones without LoRA) as training.compile does: "
             "default, reduce-overhead (CUDA graphs) or max-autotune; compiling is not timed; default: eager.",
         ),
     ] = None,

@@ -80,7 +80,7 @@ def attach(model: torch.nn.Module, settings: AdapterSettings) -> torch.nn.Module
 
 def untraceable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """peft's LoRA attention layers in ``model``: they fold their adapters into the wrapped attention's weights
-    around every call (re-registering parameters), which torch.compile cannot trace."""
+    around every call (re-registering parameters), which torch.compile cannot trace ("set_ on a graph input")."""
     from peft.tuners.lora.layer import MultiheadAttention
 
     return [m for m in model.modules() if isinstance(m, MultiheadAttention)]

@@ -83,8 +83,7 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    if compile_mode is not None:
-        pair.compile(compile_mode)
+    compiled = pair.compile(compile_mode) if compile_mode is not None else {}
     for _ in range(1 if compile_mode is None else 3):  # warm-up; compiling, and recording CUDA graphs, takes more
         step()
     if device.type == "cuda":
@@ -108,7 +107,7 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
         "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_tflops": peak,
         "reference": str(ref_dtype or "as trained").replace("torch.", ""),
-        "compiled": compile_mode or "no",
+        "compiled": "; ".join(f"{side}: {', '.join(towers) or 'none'}" for side, towers in compiled.items()) or "no",
     }  # fmt: skip
 
 

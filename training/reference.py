@@ -18,17 +18,19 @@ from .losses import Embeddings, SaferWeights, safeclip_loss, saferclip_loss
 from .models import encode_text
 
 
-def compile_towers(model: torch.nn.Module, mode: str) -> None:
+def compile_towers(model: torch.nn.Module, mode: str) -> list[str]:
     """Compile the model's image and text transformers in place with ``nn.Module.compile``, which keeps parameter
-    names, so state dicts, adapters and checkpoints stay as they are. LoRA attention layers run eagerly between
-    the compiled parts (``adapters.untraceable_layers``). Shapes may change between calls (the trimmed caption
-    width, the rows that have images): torch then compiles once more with those sizes dynamic, not per shape."""
-    for layer in untraceable_layers(model):
-        layer.forward = torch.compiler.disable(layer.forward)
+    names, so state dicts, adapters and checkpoints stay as they are; returns the towers compiled. A tower with
+    LoRA attention layers stays eager (``adapters.untraceable_layers``: with a graph break around each of them,
+    compiling hit torch's recompile limit and gained nothing). Shapes may change between calls (the trimmed
+    caption width, the rows that have images): torch then compiles once more with those sizes dynamic."""
+    compiled = []
     for name in ("visual", "transformer", "text"):
         tower = getattr(model, name, None)
-        if isinstance(tower, torch.nn.Module):
+        if isinstance(tower, torch.nn.Module) and not untraceable_layers(tower):
             tower.compile(mode=mode)
+            compiled.append(name)
+    return compiled
 
 
 class BatchEncoder(torch.nn.Module):
@@ -73,11 +75,11 @@ class TrainedWithReference:
         #: the module called for the trained embeddings; the trainer swaps in a DDP wrapper of it
         self.encoder: torch.nn.Module = BatchEncoder(self.model)
 
-    def compile(self, mode: str) -> None:
-        """torch.compile both towers of the trained model and of the reference (:func:`compile_towers`): fused
-        layer norms, activations and casts around the matmuls. Compiling happens on the first steps."""
-        compile_towers(self.model, mode)
-        compile_towers(self.reference, mode)
+    def compile(self, mode: str) -> dict[str, list[str]]:
+        """torch.compile the towers of the reference and of the trained model (:func:`compile_towers`; with LoRA
+        the trained towers stay eager): fused layer norms, activations and casts around the matmuls. Compiling
+        happens on the first steps. Returns which towers were compiled."""
+        return {"trained": compile_towers(self.model, mode), "reference": compile_towers(self.reference, mode)}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -53,9 +53,9 @@ class TrainingSection(BaseModel):
     )
     compile: CompileMode | None = Field(
         default=None,
-        description="torch.compile both towers of the trained model and of the frozen reference with this mode "
+        description="torch.compile the towers of the frozen reference and of the trained model with this mode "
         "(fuses the layer norms, activations and casts around the matmuls; compiling takes the first steps, "
-        "minutes for ViT-L/14); LoRA attention layers stay eager; unset = eager",
+        "minutes for ViT-L/14); towers with LoRA attention layers stay eager; unset = eager",
     )
     num_workers: int | Literal["auto"] = Field(
         default="auto",

@@ -57,7 +57,7 @@ class TrainConfig:
     reference_precision: str = "auto"  # the frozen reference's weights: auto = bf16 when the step is bf16
     num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
     decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
-    compile: str | None = None  # torch.compile mode for the towers (trained and reference); None: eager
+    compile: str | None = None  # torch.compile mode for the towers (reference; trained ones without LoRA); None: eager
 
     def adapter(self) -> AdapterSettings:
         return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
