@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from saferclip_data.pipeline.errors import UserError
 from saferclip_data.training.models import CompileMode
 
 bench_app = typer.Typer(help="Benchmarks that print measured throughput and ratios to a measured ceiling.")
@@ -185,15 +186,31 @@ def suite(
         Path | None, typer.Option(help="Folder for results.json and results.md [default: TMPDIR/saferclip-bench-suite]")
     ] = None,
     quick: Annotated[bool, typer.Option(help="Toy shapes: checks the suite itself in about 15 s on a CPU.")] = False,
+    part: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Run only the parts whose names contain this (repeatable), adding their figures to the results "
+            "already in --out: a short GPU session can run the suite in several calls, or redo one part."
+        ),
+    ] = None,
+    list_parts: Annotated[bool, typer.Option("--list", help="Print the parts' names, in order, and exit.")] = False,
 ) -> None:
     """Every benchmark of the GPU issue in one run: kNN 100k x 4M x 768 (k=16), the embed stage for ViT-L/14 and
     ViT-B/32 (in-process, through Ray, two actors per GPU), the trainer (ViT-B/32 and ViT-L/14, LoRA and full).
     Writes results.json and results.md after every part, each figure marked against the issue's target; a part
     that fails is recorded and the others still run."""
-    from saferclip_data.stages.bench_suite import default_out, run_suite
+    from saferclip_data.stages.bench_suite import default_out, part_name, run_suite, selected_parts
 
+    try:
+        chosen = selected_parts(part, quick)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if list_parts:
+        for spec in chosen:
+            console.print(part_name(spec))
+        return
     folder = out or default_out()
-    results = run_suite(folder, quick=quick, log=lambda line: console.print(line))
+    results = run_suite(folder, quick=quick, log=lambda line: console.print(line), parts=part)
     table = Table(title=f"bench suite on {results.machine['device']}")
     for column in ("figure", "value", "target", "pass"):
         table.add_column(column, justify="left" if column == "figure" else "right")

@@ -239,15 +239,50 @@ def part_name(spec: dict) -> str:
     return spec["kind"]
 
 
-def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> SuiteResults:
-    """Run every part of the full (or quick) suite in order; results written after each. The embed parts share
-    one scratch folder (synthetic shards and source stages made once per size)."""
-    results = SuiteResults(out, machine_facts())
+def selected_parts(patterns: list[str] | None, quick: bool = False) -> list[dict[str, Any]]:
+    """The suite's parts named by ``patterns`` (all when None), in the suite's order: a pattern that is a part's
+    whole name selects that part, any other the parts whose names contain it."""
+    specs = QUICK if quick else FULL
+    if not patterns:
+        return specs
+    names = [part_name(s) for s in specs]
+
+    def selects(pattern: str, name: str) -> bool:
+        return pattern == name if pattern in names else pattern in name
+
+    chosen = [s for s, name in zip(specs, names) if any(selects(p, name) for p in patterns)]
+    unmatched = [p for p in patterns if not any(selects(p, name) for name in names)]
+    if unmatched:
+        raise ValueError(f"--part {unmatched[0]!r} matches no part of the suite (parts: {'; '.join(names)})")
+    return chosen
+
+
+def _previous(out: Path, machine: dict[str, Any]) -> SuiteResults:
+    """The results already in ``out`` from the same kind of machine, to be added to (a GPU session may run the
+    suite in several calls); a fresh set where there are none or they come from another device."""
+    results = SuiteResults(out, machine)
+    saved = out / "results.json"
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        if old.get("machine", {}).get("device") == machine.get("device"):
+            for name in ("figures", "tables", "errors", "seconds"):
+                getattr(results, name).update(old.get(name, {}))
+    return results
+
+
+def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print,
+              parts: list[str] | None = None) -> SuiteResults:  # fmt: skip
+    """Run the parts of the full (or quick) suite in order (``parts``: those whose names contain one of these;
+    their results are added to those already in ``out``); results written after each. The embed parts share one
+    scratch folder (synthetic shards and source stages made once per size)."""
+    specs = selected_parts(parts, quick)
+    results = _previous(out, machine_facts()) if parts else SuiteResults(out, machine_facts())
     results.write()
     with tempfile.TemporaryDirectory(prefix="saferclip-suite-") as tmp:
         scratch = Path(tmp)
-        for spec in QUICK if quick else FULL:
+        for spec in specs:
             name = part_name(spec)
+            results.errors.pop(name, None)  # run again: its old failure no longer stands
             run = {
                 "knn": lambda spec=spec: _knn(results, spec),
                 "embed": lambda spec=spec, name=name: _embed(results, spec, name, scratch),

@@ -175,3 +175,35 @@ def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_meas
     assert [name for name, v in verdicts.items() if v["value"] is None] == []
     assert verdicts["knn x naive"]["value"] == 4.0 and verdicts["embed ViT-L-14 ray / local"]["value"] == 0.95
     assert verdicts["embed ViT-B-32 local img/s"]["pass"] is False and verdicts["train ViT-L-14 full MFU"]["pass"]
+
+
+def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_failed_part(tmp_path, monkeypatch):
+    import json
+
+    from saferclip_data.stages import bench_suite
+
+    names = [bench_suite.part_name(s) for s in bench_suite.selected_parts(["embed ViT-B-32"])]
+    assert names == ["embed ViT-B-32"]  # a whole name selects that part alone
+    assert len(bench_suite.selected_parts(["ViT-B-32"])) == 4  # anything else: every part containing it
+    with pytest.raises(ValueError, match="'nope' matches no part"):
+        bench_suite.selected_parts(["knn", "nope"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no loader today")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("saferclip_data.training.bench_train.loader_rate", broken)
+        bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["knn", "loader"])
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert "knn effective TFLOP/s" in first["figures"] and set(first["errors"]) == {"loader"}
+
+    bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["loader"])
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["errors"] == {}  # redone, and it worked this time
+    assert second["figures"]["knn effective TFLOP/s"] == first["figures"]["knn effective TFLOP/s"]  # kept
+    assert any(name.startswith("train loader samples/s") for name in second["figures"])
+
+    monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"device": "another machine"})
+    bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["loader"])
+    third = json.loads((tmp_path / "results.json").read_text())
+    assert "knn effective TFLOP/s" not in third["figures"]  # figures from another device are not mixed in
