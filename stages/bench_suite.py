@@ -272,7 +272,7 @@ def _previous(out: Path, machine: dict[str, Any]) -> SuiteResults:
 
 def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print,
               parts: list[str] | None = None) -> SuiteResults:  # fmt: skip
-    """Run the parts of the full (or quick) suite in order (``parts``: those whose names contain one of these;
+    """Run the parts of the full (or quick) suite in order (``parts``: only those, see :func:`selected_parts`;
     their results are added to those already in ``out``); results written after each. The embed parts share one
     scratch folder (synthetic shards and source stages made once per size)."""
     specs = selected_parts(parts, quick)

@@ -212,6 +212,8 @@ def train(
     """
     from .losses import weights_from
 
+    if config.compile is not None and config.compile not in get_args(CompileMode):
+        raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
     rank, world = _process_group()
     device = _device(config)
     config = replace(config, num_workers=loader_workers(config.num_workers, device))
@@ -226,8 +228,6 @@ def train(
         clip.model.to(device), config.adapter(), reference_dtype(device, config.precision, config.reference_precision)
     )
     if config.compile is not None:
-        if config.compile not in get_args(CompileMode):
-            raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
         pair.compile(config.compile)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
