@@ -229,6 +229,8 @@ def test_train_command_streams_the_build_into_the_trainer(built, cli_module):
     assert "stopped at --max-steps after 2 steps" in out
     code, _, err = cli_module("train", str(recipe), "--method", "nope")
     assert code == 2 and "--method" in err
+    code, _, err = cli_module("train", str(recipe), "--compile", "fast")
+    assert code == 2 and "--compile" in err and "max-autotune" in err
 
 
 def test_eval_command_compares_base_and_trained_models(built, cli_module):

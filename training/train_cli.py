@@ -92,6 +92,10 @@ def train_command(
     lr: Annotated[float | None, typer.Option(help="Override training.lr.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override training.seed (data order, init of adapters).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
+    compile_mode: Annotated[
+        CompileMode | None,
+        typer.Option("--compile", help="Override training.compile: torch.compile the towers with this mode."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: WORKDIR/train/METHOD).")] = None,
     ray_workers: Annotated[
         int, typer.Option(help="Train data-parallel on this many Ray Train workers (0: in this process).")
@@ -116,7 +120,8 @@ def train_command(
         raise UserError(f"{wd.root}: no finished shards stage; add stages.shards to the recipe and run build first")
     section: TrainingSection = getattr(pipeline.recipe, "training", None) or TrainingSection()
     settings = section.model_dump()
-    overrides = {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr, "seed": seed}
+    overrides = {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr, "seed": seed,
+                 "compile": compile_mode}  # fmt: skip
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if settings["method"] not in ("saferclip", "safeclip"):
         raise UserError(f"--method: '{settings['method']}' is not saferclip or safeclip")
