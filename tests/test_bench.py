@@ -175,6 +175,10 @@ def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_meas
     assert [name for name, v in verdicts.items() if v["value"] is None] == []
     assert verdicts["knn x naive"]["value"] == 4.0 and verdicts["embed ViT-L-14 ray / local"]["value"] == 0.95
     assert verdicts["embed ViT-B-32 local img/s"]["pass"] is False and verdicts["train ViT-L-14 full MFU"]["pass"]
+    figures = results.figures  # each loader against the trainer rows of its own model
+    assert figures["train ViT-B-32 lora batch 256 loader / step"] == pytest.approx(99.0 / 9.0)
+    assert figures["train ViT-L-14 full batch 48 loader / step"] == pytest.approx(99.0 / 9.0)
+    assert figures["loader ViT-B-32 batch 256 samples/s"] == 99.0
 
 
 def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_failed_part(tmp_path, monkeypatch):
@@ -184,7 +188,7 @@ def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_faile
 
     names = [bench_suite.part_name(s) for s in bench_suite.selected_parts(["embed ViT-B-32"])]
     assert names == ["embed ViT-B-32"]  # a whole name selects that part alone
-    assert len(bench_suite.selected_parts(["ViT-B-32"])) == 4  # anything else: every part containing it
+    assert len(bench_suite.selected_parts(["ViT-B-32"])) == 5  # anything else: every part containing it
     with pytest.raises(ValueError, match="'nope' matches no part"):
         bench_suite.selected_parts(["knn", "nope"])
 
@@ -195,13 +199,14 @@ def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_faile
         patched.setattr("saferclip_data.training.bench_train.loader_rate", broken)
         bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["knn", "loader"])
     first = json.loads((tmp_path / "results.json").read_text())
-    assert "knn effective TFLOP/s" in first["figures"] and set(first["errors"]) == {"loader"}
+    assert "knn effective TFLOP/s" in first["figures"] and set(first["errors"]) == {"loader toy-vit-tiny batch 8"}
 
     bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["loader"])
     second = json.loads((tmp_path / "results.json").read_text())
     assert second["errors"] == {}  # redone, and it worked this time
     assert second["figures"]["knn effective TFLOP/s"] == first["figures"]["knn effective TFLOP/s"]  # kept
-    assert any(name.startswith("train loader samples/s") for name in second["figures"])
+    assert second["figures"]["loader toy-vit-tiny batch 8 samples/s"] > 0
+    assert second["tables"]["loader toy-vit-tiny batch 8"][0]["workers"] == 0  # none on a CPU (auto)
 
     monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"device": "another machine"})
     bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["loader"])
