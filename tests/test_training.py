@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -106,6 +107,9 @@ def test_the_fast_tar_reader_gives_webdatasets_samples_and_leaves_odd_tars_to_it
 
     ours = samples(data.tar_samples)
     assert ours == samples(wds.tarfile_to_samples())
+    deferred = samples(partial(data.tar_samples, defer_over=1))
+    assert any(isinstance(v, data.TarMember) for s in deferred for v in s.values())
+    assert [data.read_members(s) for s in deferred] == ours  # read later, the same bytes
     keys = [s["__key__"] for s in ours]
     assert {"a", "dir/b", long_key, "ü", "c", "p/" * 60 + "d", "e", "f"} <= set(keys)
     assert next(s for s in ours if s["__key__"] == "a")["txt"] == b"1"  # suffixes lower-cased as webdataset does
@@ -117,6 +121,26 @@ def test_the_fast_tar_reader_gives_webdatasets_samples_and_leaves_odd_tars_to_it
         truncated.write_bytes(whole[:cut])
         with pytest.raises(ValueError, match="truncated.tar: truncated tar"):
             list(data.tar_samples([{"url": str(truncated)}]))
+
+
+def test_a_rank_reads_the_images_and_embeddings_of_only_the_samples_it_keeps(built, monkeypatch):
+    from saferclip_data.training import data
+
+    reads = []
+    read = data.TarMember.read
+    monkeypatch.setattr(data.TarMember, "read", lambda member: reads.append(member) or read(member))
+    everything = [k for b in _stream(built, epoch=2) for k in b["key"]]
+    reads_of_all = len(reads)
+    reads.clear()
+    mine = []
+    for batch in data.quad_pipeline(_quad_urls(built), None, lambda texts: torch.zeros(len(texts), 4), 16, epoch=2,
+                                    batch_size=7, rank=1, world_size=4):  # fmt: skip
+        mine += batch["key"]
+    assert mine == everything[1::4]  # the same share of the same stream as before
+    assert reads_of_all >= 2 * len(everything)  # at least the two images of every sample
+    members = {s["__key__"]: [v for v in s.values() if isinstance(v, data.TarMember)]
+               for s in data.tar_samples([{"url": u} for u in _quad_urls(built)], defer_over=1024)}  # fmt: skip
+    assert sorted(reads, key=str) == sorted((m for key in mine for m in members[key]), key=str)  # the kept ones
 
 
 def test_streamed_targets_are_the_frozen_top1_embeddings(built):

@@ -173,7 +173,9 @@ def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar
         return buffer.getvalue()
 
     for start in range(0, samples, per_tar):
-        with wds.TarWriter(str(folder / f"quad-{start // per_tar:05d}.tar")) as writer:
+        # written as the shards stage writes them (a whole-second mtime: no pax header per member)
+        with wds.TarWriter(str(folder / f"quad-{start // per_tar:05d}.tar"), mtime=0, user="saferclip",
+                           group="saferclip", mode=0o444) as writer:  # fmt: skip
             for i in range(start, min(samples, start + per_tar)):
                 meta = {"difficulty": "easy", "category": "violence", "given_pair": f"s{i}"}
                 sample = {
