@@ -122,18 +122,20 @@ def _plain_tar_index(url: str) -> list[tuple[str, int, int]]:
             offset, end = 0, len(mapped)
             while offset + 512 <= end and mapped[offset] != 0:  # a zero block ends the archive
                 header = _UstarHeader._make(_USTAR.unpack_from(mapped, offset))
+                regular = header.typeflag in (b"0", b"\0")
                 try:
                     size = int(header.size.strip(b"\0 ") or b"0", 8)
+                    size = int(extended.get(b"size", size)) if regular else size  # pax: sizes over 8 GiB
                 except ValueError:
                     raise _NotPlainTar(url) from None  # base-256 sizes and the like: tarfile's business
                 start = offset + 512
                 if start + size > end:
                     raise ValueError(f"{url}: truncated tar (the member at byte {offset} runs past the end)")
-                if header.typeflag in (b"0", b"\0"):
+                if regular:
                     name = header.name.rstrip(b"\0")
                     if header.magic.startswith(b"ustar") and header.prefix.strip(b"\0"):
                         name = header.prefix.rstrip(b"\0") + b"/" + name
-                    name, size = extended.get(b"path", name), int(extended.get(b"size", size))
+                    name = extended.get(b"path", name)
                     try:
                         index.append((name.decode("utf-8"), start, size))
                     except UnicodeDecodeError:
