@@ -151,10 +151,11 @@ def train(
     """Trainer throughput on synthetic batches: samples/s, FLOPs per sample (counted by torch on one real step:
     trained and frozen encoders, loss, backward) and MFU against the device's dense bf16 peak; then the samples/s
     the real data path (tars, JPEG decoding, preprocessing, tokenising) delivers, and its ratio to the step's
-    (>= 1: loading keeps up)."""
+    (>= 1: loading keeps up), and the rate at which one DataLoader worker of 8 reads the whole epoch stream (each
+    does, keeping its share; under DDP a rank gets at most that divided by the number of ranks)."""
     import torch
 
-    from saferclip_data.training.bench_train import bench_train, loader_rate
+    from saferclip_data.training.bench_train import bench_train, loader_rate, stream_rate
     from saferclip_data.training.trainer import loader_workers as auto_workers
 
     r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision,
@@ -173,7 +174,9 @@ def train(
         where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         workers = loader_workers if loader_workers is not None else auto_workers("auto", where)
         rate, where_decoded = loader_rate(model, batch_size, workers)
-        load, ratio = f"{rate:,.1f}/s ({workers} workers, {where_decoded})", f"{rate / r['samples_per_s']:.2f}"
+        stream = stream_rate(model)
+        load = f"{rate:,.1f}/s ({workers} workers, {where_decoded}; stream {stream:,.0f}/s per worker of 8)"
+        ratio = f"{rate / r['samples_per_s']:.2f}"
     table.add_row(r["device"], f"{r['trainable_parameters']:,}", f"{r['samples_per_s']:,.1f}",
                   f"{r['step_seconds']:.3f}", f"{r['flops_per_sample'] / 1e9:,.1f}", f"{r['achieved_tflops']:.3f}",
                   mfu, load, ratio)  # fmt: skip

@@ -220,13 +220,15 @@ def _train(results: SuiteResults, spec: dict, name: str) -> None:
 def _loader(results: SuiteResults, spec: dict, name: str) -> None:
     import torch
 
-    from saferclip_data.training.bench_train import loader_rate
+    from saferclip_data.training.bench_train import loader_rate, stream_rate
     from saferclip_data.training.trainer import loader_workers
 
     workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rate, where = loader_rate(spec["arch"], spec["batch_size"], workers, samples=spec["samples"])
-    results.tables[name] = [{"samples_per_s": rate, "workers": workers, "decoded": where}]
+    stream = stream_rate(spec["arch"], samples=min(spec["samples"], 4096))
+    results.tables[name] = [{"samples_per_s": rate, "workers": workers, "decoded": where, "stream_per_worker": stream}]
     results.figures[f"{name} samples/s"] = rate
+    results.figures[f"{name} stream read by one worker of 8 /s"] = stream
     # against each trainer row of the same model: >= 1 means loading keeps up with the step
     for row in [k for k in results.figures if k.startswith(f"train {spec['arch']} ") and k.endswith(" samples/s")]:
         results.figures[row.replace(" samples/s", " loader / step")] = rate / results.figures[row]

@@ -168,6 +168,7 @@ def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_meas
         "saferclip_data.training.bench_train.bench_train", lambda *a: {"samples_per_s": 9.0, "mfu": 0.4}
     )
     monkeypatch.setattr("saferclip_data.training.bench_train.loader_rate", lambda *a, **k: (99.0, "cuda (nvJPEG)"))
+    monkeypatch.setattr("saferclip_data.training.bench_train.stream_rate", lambda *a, **k: 5000.0)
     monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"cuda": "13.0", "device": "stand-in"})
     results = bench_suite.run_suite(tmp_path, log=lambda line: None)
     assert results.errors == {}
@@ -206,6 +207,7 @@ def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_faile
     assert second["errors"] == {}  # redone, and it worked this time
     assert second["figures"]["knn effective TFLOP/s"] == first["figures"]["knn effective TFLOP/s"]  # kept
     assert second["figures"]["loader toy-vit-tiny batch 8 samples/s"] > 0
+    assert second["figures"]["loader toy-vit-tiny batch 8 stream read by one worker of 8 /s"] > 0
     assert second["tables"]["loader toy-vit-tiny batch 8"][0]["workers"] == 0  # none on a CPU (auto)
 
     monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"device": "another machine"})

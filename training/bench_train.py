@@ -234,3 +234,31 @@ def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, i
     where = f"{device.type} (nvJPEG)" if decoder is not None and device.type == "cuda" else (
         "device tensors" if decoder is not None else "PIL in the loader")  # fmt: skip
     return (count / seconds if count else first / seconds), where
+
+
+def stream_rate(arch: str, samples: int = 4096, image_px: int = 256, share: int = 8) -> float:
+    """Samples/s of the epoch stream one DataLoader worker of ``share`` reads: every DataLoader worker reads the
+    whole stream (headers, captions, metadata) and keeps every ``share``-th sample, whose images it leaves encoded
+    for the device and whose captions it tokenises. Under DDP a rank gets at most this divided by the number of
+    ranks, whatever its worker count, so this bounds how far the trainer's data path scales."""
+    import tempfile
+    from pathlib import Path
+
+    from .data import quad_pipeline
+    from .models import load_clip, text_trim
+
+    clip = load_clip(arch, None, init_seed=0)
+    with tempfile.TemporaryDirectory(prefix="saferclip-stream-") as tmp:
+        shards = synthetic_quad_shards(Path(tmp), samples, image_px, clip.embed_dim)
+        urls = sorted(str(p) for p in shards.glob("*.tar"))
+
+        def read() -> None:
+            stream = quad_pipeline(urls, None, clip.tokenizer, clip.image_size, epoch=2, batch_size=64, rank=0,
+                                   world_size=share, text_trim=text_trim(clip.model))  # fmt: skip
+            for _ in stream:
+                pass
+
+        read()  # warm-up: page cache, tokenizer cache
+        started = time.perf_counter()
+        read()
+        return samples / (time.perf_counter() - started)
