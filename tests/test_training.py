@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -141,6 +142,38 @@ def test_a_rank_reads_the_images_and_embeddings_of_only_the_samples_it_keeps(bui
     members = {s["__key__"]: [v for v in s.values() if isinstance(v, data.TarMember)]
                for s in data.tar_samples([{"url": u} for u in _quad_urls(built)], defer_over=1024)}  # fmt: skip
     assert sorted(reads, key=str) == sorted((m for key in mine for m in members[key]), key=str)  # the kept ones
+
+
+def test_with_a_tar_split_each_rank_reads_only_its_tars_and_ranks_stay_in_step(built):
+    """split: tars (for many GPUs): rank r reads every world-th tar of the epoch's order and nothing else; every
+    rank takes as many samples as the rank whose tars admit the fewest, so DDP steps stay in step."""
+    from saferclip_data.training import data
+    from saferclip_data.training.trainer import TrainConfig, samples_per_rank
+
+    urls, shard_dir = _quad_urls(built), built / "shards" / "quad"
+    tar_of = {s["__key__"]: s["__url__"] for s in data.tar_samples([{"url": u} for u in urls])}
+    config = TrainConfig(split="tars", seed=3)
+    for epoch in (0, 2):
+        admitted = data.buckets_for_epoch(epoch, config.schedule)
+        per_rank = samples_per_rank(shard_dir, urls, epoch, config, 2)
+        shares = []
+        for rank in (0, 1):
+            mine = data.epoch_shard_order(urls, 3, epoch, rank, 2, "tars")
+            batches = list(data.quad_pipeline(urls, None, lambda texts: torch.zeros(len(texts), 4), 16, epoch=epoch,
+                                              seed=3, batch_size=5, rank=rank, world_size=2, limit=per_rank,
+                                              split="tars"))  # fmt: skip
+            keys = [k for b in batches for k in b["key"]]
+            assert {tar_of[k] for k in keys} <= set(mine)  # only its own tars
+            assert {d for batch in batches for d in batch["difficulty"]} <= admitted
+            shares.append(keys)
+        assert len(shares[0]) == len(shares[1]) == per_rank > 0 and not set(shares[0]) & set(shares[1])
+        whole = samples_per_rank(shard_dir, urls, epoch, replace(config, split="samples"), 1)
+        assert 2 * per_rank <= whole  # the larger rank's surplus waits for a later epoch
+    assert data.epoch_shard_order(urls, 3, 0, 0, 1, "tars") == data.epoch_shard_order(urls, 3, 0)  # one process
+    with pytest.raises(ValueError, match="at least one tar per process"):
+        samples_per_rank(shard_dir, urls, 0, config, len(urls) + 1)
+    with pytest.raises(ValueError, match="split: 'files'"):
+        data.epoch_shard_order(urls, 0, 0, split="files")
 
 
 def test_streamed_targets_are_the_frozen_top1_embeddings(built):
@@ -510,7 +543,8 @@ import torch.distributed as dist
 from saferclip_data.training.models import load_clip, state_dict_digest
 from saferclip_data.training.trainer import TrainConfig, train
 clip = load_clip("toy-resnet-tiny", None, init_seed=0)
-config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, warmup_steps=1, lora_rank=4, schedule=[["easy", "hard"]])
+config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, warmup_steps=1, lora_rank=4, schedule=[["easy", "hard"]],
+                     split=sys.argv[3])
 out = Path(sys.argv[2])
 train(clip, Path(sys.argv[1]), out, config, stop_after=3)
 (out / f"rank{dist.get_rank()}.digest").write_text(state_dict_digest(clip.model))
@@ -518,12 +552,15 @@ train(clip, Path(sys.argv[1]), out, config, stop_after=3)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_keeps_replicas_identical(built, tmp_path):
+@pytest.mark.parametrize("split", ["samples", "tars"])
+def test_two_process_ddp_keeps_replicas_identical(built, tmp_path, split):
+    """Both ways of sharing the epoch between ranks keep them in step (a rank short of batches would hang)."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(script), str(built / "shards" / "quad"), str(out)]  # fmt: skip
+    port = {"samples": "29533", "tars": "29534"}[split]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           str(script), str(built / "shards" / "quad"), str(out), split]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = {p.name: p.read_text() for p in out.glob("rank*.digest")}
@@ -532,8 +569,14 @@ def test_two_process_ddp_keeps_replicas_identical(built, tmp_path):
     from saferclip_data.training.models import state_dict_digest
 
     assert state_dict_digest(single.model) != next(iter(digests.values()))  # and they did train
+    from saferclip_data.training.trainer import TrainConfig, samples_per_rank
+
+    config = TrainConfig(schedule=[["easy", "hard"]], split=split)
+    per_rank = samples_per_rank(built / "shards" / "quad", _quad_urls(built), 0, config, 2)
+    expected = min(3, math.ceil(per_rank / 4))  # the script stops after 3; a tar split may have fewer samples
     steps = _steps(out)
-    assert [s["step"] for s in steps] == [1, 2, 3] and all(len(s["keys"]) == 4 for s in steps)
+    assert [s["step"] for s in steps] == list(range(1, expected + 1)) and expected >= 2
+    assert [len(s["keys"]) for s in steps] == [min(4, per_rank - 4 * i) for i in range(expected)]
 
 
 def test_zero_shot_on_an_image_folder_matches_the_direct_computation(tmp_path):

@@ -237,6 +237,22 @@ def _share(samples: Iterable[dict], rank: int, world_size: int, limit: int | Non
     yield from mine
 
 
+#: how the epoch's stream is shared among DDP ranks: every rank reads every tar and keeps every N-th sample
+#: ("samples"), or each rank reads only its own tars ("tars": reading scales with the ranks)
+SPLITS = ("samples", "tars")
+
+
+def epoch_shard_order(urls: Sequence[str], seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                      split: str = "samples") -> list[str]:  # fmt: skip
+    """The tars of ``epoch`` in the order they are read (shuffled from seed and epoch); with ``split`` "tars"
+    only rank ``rank``'s: every ``world_size``-th of that order."""
+    if split not in SPLITS:
+        raise ValueError(f"split: '{split}' is not one of {', '.join(SPLITS)}")
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[rank::world_size] if split == "tars" else order
+
+
 def quad_pipeline(
     urls: Sequence[str],
     preprocess: Callable | None,
@@ -252,6 +268,7 @@ def quad_pipeline(
     world_size: int = 1,
     limit: int | None = None,
     text_trim: Callable | None = None,
+    split: str = "samples",
 ):
     """A webdataset pipeline over the quadruplet tars for one epoch (iterate it, or wrap it in a DataLoader with
     ``batch_size=None``).
@@ -259,6 +276,8 @@ def quad_pipeline(
     Every process and DataLoader worker reads the same shuffled stream of (still encoded) samples and keeps its
     share: rank ``rank`` of ``world_size`` takes every ``world_size``-th sample, at most ``limit`` of them (so
     that all ranks run the same number of steps), and worker w of W takes every W-th of those before decoding.
+    With ``split`` "tars" a rank's stream is its own tars only (:func:`epoch_shard_order`), of which it takes
+    ``limit`` samples (the smallest rank's count, so that ranks stay in step; the rest wait for a later epoch).
     Every process reads every tar's headers and small members (captions, metadata); the images and embeddings
     are read, and decoded, only by the worker that keeps the sample. With ``preprocess`` None the
     images are left encoded, to be decoded on the training device (``decode.DeviceDecoder``).
@@ -266,10 +285,11 @@ def quad_pipeline(
     import webdataset as wds
 
     admitted = buckets_for_epoch(epoch, schedule)
-    urls = list(urls)
-    random.Random(seed * 1_000_003 + epoch).shuffle(urls)  # shard order: from (seed, epoch)
+    order = epoch_shard_order(urls, seed, epoch, rank, world_size, split)
+    if split == "tars":
+        rank, world_size = 0, 1  # the rank's share is all of its own tars' stream
     return wds.DataPipeline(
-        wds.SimpleShardList(urls),
+        wds.SimpleShardList(order),
         partial(tar_samples, defer_over=1024),  # images and embeddings are read only by the worker keeping them
         wds.select(lambda s: _difficulty(s) in admitted),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 7919 + epoch)),

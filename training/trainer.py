@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from .adapters import AdapterSettings, attach, load_trainable, merged, trainable_state
-from .data import DEFAULT_SCHEDULE, buckets_for_epoch, quad_pipeline
+from .data import DEFAULT_SCHEDULE, SPLITS, buckets_for_epoch, epoch_shard_order, quad_pipeline
 from .losses import SaferWeights
 from .models import CompileMode, text_trim
 from .reference import TrainedWithReference
@@ -58,6 +58,7 @@ class TrainConfig:
     num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
     decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
     compile: str | None = None  # torch.compile mode for the towers (reference; trained ones without LoRA); None: eager
+    split: str = "samples"  # DDP: every rank reads every tar (samples) or only its own tars (tars); see data.SPLITS
 
     def adapter(self) -> AdapterSettings:
         return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
@@ -68,6 +69,25 @@ def samples_per_epoch(shard_dir: Path, epoch: int, schedule) -> int:
     stats = json.loads((shard_dir / "stats.json").read_text())
     admitted = buckets_for_epoch(epoch, schedule)
     return sum(n for info in stats.values() for bucket, n in info["difficulty"].items() if bucket in admitted)
+
+
+def samples_per_rank(shard_dir: Path, urls: list[str], epoch: int, config: TrainConfig, world: int) -> int:
+    """How many samples each of ``world`` ranks trains on in ``epoch``: an equal share of the epoch's, or with
+    ``split: tars`` the admitted samples of the rank with the fewest among its own tars (from stats.json)."""
+    if config.split != "tars":
+        return samples_per_epoch(shard_dir, epoch, config.schedule) // world
+    if len(urls) < world:
+        raise ValueError(f"split: tars needs at least one tar per process ({len(urls)} tars for {world} processes)")
+    stats = json.loads((shard_dir / "stats.json").read_text())
+    admitted = buckets_for_epoch(epoch, config.schedule)
+
+    def admitted_in(url: str) -> int:
+        if Path(url).name not in stats:
+            raise ValueError(f"{shard_dir / 'stats.json'} has no counts for {Path(url).name}: rerun the shards stage")
+        return sum(n for bucket, n in stats[Path(url).name]["difficulty"].items() if bucket in admitted)
+
+    return min(sum(admitted_in(u) for u in epoch_shard_order(urls, config.seed, epoch, r, world, "tars"))
+               for r in range(world))  # fmt: skip
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
@@ -214,6 +234,8 @@ def train(
 
     if config.compile is not None and config.compile not in get_args(CompileMode):
         raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
+    if config.split not in SPLITS:
+        raise ValueError(f"split: '{config.split}' is not one of {', '.join(SPLITS)}")
     rank, world = _process_group()
     device = _device(config)
     config = replace(config, num_workers=loader_workers(config.num_workers, device))
@@ -238,7 +260,7 @@ def train(
         )
     optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")  # fmt: skip
-    per_rank = [samples_per_epoch(shard_dir, e, config.schedule) // world for e in range(config.epochs)]
+    per_rank = [samples_per_rank(shard_dir, urls, e, config, world) for e in range(config.epochs)]
     total_steps = max(1, sum(math.ceil(n / config.batch_size / config.grad_accum) for n in per_rank))
 
     def lr_factor(step: int) -> float:
@@ -290,7 +312,8 @@ def train(
         preprocess = None if decoder is not None else clip.preprocess  # None: images reach the step encoded
         stream = quad_pipeline(urls, preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
                                batch_size=config.batch_size, seed=config.seed, schedule=config.schedule,
-                               rank=rank, world_size=world, limit=per_rank[epoch], text_trim=trim)  # fmt: skip
+                               rank=rank, world_size=world, limit=per_rank[epoch], text_trim=trim,
+                               split=config.split)  # fmt: skip
         if config.num_workers:
             stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
                                                  pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
