@@ -428,6 +428,9 @@ def test_lora_checkpoint_holds_only_adapters_and_loads_back_merged(built, tmp_pa
     other = _tiny("toy-vit-tiny")
     with pytest.raises(ValueError, match="trained from"):
         load_checkpoint(other, tmp_path / "out" / "last.pt")
+    # the split among ranks sets the data order and the epoch's size: a resume must keep it
+    with pytest.raises(ValueError, match="trained with split: samples"):
+        train(_tiny("toy-resnet-tiny"), shard_dir, tmp_path / "out", replace(config, split="tars"))
 
 
 def test_a_bf16_reference_runs_outside_autocast_and_matches_the_model_it_copies(built):

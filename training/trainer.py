@@ -283,6 +283,9 @@ def train(
         resumed_workers = state.get("config", {}).get("num_workers")
         if isinstance(resumed_workers, int):
             config = replace(config, num_workers=resumed_workers)
+        saved_split = state.get("config", {}).get("split", "samples")
+        if saved_split != config.split:  # the split among ranks is too, and it sets the epoch's sample count
+            raise ValueError(f"{checkpoint} was trained with split: {saved_split}; resume with it, or use a new --out")
     if rank == 0:
         _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
     log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, config.log_every)
