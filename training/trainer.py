@@ -8,7 +8,8 @@ the previous one intact.
 
 One process trains on one device (CUDA when there is one, bf16 autocast there). Under ``torchrun`` (or any
 launcher that sets WORLD_SIZE/RANK and MASTER_ADDR) each process takes every WORLD_SIZE-th sample of the same
-shuffled stream, the encoders run inside DistributedDataParallel, and rank 0 writes the log and checkpoints.
+shuffled stream (or, with ``split: tars``, reads only its own tars), the encoders run inside
+DistributedDataParallel, and rank 0 writes the log and checkpoints.
 """
 
 from __future__ import annotations
