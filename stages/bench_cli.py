@@ -155,7 +155,7 @@ def train(
     does, keeping its share; under DDP a rank gets at most that divided by the number of ranks)."""
     import torch
 
-    from saferclip_data.training.bench_train import bench_train, loader_rate, stream_rate
+    from saferclip_data.training.bench_train import bench_train, loader_rate
     from saferclip_data.training.trainer import loader_workers as auto_workers
 
     r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision,
@@ -173,8 +173,7 @@ def train(
     if loader:
         where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         workers = loader_workers if loader_workers is not None else auto_workers("auto", where)
-        rate, where_decoded = loader_rate(model, batch_size, workers)
-        stream = stream_rate(model)
+        rate, where_decoded, stream = loader_rate(model, batch_size, workers)
         load = f"{rate:,.1f}/s ({workers} workers, {where_decoded}; stream {stream:,.0f}/s per worker of 8)"
         ratio = f"{rate / r['samples_per_s']:.2f}"
     table.add_row(r["device"], f"{r['trainable_parameters']:,}", f"{r['samples_per_s']:,.1f}",

@@ -220,12 +220,11 @@ def _train(results: SuiteResults, spec: dict, name: str) -> None:
 def _loader(results: SuiteResults, spec: dict, name: str) -> None:
     import torch
 
-    from saferclip_data.training.bench_train import loader_rate, stream_rate
+    from saferclip_data.training.bench_train import loader_rate
     from saferclip_data.training.trainer import loader_workers
 
     workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rate, where = loader_rate(spec["arch"], spec["batch_size"], workers, samples=spec["samples"])
-    stream = stream_rate(spec["arch"], samples=min(spec["samples"], 4096))
+    rate, where, stream = loader_rate(spec["arch"], spec["batch_size"], workers, samples=spec["samples"])
     results.tables[name] = [{"samples_per_s": rate, "workers": workers, "decoded": where, "stream_per_worker": stream}]
     results.figures[f"{name} samples/s"] = rate
     results.figures[f"{name} stream read by one worker of 8 /s"] = stream

@@ -167,8 +167,8 @@ def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_meas
     monkeypatch.setattr(
         "saferclip_data.training.bench_train.bench_train", lambda *a: {"samples_per_s": 9.0, "mfu": 0.4}
     )
-    monkeypatch.setattr("saferclip_data.training.bench_train.loader_rate", lambda *a, **k: (99.0, "cuda (nvJPEG)"))
-    monkeypatch.setattr("saferclip_data.training.bench_train.stream_rate", lambda *a, **k: 5000.0)
+    stand_in_loader = lambda *a, **k: (99.0, "cuda (nvJPEG)", 5000.0)  # noqa: E731
+    monkeypatch.setattr("saferclip_data.training.bench_train.loader_rate", stand_in_loader)
     monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"cuda": "13.0", "device": "stand-in"})
     results = bench_suite.run_suite(tmp_path, log=lambda line: None)
     assert results.errors == {}

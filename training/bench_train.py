@@ -193,10 +193,11 @@ def synthetic_quad_shards(folder, samples: int, image_px: int, dim: int, per_tar
 
 
 def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, image_px: int = 256,
-                decode: str = "auto") -> tuple[float, str]:  # fmt: skip
-    """(samples/s, where images were decoded) of the trainer's data path on synthetic quad shards: tar reading,
-    JPEG decoding and preprocessing (PIL in the workers, or on the device as the trainer does with ``decode``),
-    tokenising, collating, the copy to the device; ``workers`` DataLoader processes."""
+                decode: str = "auto") -> tuple[float, str, float]:  # fmt: skip
+    """(samples/s, where images were decoded, stream samples/s) of the trainer's data path on synthetic quad
+    shards: tar reading, JPEG decoding and preprocessing (PIL in the workers, or on the device as the trainer does
+    with ``decode``), tokenising, collating, the copy to the device; ``workers`` DataLoader processes. The
+    stream rate, on the same shards, is :func:`_stream_rate`'s."""
     import tempfile
     from pathlib import Path
 
@@ -231,34 +232,27 @@ def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, i
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
+        streamed = _stream_rate(clip, urls, samples)
     where = f"{device.type} (nvJPEG)" if decoder is not None and device.type == "cuda" else (
         "device tensors" if decoder is not None else "PIL in the loader")  # fmt: skip
-    return (count / seconds if count else first / seconds), where
+    return (count / seconds if count else first / seconds), where, streamed
 
 
-def stream_rate(arch: str, samples: int = 4096, image_px: int = 256, share: int = 8) -> float:
+def _stream_rate(clip, urls: list[str], samples: int, share: int = 8) -> float:
     """Samples/s of the epoch stream one DataLoader worker of ``share`` reads: every DataLoader worker reads the
     whole stream (headers, captions, metadata) and keeps every ``share``-th sample, whose images it leaves encoded
     for the device and whose captions it tokenises. Under DDP a rank gets at most this divided by the number of
     ranks, whatever its worker count, so this bounds how far the trainer's data path scales."""
-    import tempfile
-    from pathlib import Path
-
     from .data import quad_pipeline
-    from .models import load_clip, text_trim
+    from .models import text_trim
 
-    clip = load_clip(arch, None, init_seed=0)
-    with tempfile.TemporaryDirectory(prefix="saferclip-stream-") as tmp:
-        shards = synthetic_quad_shards(Path(tmp), samples, image_px, clip.embed_dim)
-        urls = sorted(str(p) for p in shards.glob("*.tar"))
+    def read() -> None:
+        stream = quad_pipeline(urls, None, clip.tokenizer, clip.image_size, epoch=2, batch_size=64, rank=0,
+                               world_size=share, text_trim=text_trim(clip.model))  # fmt: skip
+        for _ in stream:
+            pass
 
-        def read() -> None:
-            stream = quad_pipeline(urls, None, clip.tokenizer, clip.image_size, epoch=2, batch_size=64, rank=0,
-                                   world_size=share, text_trim=text_trim(clip.model))  # fmt: skip
-            for _ in stream:
-                pass
-
-        read()  # warm-up: page cache, tokenizer cache
-        started = time.perf_counter()
-        read()
-        return samples / (time.perf_counter() - started)
+    read()  # warm-up: page cache, tokenizer cache
+    started = time.perf_counter()
+    read()
+    return samples / (time.perf_counter() - started)
