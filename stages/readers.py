@@ -18,6 +18,8 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from saferclip_data.pipeline.tars import NotPlainTar, scan_tar
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTENSIONS = ("txt", "caption")
 RAW_COLUMNS = ("key", "caption", "image", "group", "label", "category", "_reason", "_error")
@@ -109,9 +111,20 @@ def _split_member_name(name: str) -> tuple[str, str]:
 def read_webdataset_tar(path: Path, extra_columns: list[str]) -> tuple[pa.Table, dict[str, list]]:
     """Samples of one tar, grouped by key from *contiguous* members (the WebDataset layout).
 
-    A member that cannot be read (truncated tar) becomes a record with ``_reason`` set; reading stops there,
-    because nothing after a truncation can be trusted.
+    A tar that breaks (truncated, or a damaged header) keeps every sample before the break; the sample whose
+    member is cut, or a record named after the last good key, carries ``_reason``, because nothing after a
+    break can be trusted. Plain ustar/pax tars are read through the header index of ``pipeline.tars`` (about
+    three times tarfile's speed), others (compressed, GNU long names) through tarfile.
     """
+    try:
+        samples = _indexed_tar_samples(path)
+    except NotPlainTar:
+        samples = _tarfile_samples(path)
+    return _raw_table(samples, extra_columns)
+
+
+def _tarfile_samples(path: Path) -> list[dict[str, Any]]:
+    """The samples of a tar the index leaves to tarfile: ``{"__key__": key, ext: bytes, ...}`` in order."""
     samples: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
 
@@ -147,7 +160,48 @@ def read_webdataset_tar(path: Path, extra_columns: list[str]) -> tuple[pa.Table,
             "_error": f"{path.name}: {exc}",
         }
     flush()
+    return samples
 
+
+def _indexed_tar_samples(path: Path) -> list[dict[str, Any]]:
+    """The samples of a plain tar, read from a memory map at the offsets of its header index."""
+    import mmap
+
+    index, damage = scan_tar(path)
+    samples: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    if index:  # (an empty file cannot be mapped)
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            for name, start, size in index:
+                key, ext = _split_member_name(name)
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        samples.append(current)
+                    current = {"__key__": key}
+                current[ext] = mapped[start : start + size]
+    if damage is not None:
+        reason = f"{damage.kind} tar member"
+        cut_key = _split_member_name(damage.member)[0] if damage.member is not None else None
+        if cut_key is not None and current is not None and current["__key__"] == cut_key:
+            current.update(_reason=reason, _error=f"{damage.member}: {damage.message}")
+        else:
+            if current is not None:
+                samples.append(current)
+            error = f"{damage.member or path.name}: {damage.message}"
+            after = current["__key__"] if current else "start"
+            current = {
+                "__key__": cut_key or f"{path.stem}_unreadable_after_{after}",
+                "_reason": reason,
+                "_error": error,
+            }
+    if current is not None:
+        samples.append(current)
+    return samples
+
+
+def _raw_table(samples: list[dict[str, Any]], extra_columns: list[str]) -> tuple[pa.Table, dict[str, list]]:
+    """The raw records of a tar's samples: image and caption by extension, group/label/category and any
+    ``extra_columns`` from the sample's json."""
     rows: dict[str, list] = {c: [] for c in RAW_COLUMNS}
     extras: dict[str, list] = {c: [] for c in extra_columns}
     for sample in samples:

@@ -69,6 +69,23 @@ def write_image_manifest(
     return path
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]], format: int = tarfile.PAX_FORMAT) -> Path:
+    """A tar of ``members`` in order: a name ending in / is a folder, one ending in @link a symlink. A float
+    mtime makes tarfile write a pax header per member, as webdataset's TarWriter does."""
+    with tarfile.open(path, "w", format=format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+            elif name.endswith("@link"):
+                info.type, info.linkname = tarfile.SYMTYPE, "elsewhere"
+            else:
+                info.size = len(data)
+            info.mtime = 1.5
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
 def write_tar_shards(folder: Path, n: int, per_shard: int, *, truncate_last: bool = False) -> list[Path]:
     """WebDataset shards (jpg + txt + json per sample, contiguous); optionally cut the last tar mid-member."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ import torch
 
 from saferclip_data.pipeline.workdir import WorkDir
 
+from helpers import write_tar
+
 
 def _quad_urls(built) -> list[str]:
     return sorted(str(p) for p in (built / "shards" / "quad").glob("quad-*.tar"))
@@ -62,24 +64,6 @@ def test_stream_order_is_seeded_per_epoch_and_workers_see_each_sample_once(built
     assert sorted(keys) == sorted(k for b in _stream(built, epoch=2, workers=2) for k in b["key"])
 
 
-def _tar(path, members: list[tuple[str, bytes]], **writer) -> str:
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w", **writer) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if name.endswith("/"):
-                info.type = tarfile.DIRTYPE
-            elif name.endswith("@link"):
-                info.type, info.linkname = tarfile.SYMTYPE, "elsewhere"
-            else:
-                info.size = len(data)
-            info.mtime = 1.5  # a float mtime: tarfile writes a pax header for it, as webdataset's TarWriter does
-            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return str(path)
-
-
 def test_the_fast_tar_reader_gives_webdatasets_samples_and_leaves_odd_tars_to_it(built, tmp_path):
     """data.tar_samples reads the trainer's tars from a memory map instead of through tarfile (which capped each
     DataLoader worker at ~2.4k samples/s): samples and order must be webdataset's own, whatever the tar holds."""
@@ -90,17 +74,18 @@ def test_the_fast_tar_reader_gives_webdatasets_samples_and_leaves_odd_tars_to_it
     from saferclip_data.training import data
 
     long_key = "k" * 120
-    plain = _tar(tmp_path / "plain.tar", [("a.TXT", b"1"), ("a.json", b"{}"), ("dir/", b""), ("dir/b.txt", b"2"),
+    plain = write_tar(tmp_path / "plain.tar", [("a.TXT", b"1"), ("a.json", b"{}"), ("dir/", b""), ("dir/b.txt", b"2"),
                                           ("__meta__", b"x"), (f"{long_key}.txt", b"3"), ("ü.txt", b"4"),
                                           ("c.txt", b"5" * 1000), ("c.npy", b"")])  # fmt: skip
-    ustar = _tar(tmp_path / "ustar.tar", [("p/" * 60 + "d.txt", b"6"), ("e.txt", b"7")], format=tarfile.USTAR_FORMAT)
-    linked = _tar(tmp_path / "linked.tar", [("f.txt", b"8"), ("f.txt@link", b"")])
-    gnu = _tar(tmp_path / "gnu.tar", [(f"{long_key}.txt", b"9")], format=tarfile.GNU_FORMAT)
+    ustar = write_tar(tmp_path / "ustar.tar", [("p/" * 60 + "d.txt", b"6"), ("e.txt", b"7")], tarfile.USTAR_FORMAT)
+    linked = write_tar(tmp_path / "linked.tar", [("f.txt", b"8"), ("f.txt@link", b"")])
+    gnu = write_tar(tmp_path / "gnu.tar", [(f"{long_key}.txt", b"9")], tarfile.GNU_FORMAT)
+    plain, ustar, linked, gnu = (str(p) for p in (plain, ustar, linked, gnu))
     urls = [*_quad_urls(built), plain, ustar, linked, gnu]
     for url in urls[:-2]:
         assert data._plain_tar_index(url)  # these take the fast path
     for url in urls[-2:]:
-        with pytest.raises(data._NotPlainTar):  # these go to webdataset
+        with pytest.raises(data.NotPlainTar):  # these go to webdataset
             data._plain_tar_index(url)
 
     def samples(stage) -> list[dict]:

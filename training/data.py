@@ -10,20 +10,20 @@ sources) come with ``has_image`` false and a zero image, so the trainer leaves t
 
 from __future__ import annotations
 
-import collections
 import functools
 import io
 import itertools
 import json
 import os
 import random
-import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
+
+from saferclip_data.pipeline.tars import NotPlainTar, scan_tar
 
 #: epoch i trains on DEFAULT_SCHEDULE[min(i, len - 1)]
 DEFAULT_SCHEDULE: tuple[tuple[str, ...], ...] = (("easy",), ("easy", "medium"), ("easy", "medium", "hard"))
@@ -95,73 +95,15 @@ def collate(samples: list[dict], text_trim: Callable | None = None) -> dict:
     return out
 
 
-#: the POSIX ustar header's fields (the layout webdataset's wids reader unpacks the same way; importing wids for
-#: it would pull in sqlite3 and torch.distributed, and its module moved between webdataset releases)
-_USTAR = struct.Struct("!100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s")
-_UstarHeader = collections.namedtuple(
-    "_UstarHeader", "name mode uid gid size mtime chksum typeflag linkname magic version uname gname major minor prefix"
-)
-
-
-class _NotPlainTar(Exception):
-    """A tar this reader leaves to webdataset's tarfile reader: GNU long names, links, global pax headers, names
-    that are not UTF-8, anything but files and folders."""
-
-
 def _plain_tar_index(url: str) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in the tar, its headers unpacked with ``struct``.
-    Python's tarfile parses headers slowly enough to cap a DataLoader worker, which reads the whole stream, at
-    ~3.7k samples/s here; with this reader it is ~11k. Raises _NotPlainTar for a tar it does not fully understand."""
-    import mmap
-
-    index, extended = [], {}
-    with open(url, "rb") as file:
-        if os.fstat(file.fileno()).st_size == 0:
-            raise _NotPlainTar(url)
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            offset, end = 0, len(mapped)
-            while offset + 512 <= end and mapped[offset] != 0:  # a zero block ends the archive
-                header = _UstarHeader._make(_USTAR.unpack_from(mapped, offset))
-                regular = header.typeflag in (b"0", b"\0")
-                try:
-                    size = int(header.size.strip(b"\0 ") or b"0", 8)
-                    size = int(extended.get(b"size", size)) if regular else size  # pax: sizes over 8 GiB
-                except ValueError:
-                    raise _NotPlainTar(url) from None  # base-256 sizes and the like: tarfile's business
-                start = offset + 512
-                if start + size > end:
-                    raise ValueError(f"{url}: truncated tar (the member at byte {offset} runs past the end)")
-                if regular:
-                    name = header.name.rstrip(b"\0")
-                    if header.magic.startswith(b"ustar") and header.prefix.strip(b"\0"):
-                        name = header.prefix.rstrip(b"\0") + b"/" + name
-                    name = extended.get(b"path", name)
-                    try:
-                        index.append((name.decode("utf-8"), start, size))
-                    except UnicodeDecodeError:
-                        raise _NotPlainTar(url) from None
-                    extended = {}
-                elif header.typeflag == b"x":  # pax records for the next member (tarfile writes them for a float
-                    extended = _pax_records(mapped[start : start + size], url)  # mtime, long or non-ASCII names)
-                elif header.typeflag != b"5":  # folders are skipped, like tarfile's non-regular members
-                    raise _NotPlainTar(url)
-                offset = start + (size + 511) // 512 * 512
-            if offset > end or (end - 512 < offset < end and mapped[offset] != 0):
-                raise ValueError(f"{url}: truncated tar (it ends at byte {end}, inside a member)")
+    """(name, data offset, size) of each regular file in the tar (``pipeline.tars.scan_tar``: Python's tarfile
+    parses headers slowly enough to cap a DataLoader worker, which reads the whole stream, at ~3.7k samples/s here;
+    with the index it is ~11k). A truncated or damaged tar is an error naming it, before any of its samples; raises
+    NotPlainTar for a tar to leave to webdataset."""
+    index, damage = scan_tar(url)
+    if damage is not None:
+        raise ValueError(f"{url}: {damage.message}")
     return index
-
-
-def _pax_records(data: bytes, url: str) -> dict[bytes, bytes]:
-    """A pax extended header's "LENGTH KEY=VALUE\\n" records."""
-    records, position = {}, 0
-    while position < len(data):
-        length = int(data[position : data.index(b" ", position)])
-        key, _, value = data[data.index(b" ", position) + 1 : position + length - 1].partition(b"=")
-        records[key] = value
-        position += length
-    if b"hdrcharset" in records:
-        raise _NotPlainTar(url)  # names in another charset: tarfile decodes them
-    return records
 
 
 @dataclass(frozen=True)
@@ -211,7 +153,7 @@ def tar_samples(shards: Iterable[dict], defer_over: int | None = None) -> Iterat
         url = shard["url"]
         try:
             index = _plain_tar_index(url)
-        except _NotPlainTar:
+        except NotPlainTar:
             yield from wds.tarfile_to_samples()([shard])
             continue
         yield from group_by_keys(_tar_members(url, index, defer_over))
