@@ -52,16 +52,25 @@ class ShardWorker:
             ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-prefetch") if self.stage.prefetch else None
         )
         self._ahead: tuple[str, Future] | None = None
+        #: a prefetch stage's shard is written on this thread while the next shard computes (the device does not
+        #: wait for the parquet write); its stats come back once it is on disk (``run_shard``, ``drain``)
+        self._writer = (
+            ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-writer") if self.stage.prefetch else None
+        )
+        self._writing: tuple[dict[str, Any], Future] | None = None
 
     def ready(self) -> dict[str, str]:
         return {"pid": str(os.getpid()), **self.stage.output_metadata()}
 
     def run_shard(
         self, spec: ShardSpec, on_batch: Callable[[int], None] | None = None, upcoming: ShardSpec | None = None
-    ) -> dict[str, Any]:
-        """Run one shard and write its output. ``upcoming``: the shard this worker will be given next; a prefetch
-        stage reads it and prepares its first batch while this shard's last batch computes, so the device does
-        not wait between shards (a shard that is not the announced one is read as usual)."""
+    ) -> list[dict[str, Any]]:
+        """Run one shard and write its output; returns the stats of the shards this call committed (output and
+        marker on disk): this one, or for a prefetch stage the previous one, written while this one computed
+        (this one is then written behind: the next call or :meth:`drain` commits it). ``upcoming``: the shard
+        this worker will be given next; a prefetch stage reads it and prepares its first batch while this
+        shard's last batch computes, so the device does not wait between shards (a shard that is not the
+        announced one is read as usual)."""
         started, started_at = time.perf_counter(), time.time()
         stage = self.stage
         table, first = self._take_look_ahead(spec)
@@ -96,8 +105,27 @@ class ShardWorker:
             "metadata": metadata,
             "worker": {"pid": os.getpid(), "node": self.node},
         }
-        self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats, metadata)
-        return stats
+        committed = self.drain()
+
+        def write() -> None:
+            self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats,
+                                     metadata)  # fmt: skip
+
+        if self._writer is None:
+            write()
+            return [*committed, stats]
+        self._writing = (stats, self._writer.submit(write))
+        return committed
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Wait for the shard being written behind, if any: its stats once it is on disk (its error, if the write
+        failed). Executors call it after a worker's last shard."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return []
+        stats, future = writing
+        future.result()
+        return [stats]
 
     def _look_ahead(self, spec: ShardSpec) -> None:
         """Queue reading ``spec`` and preparing its first batch on the prefetch thread (behind this shard's
@@ -215,7 +243,10 @@ class LocalExecutor:
     def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
         worker = ShardWorker(job)
         for spec, upcoming in zip(pending, [*pending[1:], None]):
-            on_shard(worker.run_shard(spec, on_batch=on_records, upcoming=upcoming))
+            for stats in worker.run_shard(spec, on_batch=on_records, upcoming=upcoming):
+                on_shard(stats)
+        for stats in worker.drain():
+            on_shard(stats)
 
     def run_global(self, job: StageJob) -> dict[str, Any]:
         return run_global_job(job)
@@ -282,18 +313,21 @@ class RayExecutor:
 
     @staticmethod
     def _shards_on(ray, actors: list, specs: list[ShardSpec], max_losses: int = 20):
-        """Yield each shard's stats as its actor finishes it, one shard in flight per actor. Each actor is also
+        """Yield each shard's stats as its actor commits it, one shard in flight per actor. Each actor is also
         promised its next shard (announced as ``upcoming``, so it reads that shard while finishing this one);
         a promised shard waits for its actor, so at the end one actor may have a shard more to do than another.
-        A shard whose actor was lost (its node died, or it is restarting) goes back to the queue with the one
-        promised to it: shards are idempotent (written atomically, committed by a marker), so a rerun cannot
-        leave half a shard. A stage's own error stops the stage."""
+        An actor owes the shards it was given until their stats come back (a prefetch stage writes a shard
+        while computing the next; an actor with nothing left to do is asked to ``drain``). The shards a lost
+        actor owed (its node died, or it is restarting) go back to the queue with the one promised to it:
+        shards are idempotent (written atomically, committed by a marker), so a rerun cannot leave half a
+        shard. A stage's own error stops the stage."""
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         queue, idle, in_flight = deque(specs), list(range(len(actors))), {}
         promised: dict[int, ShardSpec] = {}
+        owed: dict[int, list[ShardSpec]] = {worker: [] for worker in range(len(actors))}
         losses = 0
-        while queue or in_flight or promised:
+        while queue or in_flight or promised or any(owed.values()):
             while idle and (queue or promised):
                 worker = next((w for w in idle if w in promised), idle[-1])
                 spec = promised.pop(worker, None) or (queue.popleft() if queue else None)
@@ -303,24 +337,32 @@ class RayExecutor:
                 upcoming = promised[worker] = queue.popleft() if queue else None
                 if upcoming is None:
                     del promised[worker]
-                in_flight[actors[worker].run_shard.remote(spec, None, upcoming)] = (worker, spec)
+                owed[worker].append(spec)
+                in_flight[actors[worker].run_shard.remote(spec, None, upcoming)] = worker
+            for worker in [w for w in idle if owed[w]]:  # nothing more to give it: commit what it writes
+                idle.remove(worker)
+                in_flight[actors[worker].drain.remote()] = worker
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            worker, spec = in_flight.pop(ref)
+            worker = in_flight.pop(ref)
             try:
-                stats = ray.get(ref)
+                committed = ray.get(ref)
             except (RayActorError, ActorUnavailableError) as exc:
-                losses += 1
-                if losses > max_losses:
-                    raise RuntimeError(f"shard {spec.shard_id}: workers lost {losses} times; last: {exc}") from exc
-                log.warning("shard %s: its worker was lost (%s); retrying", spec.shard_id, type(exc).__name__)
-                time.sleep(min(5.0, 0.5 * losses))  # a restarting actor needs a moment
+                lost, owed[worker] = owed[worker], []
                 if worker in promised:
-                    queue.appendleft(promised.pop(worker))
-                queue.appendleft(spec)
+                    lost.append(promised.pop(worker))
+                losses += 1
+                names = ", ".join(s.shard_id for s in lost) or "none"
+                if losses > max_losses:
+                    raise RuntimeError(f"shards {names}: workers lost {losses} times; last: {exc}") from exc
+                log.warning("shards %s: their worker was lost (%s); retrying", names, type(exc).__name__)
+                time.sleep(min(5.0, 0.5 * losses))  # a restarting actor needs a moment
+                queue.extendleft(reversed(lost))
                 idle.append(worker)  # max_restarts=-1: Ray brings it back on a live node
                 continue
             idle.append(worker)
-            yield stats
+            for stats in committed:
+                owed[worker] = [s for s in owed[worker] if s.shard_id != stats["shard"]]
+                yield stats
 
     def run_global(self, job: StageJob) -> dict[str, Any]:
         ray = self._ensure_ray()

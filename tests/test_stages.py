@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -433,11 +435,14 @@ def test_a_worker_reads_the_announced_next_shard_while_its_last_batch_computes(t
         wd.write_shard("a", shard, pa.table({"key": keys}), empty, {}, {})
     events = _SlowPrefetch.events
     worker = ShardWorker(StageJob(_SlowPrefetch, _SlowPrefetch.Config(), {}, str(tmp_path)))
-    worker.run_shard(ShardSpec("s0"), upcoming=ShardSpec("s1"))
+    committed = [worker.run_shard(ShardSpec("s0"), upcoming=ShardSpec("s1"))]
     # s1 was read and its first batch prepared before s0's last batch finished computing
     assert events.index(("read", "s1")) < events.index(("prepare", "b0")) < events.index(("computed", "a2"))
-    worker.run_shard(ShardSpec("s1"), upcoming=ShardSpec("s0"))  # announced s0, but s2 comes: s2 is read anew
-    worker.run_shard(ShardSpec("s2"))
+    committed.append(worker.run_shard(ShardSpec("s1"), upcoming=ShardSpec("s0")))  # announced s0, but s2 comes
+    committed.append(worker.run_shard(ShardSpec("s2")))  # s2 is read anew
+    committed.append(worker.drain())
+    # each shard is reported once it is on disk: written behind, so in the call after its own
+    assert [[s["shard"] for s in c] for c in committed] == [[], ["s0"], ["s1"], ["s2"]]
     assert [e for e in events if e[0] == "read"] == [("read", s) for s in ("s0", "s1", "s0", "s2")]
     assert events.count(("prepare", "b0")) == 1 and events.count(("computed", "b0")) == 1  # not prepared twice
     for shard, keys in shards.items():
@@ -445,9 +450,49 @@ def test_a_worker_reads_the_announced_next_shard_while_its_last_batch_computes(t
         assert out["key"].to_pylist() == keys and out["n"].to_pylist() == [2] * len(keys)
 
 
-def test_ray_dispatch_announces_each_actors_next_shard_and_requeues_a_lost_actors_shards():
-    """The Ray executor's scheduling with a stand-in for ray: every shard runs once, each actor's announced
-    next shard is the one it runs next, and a lost actor's shard and promised shard go back to the queue."""
+def test_a_prefetch_worker_writes_a_shard_while_the_next_one_computes_and_reports_it_once_written(tmp_path):
+    """The parquet write of a device stage's shard overlaps the next shard's compute; a shard is reported only
+    once its marker is on disk; a write that fails is raised by the next call, naming nothing lost silently."""
+    import threading
+    import time
+
+    wd = WorkDir(tmp_path)
+    empty = pa.table({"key": pa.array([], pa.string())})
+    for shard in ("s0", "s1", "s2"):
+        wd.write_shard("a", shard, pa.table({"key": [f"{shard}k{i}" for i in range(4)]}), empty, {}, {})
+    events = _SlowPrefetch.events
+    events.clear()
+    worker = ShardWorker(StageJob(_SlowPrefetch, _SlowPrefetch.Config(), {}, str(tmp_path)))
+    write = worker.workdir.write_shard
+
+    def slow_write(stage, shard_id, *args):
+        events.append(("write", shard_id, threading.current_thread().name))
+        time.sleep(0.2)
+        if shard_id == "s1":
+            raise OSError("disk full")
+        write(stage, shard_id, *args)
+        events.append(("written", shard_id))
+
+    worker.workdir.write_shard = slow_write
+    assert worker.run_shard(ShardSpec("s0")) == []
+    assert not wd.shard_done("slowpf", "s0")  # not on disk yet, so not reported
+    assert [s["shard"] for s in worker.run_shard(ShardSpec("s1"))] == ["s0"]
+    assert wd.shard_done("slowpf", "s0")
+    # s0 was written on the writer thread while s1's batches computed
+    start = next(i for i, e in enumerate(events) if e[:2] == ("write", "s0"))
+    assert "writer" in events[start][2]
+    assert ("computed", "s1k0") in events[start : events.index(("written", "s0"))]
+    with pytest.raises(OSError, match="disk full"):  # s1's write failed: the next call says so
+        worker.run_shard(ShardSpec("s2"))
+    assert not wd.shard_done("slowpf", "s1")
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["writes-in-call", "writes-behind"])
+def test_ray_dispatch_announces_each_actors_next_shard_and_requeues_a_lost_actors_shards(behind):
+    """The Ray executor's scheduling with a stand-in for ray: every shard is committed once, each actor's
+    announced next shard is the one it runs next, and a lost actor's shards — the one it ran, the one it was
+    writing behind, the one promised to it — go back to the queue. With ``behind``, actors commit each shard in
+    their next call, or when asked to drain, as a prefetch stage's worker does."""
     from ray.exceptions import RayActorError
 
     from saferclip_data.pipeline.executors import RayExecutor
@@ -461,8 +506,8 @@ def test_ray_dispatch_announces_each_actors_next_shard_and_requeues_a_lost_actor
 
     class Actor:
         def __init__(self, index):
-            self.index = index
-            self.run_shard = self
+            self.index, self.writing = index, None
+            self.run_shard, self.drain = self, types.SimpleNamespace(remote=lambda: Ref(self, None, None))
 
         def remote(self, spec, on_batch, upcoming):
             calls.append((self.index, spec.shard_id, upcoming.shard_id if upcoming else None))
@@ -475,17 +520,25 @@ def test_ray_dispatch_announces_each_actors_next_shard_and_requeues_a_lost_actor
 
         @staticmethod
         def get(ref):
-            if ref.spec.shard_id in lose_once:
-                lose_once.discard(ref.spec.shard_id)
+            actor, spec = ref.actor, ref.spec
+            if spec is not None and spec.shard_id in lose_once:
+                lose_once.discard(spec.shard_id)
+                actor.writing = None  # what it was writing is lost with it
                 raise RayActorError()
-            return {"shard": ref.spec.shard_id}
+            if not behind:
+                return [{"shard": spec.shard_id}] if spec else []
+            committed = [{"shard": actor.writing}] if actor.writing else []
+            actor.writing = spec.shard_id if spec else None
+            return committed
 
     for actors, shards, lost in [(1, 1, ""), (1, 2, ""), (1, 5, "s2"), (2, 3, ""), (2, 7, "s3"), (3, 8, "s7")]:
         calls.clear()
         lose_once.add(lost)
         specs = [ShardSpec(f"s{i}") for i in range(shards)]
-        done = [s["shard"] for s in RayExecutor._shards_on(FakeRay, [Actor(i) for i in range(actors)], specs)]
+        pool = [Actor(i) for i in range(actors)]
+        done = [s["shard"] for s in RayExecutor._shards_on(FakeRay, pool, specs)]
         assert sorted(done) == sorted(s.shard_id for s in specs), (actors, shards)  # each once, none left
+        assert all(actor.writing is None for actor in pool)  # every actor drained
         for actor in range(actors):
             runs = [(shard, upcoming) for a, shard, upcoming in calls if a == actor]
             for (shard, upcoming), (next_shard, _) in zip(runs, runs[1:]):
@@ -495,6 +548,9 @@ def test_ray_dispatch_announces_each_actors_next_shard_and_requeues_a_lost_actor
                 assert runs[-1][1] is None  # nothing announced that it did not run
         if lost:
             assert sum(1 for _, shard, _ in calls if shard == lost) == 2  # retried once
+            if behind and int(lost[1:]) >= actors:  # the shard its actor was writing when lost ran again too
+                before = [shard for a, shard, _ in calls if shard != lost]
+                assert len(before) > len(set(before)), (actors, shards, calls)
 
 
 def test_actor_plan_shares_gpus_on_auto_and_never_asks_for_more_than_the_cluster_has():
