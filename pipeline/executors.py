@@ -52,11 +52,10 @@ class ShardWorker:
             ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-prefetch") if self.stage.prefetch else None
         )
         self._ahead: tuple[str, Future] | None = None
-        #: a prefetch stage's shard is written on this thread while the next shard computes (the device does not
-        #: wait for the parquet write); its stats come back once it is on disk (``run_shard``, ``drain``)
-        self._writer = (
-            ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-writer") if self.stage.prefetch else None
-        )
+        #: a shard is written on this thread while the next shard computes (a device does not wait for the
+        #: parquet write; the source stage's reading overlaps its image writes); its stats come back once it is
+        #: on disk (``run_shard``, ``drain``). One write waits at a time, so a worker holds one more shard output.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-writer")
         self._writing: tuple[dict[str, Any], Future] | None = None
 
     def ready(self) -> dict[str, str]:
@@ -65,9 +64,9 @@ class ShardWorker:
     def run_shard(
         self, spec: ShardSpec, on_batch: Callable[[int], None] | None = None, upcoming: ShardSpec | None = None
     ) -> list[dict[str, Any]]:
-        """Run one shard and write its output; returns the stats of the shards this call committed (output and
-        marker on disk): this one, or for a prefetch stage the previous one, written while this one computed
-        (this one is then written behind: the next call or :meth:`drain` commits it). ``upcoming``: the shard
+        """Run one shard and write its output behind; returns the stats of the shards this call committed
+        (output and marker on disk): the previous one, written while this one computed (this one is committed by
+        the next call or :meth:`drain`). ``upcoming``: the shard
         this worker will be given next; a prefetch stage reads it and prepares its first batch while this
         shard's last batch computes, so the device does not wait between shards (a shard that is not the
         announced one is read as usual)."""
@@ -106,15 +105,9 @@ class ShardWorker:
             "worker": {"pid": os.getpid(), "node": self.node},
         }
         committed = self.drain()
-
-        def write() -> None:
-            self.workdir.write_shard(stage.name, spec.shard_id, output, rejects_table(stage.name, rejects), stats,
-                                     metadata)  # fmt: skip
-
-        if self._writer is None:
-            write()
-            return [*committed, stats]
-        self._writing = (stats, self._writer.submit(write))
+        write = self._writer.submit(self.workdir.write_shard, stage.name, spec.shard_id, output,
+                                    rejects_table(stage.name, rejects), stats, metadata)  # fmt: skip
+        self._writing = (stats, write)
         return committed
 
     def drain(self) -> list[dict[str, Any]]:
@@ -316,8 +309,8 @@ class RayExecutor:
         """Yield each shard's stats as its actor commits it, one shard in flight per actor. Each actor is also
         promised its next shard (announced as ``upcoming``, so it reads that shard while finishing this one);
         a promised shard waits for its actor, so at the end one actor may have a shard more to do than another.
-        An actor owes the shards it was given until their stats come back (a prefetch stage writes a shard
-        while computing the next; an actor with nothing left to do is asked to ``drain``). The shards a lost
+        An actor owes the shards it was given until their stats come back (it writes a shard while computing
+        the next; an actor with nothing left to do is asked to ``drain``). The shards a lost
         actor owed (its node died, or it is restarting) go back to the queue with the one promised to it:
         shards are idempotent (written atomically, committed by a marker), so a rerun cannot leave half a
         shard. A stage's own error stops the stage."""

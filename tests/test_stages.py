@@ -450,8 +450,8 @@ def test_a_worker_reads_the_announced_next_shard_while_its_last_batch_computes(t
         assert out["key"].to_pylist() == keys and out["n"].to_pylist() == [2] * len(keys)
 
 
-def test_a_prefetch_worker_writes_a_shard_while_the_next_one_computes_and_reports_it_once_written(tmp_path):
-    """The parquet write of a device stage's shard overlaps the next shard's compute; a shard is reported only
+def test_a_worker_writes_a_shard_while_the_next_one_computes_and_reports_it_once_written(tmp_path):
+    """The parquet write of a shard overlaps the next shard's compute; a shard is reported only
     once its marker is on disk; a write that fails is raised by the next call, naming nothing lost silently."""
     import threading
     import time
