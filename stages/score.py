@@ -10,8 +10,10 @@ the source's category column) ride along, with the column they came from, so the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -107,6 +109,21 @@ class ScoreConfig(StageConfig):
         return dict(self.taxonomy)
 
 
+@contextlib.contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Torch on one CPU thread for the block: a tower's sums run in an order set by the thread count, so the
+    prompt centroids of a Ray worker (threads = its cpus) and of an in-process run (all cores) would differ by
+    ~1e-7 and score the same embeddings differently."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def unit_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed-size-list embedding column as a float32 matrix (null rows are zeros) and its validity mask."""
     if isinstance(column, pa.ChunkedArray):
@@ -177,7 +194,7 @@ class ScoreStage(Stage):
         model_cfg: ModelConfig = self.sections["model"]
         self.clip, model, device, _ = load_worker_model(model_cfg, self.config.device, self.config.precision, "score")
         self.categories = list(self.config.categories())
-        with torch.inference_mode():
+        with one_cpu_thread(), torch.inference_mode():
 
             def centroid(prompts: list[str]) -> np.ndarray:
                 tokens = trim_tokens(model, self.clip.tokenizer(prompts)).to(device)

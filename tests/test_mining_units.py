@@ -232,3 +232,24 @@ def test_binary_probe_probabilities_match_sklearn(tmp_path):
     p = Probes(tmp_path).probabilities("image", x, [f"k{i}" for i in range(200)], np.zeros(200, bool))
     expected = LogisticRegression(C=1.0, max_iter=2000).fit(x, labels).predict_proba(x)
     assert np.allclose(p[:, [0, 2]], expected, atol=1e-4) and p[:, 1].max() < 1e-6
+
+
+def test_prompt_centroids_do_not_depend_on_the_workers_thread_count():
+    """A Ray worker runs torch with as many threads as the cpus it reserves, an in-process run with all cores:
+    both must score the same embeddings alike (the demo's scores differed by ~4e-7 before)."""
+    import torch
+
+    from saferclip_data.stages.embed import ModelConfig
+
+    threads = torch.get_num_threads()
+    made = []
+    try:
+        for count in (2, 1):
+            torch.set_num_threads(count)
+            stage = ScoreStage(ScoreConfig(taxonomy="toy-world"), {"model": ModelConfig(arch="toy-vit-tiny")})
+            stage.setup()
+            assert torch.get_num_threads() == count  # the worker's own setting is left as it was
+            made.append(np.concatenate([stage.category_matrix.ravel(), stage.neutral]))
+    finally:
+        torch.set_num_threads(threads)
+    assert made[0].tobytes() == made[1].tobytes()
