@@ -145,13 +145,19 @@ def test_global_stage_gets_column_access(tmp_path, manifest_200):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_and_local_executors_agree(tmp_path, manifest_200):
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(manifest_200, concurrency=2))
+    data = recipe_dict(manifest_200, concurrency=2)
+    data["stages"]["score"] = {"taxonomy": "toy-world", "concurrency": 2}  # its prompts' scores were thread-bound
+    recipe = write_recipe(tmp_path / "r.yaml", data)
     results = {}
     for executor in ("local", "ray"):
         work = tmp_path / executor
         proc = run_cli("build", str(recipe), "-w", str(work), "--executor", executor, "--no-progress")
         assert proc.returncode == 0, proc.stderr
         results[executor] = stage_table(work, "embed")
+    files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").glob("*/part-*.parquet"))
+    assert len(files) == 3 * 4 * 2  # source, embed, score x 4 shards x (output, rejects)
+    for rel in files:  # byte-identical whatever the executor (Ray actors run torch on fewer threads)
+        assert (tmp_path / "ray" / rel).read_bytes() == (tmp_path / "local" / rel).read_bytes(), rel
     local, ray = results["local"], results["ray"]
     assert local.num_rows == 200 and local["key"].to_pylist() == ray["key"].to_pylist()
     for column in ("image_embedding", "text_embedding"):
