@@ -11,6 +11,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -46,11 +47,13 @@ class ShardWorker:
         self.workdir = WorkDir(job.workdir)
         self.stage.setup()
         self.node = _ray_node_id()
-        #: a prefetch stage's background thread: the next batch's preparation, and the look-ahead (the next
-        #: shard read and its first batch prepared while this shard's last batch computes)
-        self._pool = (
-            ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-prefetch") if self.stage.prefetch else None
-        )
+        #: a prefetch stage's background threads: the next batch's preparation and the look-ahead's first batch
+        #: (prepared while this shard's last batch computes); the next shard's read, from this shard's start
+        #: (reading a shard of encoded images takes longer than a batch computes on a GPU)
+        self._pool = self._reader = None
+        if self.stage.prefetch:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-prefetch")
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-reader")
         self._ahead: tuple[str, Future] | None = None
         #: a shard is written on this thread while the next shard computes (a device does not wait for the
         #: parquet write; the source stage's reading overlaps its image writes); its stats come back once it is
@@ -66,10 +69,10 @@ class ShardWorker:
     ) -> list[dict[str, Any]]:
         """Run one shard and write its output behind; returns the stats of the shards this call committed
         (output and marker on disk): the previous one, written while this one computed (this one is committed by
-        the next call or :meth:`drain`). ``upcoming``: the shard
-        this worker will be given next; a prefetch stage reads it and prepares its first batch while this
-        shard's last batch computes, so the device does not wait between shards (a shard that is not the
-        announced one is read as usual)."""
+        the next call or :meth:`drain`). ``upcoming``: the shard this worker will be given next; a prefetch
+        stage reads it while this shard computes and prepares its first batch while this shard's last batch
+        computes, so the device does not wait between shards (a shard that is not the announced one is read
+        as usual)."""
         started, started_at = time.perf_counter(), time.time()
         stage = self.stage
         table, first = self._take_look_ahead(spec)
@@ -80,7 +83,10 @@ class ShardWorker:
         rejects = []
         starts = range(0, table.num_rows, batch_size) if table.num_rows else [0]
         batches = [table.slice(start, batch_size) for start in starts]
-        look_ahead = (lambda: self._look_ahead(upcoming)) if upcoming is not None and self._pool else None
+        look_ahead = None
+        if upcoming is not None and self._reader is not None:
+            reading = self._reader.submit(stage.read_shard, upcoming, self.workdir)
+            look_ahead = partial(self._look_ahead, upcoming, reading)
         for batch, result in batch_results(stage, batches, self._pool, first, look_ahead):
             outputs.append(result.table)
             rejects.extend(result.rejects)
@@ -120,12 +126,12 @@ class ShardWorker:
         future.result()
         return [stats]
 
-    def _look_ahead(self, spec: ShardSpec) -> None:
-        """Queue reading ``spec`` and preparing its first batch on the prefetch thread (behind this shard's
-        last preparation)."""
+    def _look_ahead(self, spec: ShardSpec, reading: Future) -> None:
+        """Queue preparing the first batch of ``spec`` (being read by ``reading``) on the prefetch thread, behind
+        this shard's last preparation."""
 
         def read_and_prepare() -> tuple[pa.Table, Any]:
-            table = self.stage.read_shard(spec, self.workdir)
+            table = reading.result()
             return table, self.stage.prepare_batch(table.slice(0, self.stage.batch_rows()))
 
         self._ahead = (spec.shard_id, self._pool.submit(read_and_prepare))

@@ -436,8 +436,10 @@ def test_a_worker_reads_the_announced_next_shard_while_its_last_batch_computes(t
     events = _SlowPrefetch.events
     worker = ShardWorker(StageJob(_SlowPrefetch, _SlowPrefetch.Config(), {}, str(tmp_path)))
     committed = [worker.run_shard(ShardSpec("s0"), upcoming=ShardSpec("s1"))]
-    # s1 was read and its first batch prepared before s0's last batch finished computing
-    assert events.index(("read", "s1")) < events.index(("prepare", "b0")) < events.index(("computed", "a2"))
+    # s1 was read while s0 computed (from its start: reading images takes longer than a batch on a GPU), and
+    # its first batch prepared before s0's last batch finished computing
+    assert events.index(("read", "s1")) < events.index(("computed", "a0"))
+    assert events.index(("prepare", "b0")) < events.index(("computed", "a2"))
     committed.append(worker.run_shard(ShardSpec("s1"), upcoming=ShardSpec("s0")))  # announced s0, but s2 comes
     committed.append(worker.run_shard(ShardSpec("s2")))  # s2 is read anew
     committed.append(worker.drain())
