@@ -18,7 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from saferclip_data.pipeline.tars import NotPlainTar, scan_tar
+from saferclip_data.pipeline.tars import NotPlainTar, TarDamage, scan_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTENSIONS = ("txt", "caption")
@@ -117,68 +117,58 @@ def read_webdataset_tar(path: Path, extra_columns: list[str]) -> tuple[pa.Table,
     three times tarfile's speed), others (compressed, GNU long names) through tarfile.
     """
     try:
-        samples = _indexed_tar_samples(path)
+        members, damage = _indexed_members(path)
     except NotPlainTar:
-        samples = _tarfile_samples(path)
-    return _raw_table(samples, extra_columns)
+        members, damage = _tarfile_members(path)
+    return _raw_table(_samples(members, damage, path), extra_columns)
 
 
-def _tarfile_samples(path: Path) -> list[dict[str, Any]]:
-    """The samples of a tar the index leaves to tarfile: ``{"__key__": key, ext: bytes, ...}`` in order."""
-    samples: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
+def _indexed_members(path: Path) -> tuple[list[tuple[str, bytes]], TarDamage | None]:
+    """(name, bytes) of a plain tar's files, read from a memory map at the offsets of its header index, and
+    where it breaks."""
+    import mmap
 
-    def flush():
-        if current is not None:
-            samples.append(current)
+    index, damage = scan_tar(path)
+    if not index:  # (an empty file cannot be mapped)
+        return [], damage
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return [(name, mapped[start : start + size]) for name, start, size in index], damage
 
+
+def _tarfile_members(path: Path) -> tuple[list[tuple[str, bytes]], TarDamage | None]:
+    """The same through tarfile, for the tars the index leaves to it (compressed, GNU long names, links)."""
+    members: list[tuple[str, bytes]] = []
+    end = 0  # where the last member read ends
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _split_member_name(member.name)
-                if current is None or current["__key__"] != key:
-                    flush()
-                    current = {"__key__": key}
                 try:
                     data = tar.extractfile(member).read()
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
                 except (tarfile.TarError, OSError, EOFError) as exc:
-                    current["_reason"] = "truncated tar member"
-                    current["_error"] = f"{member.name}: {exc}"
-                    break
-                current[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        # the archive itself broke between members: keep what was read, and record where it broke
-        flush()
-        after = current["__key__"] if current else "start"
-        current = {
-            "__key__": f"{path.stem}_unreadable_after_{after}",
-            "_reason": "truncated tar member",
-            "_error": f"{path.name}: {exc}",
-        }
-    flush()
-    return samples
+                    return members, TarDamage(member.offset, member.name, "truncated", str(exc))
+                members.append((member.name, data))
+                end = member.offset_data + member.size
+    except (tarfile.TarError, OSError, EOFError) as exc:  # the archive itself broke between members
+        return members, TarDamage(end, None, "truncated", str(exc))
+    return members, None
 
 
-def _indexed_tar_samples(path: Path) -> list[dict[str, Any]]:
-    """The samples of a plain tar, read from a memory map at the offsets of its header index."""
-    import mmap
-
-    index, damage = scan_tar(path)
+def _samples(members: list[tuple[str, bytes]], damage: TarDamage | None, path: Path) -> list[dict[str, Any]]:
+    """Members grouped into samples by key (``{"__key__": key, ext: bytes, ...}``, contiguous members), with
+    the break, if any, on the sample whose member it cut or on a record named after the last good key."""
     samples: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
-    if index:  # (an empty file cannot be mapped)
-        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            for name, start, size in index:
-                key, ext = _split_member_name(name)
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        samples.append(current)
-                    current = {"__key__": key}
-                current[ext] = mapped[start : start + size]
+    for name, data in members:
+        key, ext = _split_member_name(name)
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                samples.append(current)
+            current = {"__key__": key}
+        current[ext] = data
     if damage is not None:
         reason = f"{damage.kind} tar member"
         cut_key = _split_member_name(damage.member)[0] if damage.member is not None else None

@@ -123,7 +123,7 @@ def test_the_source_reader_reads_the_same_records_through_the_index_and_through_
             (tmp_path / f"c{cut}.tar").write_bytes(whole[:cut])
             slow[cut] = readers.read_webdataset_tar(tmp_path / f"c{cut}.tar", ["group"])[0]
     assert slow[len(whole)].equals(fast)
-    assert readers._indexed_tar_samples(path) == readers._tarfile_samples(path)
+    assert readers._indexed_members(path) == readers._tarfile_members(path)
     for cut in cuts[1:]:
         ours = readers.read_webdataset_tar(tmp_path / f"c{cut}.tar", ["group"])[0].to_pylist()
         theirs = slow[cut].to_pylist()
