@@ -129,6 +129,7 @@ def audit(
     Console().print(
         f"mining ({figures['modality']}): precision@1 {figures['precision_at_1']:.1%} over {figures['queries']:,} "
         f"unsafe records whose source scene is in the safe pool ({figures['source_not_in_pool']:,} others: source "
-        f"filtered, deduplicated or in an excluded split); mined target beats the noisy given pair in "
+        f"filtered, deduplicated or in an excluded split; {figures['removed_before_mining']:,} removed before "
+        f"mining; {figures['without_targets']:,} without a target); mined target beats the noisy given pair in "
         f"{figures['mined_beats_noisy_pair']:.1%} of {figures['noisy_pairs']:,} noisy pairs"
     )

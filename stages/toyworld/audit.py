@@ -27,15 +27,20 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
     top-1 is more similar to the query than the given pair.
 
     Precision counts only queries whose source scene is in the safe pool: one that the filter or dedup removed,
-    or that sits in an excluded (benchmark) split, cannot be found by design; those are counted apart.
+    or that sits in an excluded (benchmark) split, cannot be found by design; those are counted apart, and so are
+    unsafe records that never reached mining (removed by the filter or dedup) or got no target in this modality,
+    so that the four counts add up to the source's unsafe records.
     """
     truth = _source(workdir)
     pool = set(json.loads((workdir.stage_dir("neighbours") / "_pool" / "pool.json").read_text())["keys"])
     mined = workdir.read_stage_columns("mine", ["key", "role", f"{modality}_targets", f"{modality}_margin"]).to_pylist()
-    hits = total = beats = noisy = unreachable = 0
+    hits = total = beats = noisy = unreachable = without_targets = 0
     for row in mined:
         targets = row[f"{modality}_targets"]
-        if row["role"] != "unsafe" or not targets:
+        if row["role"] != "unsafe":
+            continue
+        if not targets:
+            without_targets += 1
             continue
         gt = truth[row["key"]]
         source = truth.get(gt["source_safe"])
@@ -51,10 +56,15 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
         if gt["paired_safe"] != gt["source_safe"] and row[f"{modality}_margin"] is not None:
             noisy += 1
             beats += row[f"{modality}_margin"] > 0
+    mined_keys = {row["key"] for row in mined}
+    unsafe = [k for k, r in truth.items() if r["role"] == "unsafe"]
     return {
         "modality": modality,
+        "unsafe_records": len(unsafe),
         "queries": total,
         "source_not_in_pool": unreachable,
+        "removed_before_mining": sum(k not in mined_keys for k in unsafe),
+        "without_targets": without_targets,
         "precision_at_1": hits / total if total else float("nan"),
         "noisy_pairs": noisy,
         "mined_beats_noisy_pair": beats / noisy if noisy else float("nan"),
