@@ -10,14 +10,23 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import pyarrow as pa
 
 from .errors import UserError
-from .stage import BatchResult, GlobalContext, ShardSpec, Stage, StageConfig, finished, rejects_table
+from .stage import (
+    BatchResult,
+    GlobalContext,
+    ShardSpec,
+    Stage,
+    StageConfig,
+    finished,
+    rejects_table,
+    serial_map,
+)
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,8 @@ class StageJob:
     sections: dict[str, Any]
     workdir: str
     torch_threads: int | None = None
+    #: where a global stage's ``GlobalContext.map`` tasks run: "ray" (the cluster) or "local" (in-process)
+    executor: str = "local"
 
 
 class ShardWorker:
@@ -191,12 +202,41 @@ def _ray_node_id() -> str:
     return "local"
 
 
+def worker_identity() -> dict[str, Any]:
+    """Which process and node ran a piece of work (for shard markers)."""
+    return {"pid": os.getpid(), "node": _ray_node_id()}
+
+
+def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_in_flight: int | None = None) -> list:
+    """``fn(*args)`` for every tuple as Ray tasks spread over the cluster's nodes, at most ``max_in_flight`` at
+    once (default: twice the cluster's CPUs / ``cpus``) so a long task list does not flood the scheduler; a task
+    whose worker dies is retried. Results come back in argument order."""
+    import ray
+
+    if not items:
+        return []
+    remote = ray.remote(fn).options(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")
+    limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / max(cpus, 0.01)))
+    results: list[Any] = [None] * len(items)
+    pending: dict[Any, int] = {}
+    queue = deque(enumerate(items))
+    while queue or pending:
+        while queue and len(pending) < limit:
+            index, args = queue.popleft()
+            pending[remote.remote(*args)] = index
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(ref)] = ray.get(ref)
+    return results
+
+
 def run_global_job(job: StageJob) -> dict[str, Any]:
-    """Run a whole-data-set stage where this function is called (driver or a Ray task)."""
+    """Run a whole-data-set stage where this function is called (driver or a Ray task); its ``ctx.map`` tasks go
+    to the cluster when the job runs on Ray."""
     started = time.perf_counter()
     stage = job.stage_cls(job.config, job.sections)
     stage.setup()
-    ctx = GlobalContext(stage, WorkDir(job.workdir))
+    task_map = ray_map if job.executor == "ray" and _ray_node_id() != "local" else serial_map
+    ctx = GlobalContext(stage, WorkDir(job.workdir), task_map)
     counts = stage.run_global(ctx)
     return {
         "counts": counts,
@@ -367,7 +407,7 @@ class RayExecutor:
         ray = self._ensure_ray()
         gpus = plan_actors(job.stage_cls.name, job.config, 1, ray.cluster_resources())[1]
         task = ray.remote(run_global_job).options(num_cpus=job.config.cpus, num_gpus=gpus)
-        return ray.get(task.remote(job))
+        return ray.get(task.remote(replace(job, executor="ray")))
 
     def close(self) -> None:
         if self._we_started:

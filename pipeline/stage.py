@@ -183,12 +183,30 @@ class Stage(ABC):
         raise NotImplementedError(f"stage {self.name} has no run_global")
 
 
-class GlobalContext:
-    """Column access for whole-data-set stages: read upstream columns, write named output tables."""
+#: ``GlobalContext.map``'s engine: (function, argument tuples, CPUs per task) -> results in argument order
+TaskMap = Callable[[Callable[..., Any], list[tuple], float], list[Any]]
 
-    def __init__(self, stage: Stage, workdir: WorkDir):
+
+def serial_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
+    """Run the tasks one after another in this process (the local executor)."""
+    return [fn(*args) for args in items]
+
+
+class GlobalContext:
+    """Column access for whole-data-set stages: read upstream columns, write named output tables, and fan work
+    out (``map``) so that a stage can be built from per-shard or per-partition tasks instead of holding the whole
+    data set in one process."""
+
+    def __init__(self, stage: Stage, workdir: WorkDir, task_map: TaskMap = serial_map):
         self.stage, self.workdir = stage, workdir
         self.shards: list[str] = []
+        self._task_map = task_map
+
+    def map(self, fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
+        """``fn(*args)`` for every argument tuple, on the cluster's workers when the build runs on Ray (spread
+        over the nodes, a bounded number in flight), else here one after another. ``fn`` must be a module-level
+        function whose arguments and result are small (paths, ids, counts): data travels through the work dir."""
+        return self._task_map(fn, items, cpus)
 
     def read_columns(self, upstream: str, columns: Iterable[str]) -> pa.Table:
         return self.workdir.read_stage_columns(upstream, list(columns))
@@ -202,22 +220,42 @@ class GlobalContext:
     def write_shard(self, shard_id: str, table: pa.Table, rejects: list[Reject], records_in: int) -> None:
         """Write output in shards, like a map stage, so that map stages can follow this one. Every record in
         must be kept or rejected; the shard's marker (with its counts) commits it."""
-        if table.num_rows + len(rejects) != records_in:
-            raise RuntimeError(
-                f"stage {self.stage.name} shard {shard_id}: {records_in} records in, {table.num_rows} kept "
-                f"+ {len(rejects)} rejected; every record must be kept or rejected"
-            )
-        metadata = self.stage.output_metadata()
-        stats = {
-            "shard": shard_id,
-            "in": records_in,
-            "out": table.num_rows,
-            "rejected": len(rejects),
-            "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
-            "seconds": 0.0,
-            "metadata": metadata,
-        }
-        self.workdir.write_shard(
-            self.stage.name, shard_id, table, rejects_table(self.stage.name, rejects), stats, metadata
-        )
+        write_global_shard(self.workdir, self.stage.name, self.stage.output_metadata(), shard_id, table, rejects,
+                           records_in)  # fmt: skip
         self.shards.append(shard_id)
+
+    def committed(self, shard_ids: Iterable[str]) -> None:
+        """Record shards that tasks of this stage wrote with :func:`write_global_shard`, in output order."""
+        self.shards.extend(shard_ids)
+
+
+def write_global_shard(
+    workdir: WorkDir,
+    stage: str,
+    metadata: dict[str, str],
+    shard_id: str,
+    table: pa.Table,
+    rejects: list[Reject],
+    records_in: int,
+    worker: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One output shard of a global stage with its marker, from whichever process computed it (``worker`` names
+    it in the marker). Every record in must be kept or rejected. Returns the marker's stats."""
+    if table.num_rows + len(rejects) != records_in:
+        raise RuntimeError(
+            f"stage {stage} shard {shard_id}: {records_in} records in, {table.num_rows} kept "
+            f"+ {len(rejects)} rejected; every record must be kept or rejected"
+        )
+    stats = {
+        "shard": shard_id,
+        "in": records_in,
+        "out": table.num_rows,
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "seconds": 0.0,
+        "metadata": metadata,
+    }
+    if worker is not None:
+        stats["worker"] = worker
+    workdir.write_shard(stage, shard_id, table, rejects_table(stage, rejects), stats, metadata)
+    return stats

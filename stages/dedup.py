@@ -8,10 +8,13 @@ rejected with reason ``near-duplicate`` and ``of KEY (image cosine 0.981)`` as t
 was kept for it; chains A~B~C do not merge A and C.
 
 A whole-data-set stage that writes its output in the shards of its input, so that map stages can follow it.
+Above ``exact_max_rows`` records it runs partitioned (:mod:`semdedup`): k-means partitions searched exactly as
+parallel tasks, the same leader rule over the edges found.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -22,6 +25,28 @@ from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageCon
 
 from .knn import knn_search
 from .score import unit_rows
+from .semdedup import run_partitioned
+
+#: defaults of the partitioned path (unset recipe fields keep the stage's fingerprint as it was before they existed)
+EXACT_MAX_ROWS = 200_000
+PARTITION_ROWS = 20_000
+KMEANS_SAMPLE = 200_000
+SPILL_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    by: list[str]
+    image_threshold: float
+    text_threshold: float
+    neighbours: int
+    backend: str
+    partition_rows: int
+    kmeans_sample: int
+    kmeans_iterations: int
+    seed: int
+    task_rows: int
+    spill_margin: float
 
 
 class DedupConfig(StageConfig):
@@ -32,6 +57,45 @@ class DedupConfig(StageConfig):
     text_threshold: float = Field(default=0.98, ge=-1, le=1, description="caption cosine at or above = duplicate")
     neighbours: int = Field(default=16, gt=0, description="neighbours examined per record")
     backend: Literal["auto", "faiss", "torch"] = "auto"
+    method: Literal["auto", "exact", "partitioned"] | None = Field(
+        default=None,
+        description="exact = all pairs within each role; partitioned = k-means partitions searched exactly each "
+        "(semantic dedup: misses the few pairs split over two partitions, measured by bench scale); unset = auto: "
+        "exact up to exact_max_rows records, partitioned above",
+    )
+    exact_max_rows: int | None = Field(
+        default=None, gt=0, description=f"auto's switch to partitioned (unset: {EXACT_MAX_ROWS:,} records)"
+    )
+    partition_rows: int | None = Field(
+        default=None, gt=0, description=f"partitioned: mean records per k-means partition (unset: {PARTITION_ROWS:,})"
+    )
+    kmeans_sample: int | None = Field(
+        default=None, gt=0, description=f"partitioned: records sampled to train k-means (unset: {KMEANS_SAMPLE:,})"
+    )
+    kmeans_iterations: int | None = Field(default=None, gt=0, description="partitioned: k-means iterations (20)")
+    seed: int | None = Field(default=None, description="partitioned: seed of the sample and k-means (0)")
+    spill_margin: float | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        description="partitioned: a record also joins its second-nearest partition when "
+        f"that centroid is within this cosine of the nearest (unset: {SPILL_MARGIN})",
+    )
+    task_rows: int = Field(
+        default=500_000, gt=0, description="partitioned: records per search task (bounds each worker's memory)"
+    )
+
+    RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"backend", "task_rows"}
+
+    def settings(self) -> PartitionSettings:
+        """The partitioned path's settings with their defaults filled in."""
+        return PartitionSettings(
+            by=list(self.by), image_threshold=self.image_threshold, text_threshold=self.text_threshold,
+            neighbours=self.neighbours, backend=self.backend, partition_rows=self.partition_rows or PARTITION_ROWS,
+            kmeans_sample=self.kmeans_sample or KMEANS_SAMPLE, kmeans_iterations=self.kmeans_iterations or 20,
+            seed=self.seed or 0, task_rows=self.task_rows,
+            spill_margin=SPILL_MARGIN if self.spill_margin is None else self.spill_margin,
+        )  # fmt: skip
 
 
 def near_duplicates(
@@ -80,6 +144,15 @@ class DedupStage(Stage):
     def run_global(self, ctx: GlobalContext) -> dict[str, int]:
         c = self.config
         shard_ids = ctx.workdir.completed_shards("filter")
+        total = sum((ctx.workdir.shard_stats("filter", s) or {}).get("out", 0) for s in shard_ids)
+        method = c.method or "auto"
+        if method == "partitioned" or (method == "auto" and total > (c.exact_max_rows or EXACT_MAX_ROWS)):
+            return run_partitioned(ctx, c.settings(), shard_ids, total)
+        return self._exact(ctx, shard_ids)
+
+    def _exact(self, ctx: GlobalContext, shard_ids: list[str]) -> dict[str, int]:
+        """All pairs within each role, the whole data set in this process (the reference path)."""
+        c = self.config
         tables = [ctx.workdir.read_aligned(s, self.inputs) for s in shard_ids]
         table = pa.concat_tables(tables)
         keys = table["key"].to_pylist()

@@ -170,3 +170,39 @@ def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(t
     _assert_same_as_local(recipe, cluster_work, local_work, parts=80)  # 2 stages x 20 shards x (output, rejects)
     after = [json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")]
     assert len(after) == 20 and len(set(after)) == 2  # shards before the loss on both nodes, the rest survived
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
+def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(tmp_path, two_node_cluster):
+    """The partitioned dedup's search and write tasks run on both nodes; the outputs equal an in-process run."""
+    import pyarrow.parquet as pq
+
+    from saferclip_data.pipeline.executors import LocalExecutor, RayExecutor, StageJob
+    from saferclip_data.stages.bench_scale import SyntheticPool, write_pool
+    from saferclip_data.stages.dedup import DedupConfig, DedupStage
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    pool = SyntheticPool(rows=8_000, dim=32, shard_rows=1_000, clusters=20)
+    works = {}
+    for name in ("cluster", "local"):
+        works[name] = tmp_path / name
+        write_pool(works[name], pool)
+    config = DedupConfig(method="partitioned", partition_rows=500, task_rows=1_000)
+    ray_executor = RayExecutor(two_node_cluster)
+    try:
+        clustered = ray_executor.run_global(StageJob(DedupStage, config, {}, str(works["cluster"])))
+    finally:
+        ray_executor.close()
+    local = LocalExecutor().run_global(StageJob(DedupStage, config, {}, str(works["local"])))
+    assert clustered["counts"] == local["counts"] and clustered["counts"]["rejected"] > 0
+    markers = list((works["cluster"] / "dedup").glob("*.done.json"))
+    assert len(markers) == 8 and len({json.loads(p.read_text())["worker"]["node"] for p in markers}) == 2
+    searches = pq.read_table(works["cluster"] / "dedup" / "partitions.parquet")
+    assert searches.num_rows >= 2 and len(set(searches["node"].to_pylist())) == 2
+    for marker in markers:
+        shard = marker.name.removesuffix(".done.json")
+        for suffix in (".parquet", ".rejects.parquet"):
+            cluster_bytes = (works["cluster"] / "dedup" / f"{shard}{suffix}").read_bytes()
+            assert cluster_bytes == (works["local"] / "dedup" / f"{shard}{suffix}").read_bytes(), shard
