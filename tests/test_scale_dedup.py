@@ -20,7 +20,8 @@ def _run(root, **config) -> dict[str, str]:
     stage = DedupStage(DedupConfig(**config), {})
     ctx = GlobalContext(stage, wd)
     counts = stage.run_global(ctx)
-    assert counts["in"] == counts["out"] + counts["rejected"] == sum(wd.shard_stats("dedup", s)["in"] for s in ctx.shards)
+    records = sum(wd.shard_stats("dedup", s)["in"] for s in ctx.shards)
+    assert counts["in"] == counts["out"] + counts["rejected"] == records
     wd.write_manifest("dedup", {"stage": "dedup", "complete": True, "shards": ctx.shards})
     return {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}
 
