@@ -290,6 +290,9 @@ class LocalExecutor:
     def run_global(self, job: StageJob) -> dict[str, Any]:
         return run_global_job(job)
 
+    def map(self, fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
+        return serial_map(fn, items, cpus)
+
     def close(self) -> None:
         pass
 
@@ -408,6 +411,10 @@ class RayExecutor:
         gpus = plan_actors(job.stage_cls.name, job.config, 1, ray.cluster_resources())[1]
         task = ray.remote(run_global_job).options(num_cpus=job.config.cpus, num_gpus=gpus)
         return ray.get(task.remote(replace(job, executor="ray")))
+
+    def map(self, fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
+        self._ensure_ray()
+        return ray_map(fn, items, cpus)
 
     def close(self) -> None:
         if self._we_started:

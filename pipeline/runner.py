@@ -169,6 +169,7 @@ class Pipeline:
             wd.write_manifest(name, manifest)
         else:
             wd.clean_temp_files(name)
+        stage.task_map = executor.map  # a prepare step may fan out over the cluster too
         stage.prepare(progress, wd)
         job = StageJob(planned.cls, planned.config, self.sections, str(wd.root))
         if stage.mode == "global":

@@ -90,6 +90,15 @@ def rejects_table(stage: str, rejects: Iterable[Reject]) -> pa.Table:
     )
 
 
+#: ``GlobalContext.map``'s engine: (function, argument tuples, CPUs per task) -> results in argument order
+TaskMap = Callable[[Callable[..., Any], list[tuple], float], list[Any]]
+
+
+def serial_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
+    """Run the tasks one after another in this process (the local executor)."""
+    return [fn(*args) for args in items]
+
+
 #: key of the tuple of stage names the recipe enables, in the sections every stage receives
 ENABLED_STAGES = "enabled_stages"
 
@@ -116,6 +125,7 @@ class Stage(ABC):
     def __init__(self, config: StageConfig, sections: dict[str, Any]):
         self.config = config
         self.sections = sections
+        self.task_map: TaskMap = serial_map
 
     # ---- driver side -------------------------------------------------------------------------------------
     def input_fingerprint(self, workdir: WorkDir) -> dict[str, Any]:
@@ -131,7 +141,8 @@ class Stage(ABC):
     def prepare(self, progress: Any, workdir: WorkDir) -> None:
         """Driver-side, once per build (and per resume) before the stage's workers start: make sure a cached
         model exists, build a shared index, ... ``progress.subtask(name, total)`` returns a callable that
-        advances a progress bar."""
+        advances a progress bar; ``self.task_map`` runs tasks on the build's executor (see
+        ``GlobalContext.map``), so that a shared index is built from per-shard work, not in the driver."""
 
     def describe_resources(self) -> str:
         c = self.config
@@ -181,15 +192,6 @@ class Stage(ABC):
     def run_global(self, ctx: GlobalContext) -> dict[str, int]:
         """The core of a global stage; returns counts for the manifest."""
         raise NotImplementedError(f"stage {self.name} has no run_global")
-
-
-#: ``GlobalContext.map``'s engine: (function, argument tuples, CPUs per task) -> results in argument order
-TaskMap = Callable[[Callable[..., Any], list[tuple], float], list[Any]]
-
-
-def serial_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
-    """Run the tasks one after another in this process (the local executor)."""
-    return [fn(*args) for args in items]
 
 
 class GlobalContext:

@@ -141,6 +141,10 @@ def to_fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArr
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
 
 
+#: where ``prepare`` leaves the identity of the model that made precomputed embeddings, for the workers
+PRECOMPUTED = "_precomputed_model"
+
+
 class EmbedStage(Stage):
     name = "embed"
     Config = EmbedConfig
@@ -151,13 +155,26 @@ class EmbedStage(Stage):
 
     config: EmbedConfig
 
+    def __init__(self, config: StageConfig, sections: dict[str, Any]):
+        super().__init__(config, sections)
+        source = sections.get("source")
+        #: an embeddings source: vectors are read from its files (no model runs, no prefetch thread)
+        self.precomputed = getattr(source, "kind", None) == "embeddings"
+        if self.precomputed:
+            self.prefetch = False
+            self.inputs = {"source": ("key", "caption", "embedding_part", "embedding_row")}
+
     def prepare(self, progress, workdir) -> None:
         """On the driver, before any worker starts: pretrain the toy CLIP once if the recipe asks for it, so
-        that workers only load a cached checkpoint (and the user sees the training progress)."""
+        that workers only load a cached checkpoint (and the user sees the training progress). For precomputed
+        embeddings: load the model the recipe says made them, once, for its identity, and check its width."""
         from saferclip_data.training.models import TOY_TAG
         from saferclip_data.training.toy_pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
 
         model_cfg: ModelConfig = self.sections["model"]
+        if self.precomputed:
+            self._prepare_precomputed(model_cfg)
+            return
         if model_cfg.pretrained != TOY_TAG:
             return
         config = PretrainConfig(arch=model_cfg.arch, seed=model_cfg.init_seed)
@@ -166,9 +183,32 @@ class EmbedStage(Stage):
         advance = progress.subtask("pretrain toy CLIP", config.steps)
         ensure_pretrained(config, on_step=lambda step, loss: advance(1))
 
+    def _prepare_precomputed(self, model_cfg: ModelConfig) -> None:
+        from saferclip_data.training.models import load_clip
+
+        from .embedding_source import find_parts, vector_width
+
+        source = self.sections["source"]
+        loaded = load_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
+                           cache_dir=model_cfg.cache_dir)  # fmt: skip
+        for part in find_parts(source.path, source.embeddings):
+            widths = vector_width(part)
+            if set(widths) != {loaded.embed_dim}:
+                raise UserError(
+                    f"source.path: {Path(part.metadata).name}'s vectors are {'/'.join(map(str, widths))}-d but "
+                    f"model {model_cfg.arch} embeds {loaded.embed_dim}-d: name the model that made them in model:"
+                )
+        self.sections[PRECOMPUTED] = {"model_identity": loaded.identity, "embed_dim": str(loaded.embed_dim)}
+
     def setup(self) -> None:
         import torch
 
+        if self.precomputed:
+            from .embedding_source import find_parts
+
+            source = self.sections["source"]
+            self.parts = find_parts(source.path, source.embeddings)
+            return
         self.clip, self.model, self.device, self.dtype = load_worker_model(
             self.sections["model"], self.config.device, self.config.precision, "embed"
         )
@@ -191,10 +231,19 @@ class EmbedStage(Stage):
                 self._image_features(torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype))
 
     def batch_rows(self) -> int:
+        if self.precomputed:
+            return self.config.batch_size or 65_536
         return self.config.batch_size or (512 if self.device == "cuda" else 64)
 
     def output_metadata(self) -> dict[str, str]:
+        if self.precomputed:
+            return dict(self.sections[PRECOMPUTED])
         return {"model_identity": self.clip.identity, "embed_dim": str(self.clip.embed_dim)}
+
+    def process_batch(self, batch: pa.Table) -> BatchResult:
+        if not self.precomputed:
+            return super().process_batch(batch)
+        return precomputed_batch(batch, self.parts, int(self.sections[PRECOMPUTED]["embed_dim"]))
 
     # ---- the batch function, in two halves (the worker prepares the next batch while this one computes) -------
     prefetch = True
@@ -292,6 +341,36 @@ class EmbedStage(Stage):
             }
         )
         return BatchResult(table, rejects)
+
+
+def precomputed_batch(batch: pa.Table, parts: list, dim: int) -> BatchResult:
+    """The batch's vectors from its parts' files, L2-normalised; a record whose vector is zero or not finite is
+    rejected with the reason (it cannot be searched or scored)."""
+    from .embedding_source import read_vectors
+
+    part_of = np.asarray(batch["embedding_part"].to_numpy(zero_copy_only=False), np.int64)
+    row_of = np.asarray(batch["embedding_row"].to_numpy(zero_copy_only=False), np.int64)
+    has_caption = np.asarray(batch["caption"].is_valid().to_numpy(zero_copy_only=False), bool)
+    vectors = {}
+    for kind in ("image", "text"):
+        out = np.zeros((len(part_of), dim), np.float32)
+        for part in np.unique(part_of):
+            at = part_of == part
+            out[at] = read_vectors(parts[part], kind, row_of[at])
+        norms = np.linalg.norm(out, axis=1)
+        good = np.isfinite(norms) & (norms > 0)
+        vectors[kind] = (np.divide(out, np.where(good, norms, 1)[:, None]), good)
+    keys = batch["key"].to_pylist()
+    bad = ~(vectors["image"][1] & vectors["text"][1])
+    rejects = [Reject(keys[i], "invalid embedding", "a precomputed vector is zero or not finite")
+               for i in np.flatnonzero(bad)]  # fmt: skip
+    keep = ~bad
+    table = pa.table({
+        "key": batch["key"].filter(pa.array(keep)),
+        "image_embedding": to_fixed_list(vectors["image"][0][keep], np.ones(int(keep.sum()), bool)),
+        "text_embedding": to_fixed_list(vectors["text"][0][keep], has_caption[keep]),
+    })  # fmt: skip
+    return BatchResult(table, rejects)
 
 
 def _to_host(features: Any) -> Any:

@@ -12,6 +12,7 @@ thresholds go into the stage metadata. An unsafe record left without any target 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,13 +20,23 @@ from pydantic import Field
 
 from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig
 
+from .curriculum import difficulty
+from .mine_stream import run_streaming
 from .score import column_suffix
+
+#: auto's switch to the streaming reuse cap (records in the neighbours stage)
+STREAM_MIN_ROWS = 1_000_000
 
 
 class MineConfig(StageConfig):
     k: int = Field(default=8, gt=0, description="targets kept per unsafe record and modality")
     reuse_cap: int | None = Field(
         default=None, gt=0, description="most times one safe record may be a target (per modality); null = no cap"
+    )
+    method: Literal["auto", "memory", "streaming"] | None = Field(
+        default=None,
+        description="memory = all candidate pairs in one process; streaming = sorted runs per shard merged by "
+        f"one greedy pass (same result, bounded memory); unset = auto: streaming above {STREAM_MIN_ROWS:,} records",
     )
 
 
@@ -48,15 +59,6 @@ def apply_reuse_cap(
     return chosen
 
 
-def difficulty(top1: np.ndarray) -> tuple[list[str], tuple[float, float]]:
-    """easy / medium / hard by tertiles of top-1 similarity (easy = the most similar third)."""
-    if len(top1) == 0:
-        return [], (float("nan"), float("nan"))
-    low, high = (float(v) for v in np.quantile(top1, [1 / 3, 2 / 3]))
-    buckets = ["easy" if s >= high else "medium" if s >= low else "hard" for s in top1]
-    return buckets, (low, high)
-
-
 class MineStage(Stage):
     name = "mine"
     Config = MineConfig
@@ -70,6 +72,12 @@ class MineStage(Stage):
     def run_global(self, ctx: GlobalContext) -> dict[str, int]:
         c = self.config
         shard_ids = ctx.workdir.completed_shards("neighbours")
+        total = sum((ctx.workdir.shard_stats("neighbours", s) or {}).get("out", 0) for s in shard_ids)
+        if c.method == "streaming" or (c.method in (None, "auto") and total > STREAM_MIN_ROWS):
+            columns = ctx.workdir.shard_columns("neighbours", shard_ids[0])
+            modalities = [n[: -len("_candidates")] for n in columns if n.endswith("_candidates")]
+            counts, self.thresholds = run_streaming(ctx, shard_ids, modalities, c.k, c.reuse_cap)
+            return counts
         tables = [ctx.workdir.read_shard("neighbours", s) for s in shard_ids]
         table = pa.concat_tables(tables)
         modalities = [n[: -len("_candidates")] for n in table.column_names if n.endswith("_candidates")]

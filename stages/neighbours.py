@@ -1,11 +1,12 @@
 """The neighbours stage: for each unsafe record, its nearest safe records over the whole safe pool.
 
-This is the distributed half of mining. ``prepare`` (on the driver, once) gathers the safe pool - every safe
-record that survived filter and dedup, minus benchmark splits - into one float16 matrix per modality, written
-next to the stage's outputs; each worker memory-maps it once, and the unsafe queries of each shard are searched
-against it exactly (see :mod:`knn`). Exclusions that depend on the query (its own group, category compatibility)
-are applied here, so the ``candidates`` kept per query are all admissible; the ``mine`` stage then picks the final
-targets under the global reuse cap.
+This is the distributed half of mining. ``prepare`` writes the safe pool - every safe record that survived
+filter and dedup, minus benchmark splits - as one piece per shard (tasks on the build's executor; see
+:mod:`safe_pool`); each worker memory-maps the pieces once, and the unsafe queries of each shard are searched
+against them: exactly (see :mod:`knn`) up to ``exact_max_rows`` pool rows, through a faiss IVF index above
+(see :mod:`ivf`; its recall is measured by ``bench knn``). Exclusions that depend on the query (its own group,
+category compatibility) are applied here, so the ``candidates`` kept per query are all admissible; the ``mine``
+stage then picks the final targets under the global reuse cap.
 
 Modalities: ``text`` (caption -> safe caption, the paper's choice), ``image`` (image -> safe image), and the
 cross-modal ``text-image`` (caption -> safe image) and ``image-text``.
@@ -15,23 +16,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
-from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes
 
+from .ivf import build_ivf, default_nlist, search_ivf
 from .knn import knn_search
+from .safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
 from .score import column_suffix, unit_rows
 
 Modality = Literal["text", "image", "text-image", "image-text"]
 POOL_DIR = "_pool"
+#: index: auto switches from the exact search to IVF above this many pool rows (a modality's searchable rows)
+EXACT_MAX_ROWS = 1_000_000
+PQ_BYTES = 64
+IVF_SAMPLE_PER_LIST = 64  # pool rows sampled per IVF list to train its k-means
 
 
 def query_and_pool(modality: str) -> tuple[str, str]:
@@ -65,6 +72,17 @@ class NeighboursConfig(StageConfig):
     )
     backend: Literal["auto", "faiss", "torch"] = "auto"
     block_rows: int = Field(default=262_144, gt=0, description="pool rows per search block (bounds memory)")
+    index: Literal["auto", "exact", "ivf_flat", "ivf_pq"] | None = Field(
+        default=None,
+        description="exact = every query scans the pool; ivf_flat / ivf_pq = faiss inverted lists (fp16 rows / "
+        "product-quantised codes), candidates re-scored exactly; unset = auto: exact up to exact_max_rows",
+    )
+    exact_max_rows: int | None = Field(
+        default=None, gt=0, description=f"auto's switch to ivf_flat (unset: {EXACT_MAX_ROWS:,} pool rows)"
+    )
+    nlist: int | None = Field(default=None, gt=0, description="IVF lists (unset: about 4 * sqrt(pool rows))")
+    nprobe: int | None = Field(default=None, gt=0, description="IVF lists searched per query (unset: 32)")
+    pq_bytes: int | None = Field(default=None, gt=0, description=f"ivf_pq: code bytes per vector (unset: {PQ_BYTES})")
 
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"backend", "block_rows"}
 
@@ -92,83 +110,81 @@ class NeighboursStage(Stage):
 
     # ---- driver: the shared safe pool --------------------------------------------------------------------
     def prepare(self, progress, workdir: WorkDir) -> None:
+        """Write the safe pool as one piece per dedup shard (tasks on the build's executor: no process holds the
+        pool), then, for an IVF index, train it on a sample and fill it piece by piece."""
         c = self.config
         shard_ids = workdir.completed_shards("dedup")
         source_cols = set(workdir.shard_columns("source", shard_ids[0])) if shard_ids else set()
         missing = [col for col in self._source_columns() if col not in source_cols]
         if missing:
             raise UserError(f"stages.neighbours: source has no column '{missing[0]}' (add it to source.extra_columns)")
-        advance = progress.subtask("gather safe pool", len(shard_ids))
-        parts = []
-        for shard_id in shard_ids:
-            table = workdir.read_aligned(shard_id, self._inputs())
-            table = table.filter(pc.equal(table["role"], "safe"))
-            if c.exclude_splits:
-                table = table.filter(pc.invert(pc.is_in(table[c.split_column], pa.array(c.exclude_splits))))
-            parts.append(table)
-            advance(1)
-        pool = pa.concat_tables(parts) if parts else None
-        if pool is None or pool.num_rows == 0:
-            raise UserError("stage neighbours: the safe pool is empty (no safe record left after filter and dedup)")
         folder = workdir.stage_dir(self.name) / POOL_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        dim = pool.schema.field("text_embedding").type.list_size
-        for kind in sorted({query_and_pool(m)[1] for m in c.modalities}):
-            vectors, valid = unit_rows(pool[f"{kind}_embedding"], dim)
-            # only rows that have this embedding are searchable; rows maps them back to pool keys
-            _atomic_save(folder / f"{kind}.npy", vectors[valid].astype(np.float16))
-            _atomic_save(folder / f"{kind}_rows.npy", np.flatnonzero(valid).astype(np.int64))
-        keys = pool["key"].to_pylist()
-        info = {"keys": keys, "groups": [str(g) for g in pool[c.group_column].to_pylist()], "dim": dim}
-        if c.category_max_score is not None:
-            info["scores"] = self._pool_category_scores(workdir, shard_ids, set(keys))
-        tmp = folder / f".pool.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, folder / "pool.json")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        kinds = self.pool_kinds()
+        advance = progress.subtask("write safe pool", len(shard_ids))
+        settings = c.model_dump()
+        items = [(str(workdir.root), self._inputs(), settings, kinds, s, i) for i, s in enumerate(shard_ids)]
+        pieces: list[dict] = []
+        for start in range(0, len(items), 64):  # in rounds, so that the progress bar moves
+            pieces += self.task_map(pool_piece, items[start : start + 64], 1.0)
+            advance(len(items[start : start + 64]))
+        if sum(p["rows"] for p in pieces) == 0:
+            raise UserError("stage neighbours: the safe pool is empty (no safe record left after filter and dedup)")
+        info = {"pieces": len(pieces), "rows": [p["rows"] for p in pieces], "dim": pieces[0]["dim"],
+                "valid": {kind: [p["valid"][kind] for p in pieces] for kind in kinds}, "index": {}}  # fmt: skip
+        for kind in kinds:
+            rows = sum(info["valid"][kind])
+            info["index"][kind] = self.index_kind(rows)
+            if info["index"][kind] != "exact" and rows:
+                built = progress.subtask(f"build {info['index'][kind]} index ({kind})", 1)
+                self._build_index(folder, kind, info["index"][kind], len(pieces), rows)
+                built(1)
+        atomic_write_bytes(folder / "pool.json", json.dumps(info).encode())
 
-    def _pool_category_scores(self, workdir: WorkDir, shard_ids: list[str], keys: set[str]) -> dict[str, dict]:
-        """key -> {category suffix: max(image, text) score} for the safe pool, from the score stage."""
-        out: dict[str, dict] = {}
-        for shard_id in shard_ids:
-            names = [n for n in workdir.shard_columns("score", shard_id) if "_score_" in n]
-            table = workdir.read_shard("score", shard_id, ["key", *names]).to_pylist()
-            for row in table:
-                if row["key"] in keys:
-                    best: dict[str, float] = {}
-                    for name in names:
-                        suffix = name.split("_score_", 1)[1]
-                        value = row[name]
-                        if value is not None:
-                            best[suffix] = max(best.get(suffix, 0.0), value)
-                    out[row["key"]] = best
-        return out
+    def pool_kinds(self) -> list[str]:
+        return sorted({query_and_pool(m)[1] for m in self.config.modalities})
+
+    def index_kind(self, pool_rows: int) -> str:
+        """exact, ivf_flat or ivf_pq for a pool of this many searchable rows (auto: exact up to exact_max_rows)."""
+        c = self.config
+        if c.index and c.index != "auto":
+            return c.index
+        return "exact" if pool_rows <= (c.exact_max_rows or EXACT_MAX_ROWS) else "ivf_flat"
+
+    def _build_index(self, folder: Path, kind: str, index_kind: str, count: int, rows: int) -> None:
+        import faiss
+
+        c = self.config
+        pieces = [np.load(folder / kind / f"{i:06d}.npy", mmap_mode="r") for i in range(count)]
+        nlist = min(c.nlist or default_nlist(rows), rows)
+        rng = np.random.default_rng(0)
+        share = min(1.0, IVF_SAMPLE_PER_LIST * nlist / rows)
+        sample = np.concatenate([np.asarray(p[rng.random(len(p)) < share], np.float32) for p in pieces])
+        index = build_ivf(piece_blocks(pieces, 65_536), sample, index_kind, nlist, c.pq_bytes or PQ_BYTES)
+        tmp = folder / f".{kind}.ivf.tmp-{os.getpid()}"
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, folder / f"{kind}.ivf")
 
     # ---- worker ------------------------------------------------------------------------------------------
-    def _load_pool(self, workdir: WorkDir) -> None:
-        if getattr(self, "pool_keys", None) is not None:
-            return
-        folder = workdir.stage_dir(self.name) / POOL_DIR
-        info = json.loads((folder / "pool.json").read_text())
-        self.pool_keys = info["keys"]
-        self.pool_index = {k: i for i, k in enumerate(self.pool_keys)}
-        self.pool_groups = np.array(info["groups"], dtype=object)
-        self.pool_scores = info.get("scores")
-        self.pool: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for kind in sorted({query_and_pool(m)[1] for m in self.config.modalities}):
-            vectors = np.load(folder / f"{kind}.npy", mmap_mode="r")  # shared, paged in by the OS
-            rows = np.load(folder / f"{kind}_rows.npy")
-            self.pool[kind] = (vectors, rows)
-
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
-        self._load_pool(workdir)
+        if getattr(self, "pool", None) is None:
+            self.pool = SafePool.load(workdir.stage_dir(self.name) / POOL_DIR, self.pool_kinds())
         return workdir.read_aligned(spec.shard_id, self._inputs())
+
+    def _search(self, kind: str, queries: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        pool = self.pool.kinds[kind]
+        if pool.index is None:
+            return knn_search(queries, pool.blocks(c.block_rows), want, backend=c.backend, block_rows=c.block_rows)
+        return search_ivf(pool.index, RowView(pool), queries, want, c.nprobe or 32, pool.index_kind)
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
         c = self.config
         n = batch.num_rows
         roles = batch["role"].to_pylist()
         queries = [i for i in range(n) if roles[i] == "unsafe"]
-        groups = [str(g) for g in batch[c.group_column].to_pylist()]
+        groups = group_hash(batch[c.group_column].to_pylist())
         categories = batch["category"].to_pylist()
         pairs = batch[c.pair_column].to_pylist() if c.pair_column else [None] * n
         dim = batch.schema.field("text_embedding").type.list_size
@@ -181,52 +197,51 @@ class NeighboursStage(Stage):
         for modality in c.modalities:
             query_kind, pool_kind = query_and_pool(modality)
             vectors, valid = unit_rows(batch[f"{query_kind}_embedding"], dim)
-            pool_vectors, pool_rows = self.pool[pool_kind]
-            position = {int(r): p for p, r in enumerate(pool_rows)} if c.pair_column else {}
+            pool = self.pool.kinds[pool_kind]
             cand_keys: list[list[str] | None] = [None] * n
             cand_sims: list[list[float] | None] = [None] * n
             pair_sims: list[float | None] = [None] * n
             searchable = [i for i in queries if valid[i]]
-            if searchable and len(pool_rows):
+            if searchable and len(pool):
                 # a little slack for the exclusions applied after the search (own group, category)
-                want = min(c.candidates + 8, len(pool_rows))
-                sims, idx = knn_search(
-                    vectors[searchable], pool_vectors, want, backend=c.backend, block_rows=c.block_rows
-                )
+                sims, idx = self._search(pool_kind, vectors[searchable], min(c.candidates + 8, len(pool)))
                 for row, srow, irow in zip(searchable, sims, idx):
                     keys_out, sims_out = [], []
                     for s, j in zip(srow, irow):
                         if j < 0:
                             continue
-                        pool_row = int(pool_rows[j])
+                        pool_row = int(pool.pool_rows[j])
                         if not self._admissible(pool_row, groups[row], categories[row]):
                             continue
-                        keys_out.append(self.pool_keys[pool_row])
+                        keys_out.append(self.pool.key(pool_row))
                         sims_out.append(float(s))
                         if len(keys_out) == c.candidates:
                             break
                     cand_keys[row], cand_sims[row] = keys_out, sims_out
-                    pair = position.get(self.pool_index.get(pairs[row], -1)) if pairs[row] else None
+                    pair = self._searchable_row(pool_kind, pairs[row])
                     if pair is not None:
-                        pair_sims[row] = float(vectors[row] @ np.asarray(pool_vectors[pair], np.float32))
+                        pair_sims[row] = float(vectors[row] @ np.asarray(pool.rows(np.array([pair]))[0], np.float32))
             name = column_suffix(modality)
             columns[f"{name}_candidates"] = pa.array(cand_keys, pa.list_(pa.string()))
             columns[f"{name}_similarities"] = pa.array(cand_sims, pa.list_(pa.float32()))
             columns[f"{name}_pair_similarity"] = pa.array(pair_sims, pa.float32())
         return BatchResult(pa.table(columns))
 
-    def _admissible(self, pool_row: int, group: str, category: str | None) -> bool:
+    def _searchable_row(self, kind: str, key: str | None) -> int | None:
+        """The searchable row of the pool record ``key`` in this kind (None: not in the pool, or no vector)."""
+        pool_row = self.pool.position(key) if key else None
+        if pool_row is None:
+            return None
+        rows = self.pool.kinds[kind].pool_rows
+        at = int(np.searchsorted(rows, pool_row))
+        return at if at < len(rows) and rows[at] == pool_row else None
+
+    def _admissible(self, pool_row: int, group: int, category: str | None) -> bool:
         c = self.config
-        if not c.allow_same_group and self.pool_groups[pool_row] == group:
+        if not c.allow_same_group and self.pool.groups[pool_row] == group:
             return False
-        if c.category_max_score is not None and category and self.pool_scores is not None:
-            score = self.pool_scores.get(self.pool_keys[pool_row], {}).get(column_suffix(category))
+        if c.category_max_score is not None and category:
+            score = self.pool.category_score(pool_row, category)
             if score is not None and score > c.category_max_score:
                 return False
         return True
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.stage import GlobalContext, Reject, write_global_shard
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
 
@@ -146,8 +147,6 @@ def search_bucket(root: str, stage: str, name: str, lo: int, hi: int, slices: li
     """Exact near-duplicate edges inside each partition of [lo, hi); written to ``edges-<name>-<lo>.parquet``.
     ``slices``: for each shard with rows in the range, (shard index, its first row of partition lo, its row
     count of each partition lo..hi-1)."""
-    from saferclip_data.pipeline.executors import worker_identity
-
     folder = _folder(root, stage) / name
     modality = name.split("-", 1)[1]
     vectors, keys = [], []
@@ -212,8 +211,6 @@ def leader_over_edges(edges: pa.Table, modalities: list[str]) -> dict[str, tuple
 def write_dedup_shard(root: str, stage: str, metadata: dict[str, str], shard_id: str,
                       decisions_path: str) -> dict[str, Any]:  # fmt: skip
     """The dedup output of one shard from the decisions: kept rows with how many they absorbed, the rest rejected."""
-    from saferclip_data.pipeline.executors import worker_identity
-
     table = WorkDir(root).read_shard("filter", shard_id, ["key", "role", "category"])
     decisions = pq.read_table(decisions_path, filters=[("shard", "=", shard_id)]).to_pylist()
     duplicate_of = {d["key"]: (d["kept"], d["why"]) for d in decisions if d["kept"] is not None}

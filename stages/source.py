@@ -25,6 +25,8 @@ from . import download, layouts, readers
 from .blocklist import Blocklist, load_blocklist
 from .caption_edit import CaptionEditor, with_edit_rows
 from .download import is_url
+from .embedding_source import EmbeddingPart, find_parts
+from .embedding_source import records as embedding_records
 from .source_config import OUTPUT_COLUMNS, SourceConfig, SourcePart, ToyWorldOptions, tar_files
 from .toyworld import world_fingerprint, write_world
 
@@ -55,8 +57,14 @@ class SourceStage(Stage):
             write_world(self.config.toy.world_config(), folder)
         return tar_files(str(folder / "shards"))
 
+    @cached_property
+    def embedding_parts(self) -> list[EmbeddingPart]:
+        return find_parts(self.config.path, self.config.embeddings)
+
     def _files(self) -> list[Path]:
         c = self.config
+        if c.kind == "embeddings":
+            return [f for part in self.embedding_parts for f in part.files()]
         if c.kind in ("hub", "manifest"):
             return [Path(p.path) for p in c.table_parts() if p.path]
         if c.kind == "webdataset":
@@ -124,6 +132,11 @@ class SourceStage(Stage):
         if c.kind in ("webdataset", "toy"):
             files = self.ensure_toy_world() if c.kind == "toy" else tar_files(c.path)
             specs = [ShardSpec(f"part-{i:05d}", {"file": f}) for i, f in enumerate(files)]
+        elif c.kind == "embeddings":  # each part cut into shards of shard_size rows
+            slices = [(i, start, min(start + size, part.rows)) for i, part in enumerate(self.embedding_parts)
+                      for start in range(0, part.rows, size)]  # fmt: skip
+            specs = [ShardSpec(f"part-{n:05d}", {"part": i, "start": a, "stop": b, "rows": b - a})
+                     for n, (i, a, b) in enumerate(slices)]  # fmt: skip
         elif c.kind in ("manifest", "hub"):
             rows = self.manifest_table.num_rows
             specs = [
@@ -236,6 +249,10 @@ class SourceStage(Stage):
             return table
         if c.kind == "image_folder":
             return readers.read_image_folder(Path(c.path), spec.payload["files"])
+        if c.kind == "embeddings":
+            p = spec.payload
+            part = self.embedding_parts[p["part"]]
+            return embedding_records(part, p["part"], p["start"], p["stop"], c.embeddings, c.split)
         table = self._manifest_slice(self._manifest_rows(spec, workdir), spec.payload["start"], spec.payload["stop"])
         return download.attach(table, self.download_dir(workdir)) if c.download else table
 

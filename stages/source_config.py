@@ -16,6 +16,7 @@ from . import layouts, readers
 from .blocklist import load_blocklist
 from .caption_edit import CaptionEditOptions
 from .download import DownloadOptions
+from .embedding_source import EMBEDDING_COLUMNS, EmbeddingSourceOptions, find_parts
 from .layouts import COCO_URL
 from .toyworld import TOY_COLUMNS, WorldConfig
 
@@ -91,11 +92,13 @@ class SourcePart(BaseModel):
 class SourceConfig(StageConfig):
     """The recipe's top-level ``source:`` section."""
 
-    kind: Literal["manifest", "image_folder", "webdataset", "toy", "hub"] = Field(description="layout of the source")
+    kind: Literal["manifest", "image_folder", "webdataset", "toy", "hub", "embeddings"] = Field(
+        description="layout of the source (embeddings: precomputed CLIP vectors, see source.embeddings)"
+    )
     path: str | None = Field(
         default=None,
         description="manifest file, image folder, or tar file / folder / {00..09} pattern; "
-        "for kind toy: where to write the world (default: the cache)",
+        "for kind embeddings: the folder of parts; for kind toy: where to write the world (default: the cache)",
     )
     toy: ToyWorldOptions = Field(default_factory=lambda: ToyWorldOptions(), description="kind toy: the world")
     format: Literal["auto", "parquet", "jsonl", "csv"] = "auto"
@@ -137,6 +140,9 @@ class SourceConfig(StageConfig):
     parts: list[SourcePart] | None = Field(
         default=None, min_length=1, description="kind manifest/hub: several tables, each in its layout and split"
     )
+    embeddings: EmbeddingSourceOptions | None = Field(
+        default=None, description="kind embeddings: the layout (clip-retrieval or datacomp) and which arrays to read"
+    )
     caption_edit: CaptionEditOptions | None = Field(
         default=None, description="derive an LLM-edited twin of each safe (or unsafe) caption as a new record"
     )
@@ -167,6 +173,8 @@ class SourceConfig(StageConfig):
         if clash:
             raise ValueError(f"source.extra_columns: {', '.join(clash)} is always read; list only further columns")
         part_layouts = {p.layout for p in self.parts} if self.parts else {self.layout or "plain"}
+        if self.kind == "embeddings":
+            return self._check_embeddings()
         if self.require_image is None:
             self.require_image = not part_layouts & {"visu", "nsfwcaps"}
         if self.kind == "toy":
@@ -206,6 +214,23 @@ class SourceConfig(StageConfig):
             raise ValueError(f"source.image_root: folder not found: {self.image_root}")
         if not (self.require_image or self.require_caption):
             raise ValueError("source: require_image and require_caption cannot both be false")
+        return self
+
+    def _check_embeddings(self):
+        """A precomputed-embedding source: a folder of parts in its layout; images come later, by URL."""
+        if self.embeddings is None:
+            self.embeddings = EmbeddingSourceOptions()
+        if self.require_image is None:
+            self.require_image = False
+        if self.require_image:
+            raise ValueError("source.require_image: an embeddings source has no image bytes (URLs are fetched later)")
+        if self.path is None or not Path(self.path).is_dir():
+            raise ValueError(f"source.path: folder of embedding parts not found: {self.path}")
+        try:
+            find_parts(self.path, self.embeddings)
+        except ValueError as exc:
+            raise ValueError(f"source.path: {exc}") from None
+        self.extra_columns += [c for c in (*EMBEDDING_COLUMNS, "split") if c not in self.extra_columns]
         return self
 
 

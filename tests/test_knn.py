@@ -108,3 +108,27 @@ def test_cuda_search_with_fp16_candidates_is_exact_against_the_fp32_reference():
         scores, index = knn_search(queries, resident, 16, backend="torch", block_rows=64 * 1000)
         np.testing.assert_array_equal(index, ref_index)
         np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "ivf_pq"])
+def test_ivf_search_finds_most_exact_neighbours_with_exact_scores(kind):
+    from saferclip_data.stages.ivf import build_ivf, search_ivf
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 64)).astype(np.float32)
+    pool = centres[rng.integers(0, 40, 8_000)] + 0.6 * rng.standard_normal((8_000, 64)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    queries = pool[rng.choice(8_000, 200, replace=False)] + 0.05 * rng.standard_normal((200, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = build_ivf([pool[:5_000], pool[5_000:]], pool[::4], kind, nlist=64, pq_bytes=16)
+    assert index.ntotal == 8_000
+    _, exact = knn_search(queries, pool, 10, backend="faiss")
+    scores, found = search_ivf(index, pool, queries, 10, nprobe=16, kind=kind)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, found)])
+    assert recall >= 0.9, recall
+    valid = found >= 0
+    true = np.einsum("qd,qkd->qk", queries, pool[np.where(valid, found, 0)])
+    assert np.allclose(scores[valid], true[valid], atol=1e-5)  # re-scored: the real cosines, not codes
+    assert np.all(np.diff(np.where(valid, scores, -np.inf), axis=1) <= 0)  # best first
+    few = search_ivf(index, pool, queries, 10, nprobe=1, kind=kind)[1]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, few)]) < recall  # nprobe buys recall

@@ -9,12 +9,12 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from loopback import Server, image_bytes, slow, static
 from PIL import Image
 
 from saferclip_data.pipeline.workdir import WorkDir
 
 from conftest import write_recipe
+from loopback import Server, image_bytes, slow, static
 
 
 def _recipe(work, source: dict, stages: dict | None = None) -> dict:
@@ -170,9 +170,8 @@ def test_nsfwcaps_and_laion_layouts_download_through_img2dataset_and_build_to_sh
 def test_caption_edits_from_a_chat_endpoint_are_validated_cached_and_rejected_with_reasons(tmp_path, cli):
     import re
 
-    from loopback import chat_completions
-
     from helpers import scene
+    from loopback import chat_completions
 
     manifest = tmp_path / "safe.parquet"
     pq.write_table(pa.table({"key": [f"r{i}" for i in range(8)], "caption": [f"a quiet street, photo {i}" for i in

@@ -7,12 +7,11 @@ pipeline against that truth; ``saferclip-data toy audit`` prints it.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.stages.safe_pool import pool_keys
 
 
 def _source(workdir: WorkDir) -> dict[str, dict]:
@@ -32,7 +31,7 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
     so that the four counts add up to the source's unsafe records.
     """
     truth = _source(workdir)
-    pool = set(json.loads((workdir.stage_dir("neighbours") / "_pool" / "pool.json").read_text())["keys"])
+    pool = set(pool_keys(workdir))
     mined = workdir.read_stage_columns("mine", ["key", "role", f"{modality}_targets", f"{modality}_margin"]).to_pylist()
     hits = total = beats = noisy = unreachable = without_targets = 0
     for row in mined:

@@ -1,0 +1,163 @@
+"""Sources of precomputed CLIP embeddings: select on vectors and metadata first, fetch images only for what is kept.
+
+Two published layouts, rows aligned between the metadata and the vector files:
+
+- ``clip-retrieval`` (LAION's ``img_emb/img_emb_N.npy``, ``text_emb/text_emb_N.npy``, ``metadata/metadata_N.parquet``):
+  columns ``url``, ``caption``, optionally ``key``, ``punsafe`` (or LAION-5B's ``NSFW`` tag), ``similarity``.
+- ``datacomp`` (``<shard>.parquet`` + ``<shard>.npz`` per shard): columns ``uid``, ``url``, ``text``; the npz holds
+  one array per model (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt``): the recipe names which.
+
+A record keeps its URL (``url``), its label from ``punsafe`` (or ``NSFW``) where the metadata has one, and where
+its vectors are (``embedding_part``, ``embedding_row``); the embed stage reads them from there instead of running
+a model. The recipe's ``model:`` names the model that made them: its identity is recorded and its width checked
+against the files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import readers
+
+EMBEDDING_COLUMNS = ("url", "embedding_part", "embedding_row")
+_NUMBER = re.compile(r"(\d+)$")
+
+
+class EmbeddingSourceOptions(BaseModel):
+    """``source.embeddings``: the layout of a precomputed-embedding source (``source.kind: embeddings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layout: Literal["clip-retrieval", "datacomp"] = Field(
+        default="clip-retrieval", description="clip-retrieval (LAION: img_emb/, text_emb/, metadata/) or datacomp"
+    )
+    image_key: str = Field(default="l14_img", description="datacomp: the npz array of image embeddings")
+    text_key: str = Field(default="l14_txt", description="datacomp: the npz array of text embeddings")
+    punsafe_threshold: float = Field(default=0.5, ge=0, le=1, description="punsafe at or above = unsafe")
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """One aligned (metadata, image vectors, text vectors) triple; vectors are ``path`` or ``path:npz-key``."""
+
+    metadata: str
+    image: str
+    text: str
+    rows: int
+
+    def files(self) -> list[Path]:
+        return sorted({Path(self.metadata), *(Path(v.split("::")[0]) for v in (self.image, self.text))})
+
+
+def _number(path: Path) -> int:
+    match = _NUMBER.search(path.stem)
+    return int(match.group(1)) if match else -1
+
+
+def find_parts(folder: str, options: EmbeddingSourceOptions) -> list[EmbeddingPart]:
+    """The folder's parts in order; raises ValueError naming what is missing."""
+    root = Path(folder)
+    parts = []
+    if options.layout == "clip-retrieval":
+        metadata = sorted((root / "metadata").glob("metadata_*.parquet"), key=_number)
+        if not metadata:
+            raise ValueError(f"no metadata/metadata_N.parquet in {root} (clip-retrieval layout)")
+        for meta in metadata:
+            n = _number(meta)
+            image, text = root / "img_emb" / f"img_emb_{n}.npy", root / "text_emb" / f"text_emb_{n}.npy"
+            for path in (image, text):
+                if not path.is_file():
+                    raise ValueError(f"{meta.name} has no matching {path.relative_to(root)} in {root}")
+            parts.append(EmbeddingPart(str(meta), str(image), str(text), pq.ParquetFile(meta).metadata.num_rows))
+    else:
+        for meta in sorted(root.glob("*.parquet")):
+            npz = meta.with_suffix(".npz")
+            if not npz.is_file():
+                raise ValueError(f"{meta.name} has no matching {npz.name} in {root} (datacomp layout)")
+            rows = pq.ParquetFile(meta).metadata.num_rows
+            parts.append(EmbeddingPart(str(meta), f"{npz}::{options.image_key}", f"{npz}::{options.text_key}", rows))
+        if not parts:
+            raise ValueError(f"no <shard>.parquet + <shard>.npz pairs in {root} (datacomp layout)")
+    return parts
+
+
+def vector_width(part: EmbeddingPart) -> tuple[int, int]:
+    """(image width, text width) of a part's vector files, reading only their headers where possible."""
+    return tuple(int(_vectors(ref).shape[1]) for ref in (part.image, part.text))  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=4)
+def _vectors(ref: str) -> np.ndarray:
+    """A part's vectors: a memory-mapped .npy, or one array of an .npz (loaded: npz members cannot be mapped)."""
+    path, _, key = ref.partition("::")
+    if not key:
+        return np.load(path, mmap_mode="r")
+    with np.load(path) as archive:
+        if key not in archive.files:
+            raise ValueError(f"{Path(path).name} has no array '{key}' (has: {', '.join(archive.files)})")
+        return archive[key]
+
+
+def read_vectors(part: EmbeddingPart, kind: str, rows: np.ndarray) -> np.ndarray:
+    """float32 rows of a part's ``image`` or ``text`` vectors."""
+    return np.asarray(_vectors(part.image if kind == "image" else part.text)[rows], np.float32)
+
+
+def _metadata_rows(path: str, start: int, stop: int) -> pa.Table:
+    """Rows start..stop of a parquet file, reading only the row groups that hold them."""
+    file = pq.ParquetFile(path)
+    groups, first, offset = [], None, 0
+    for g in range(file.num_row_groups):
+        n = file.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    table = file.read_row_groups(groups) if groups else file.schema_arrow.empty_table()
+    return table.slice(start - (first or 0), stop - start)
+
+
+def records(part: EmbeddingPart, index: int, start: int, stop: int, options: EmbeddingSourceOptions,
+            split: str | None) -> pa.Table:  # fmt: skip
+    """Source records of rows start..stop of one part (the source stage's uniform columns plus url and where
+    the vectors are); no image bytes: URLs are fetched later, for the selected records only."""
+    table = _metadata_rows(part.metadata, start, stop)
+    n = table.num_rows
+
+    def column(*names: str) -> list:
+        for name in names:
+            if name in table.column_names:
+                return table[name].cast(pa.string()).to_pylist()
+        return [None] * n
+
+    stem = readers.sanitize_key(Path(part.metadata).stem)
+    keys = [readers.sanitize_key(k) if k else f"{stem}_{start + i:09d}" for i, k in enumerate(column("key", "uid"))]
+    if "punsafe" in table.column_names:
+        punsafe = table["punsafe"].cast(pa.float64()).to_pylist()
+        label = [None if p is None else ("unsafe" if p >= options.punsafe_threshold else "safe") for p in punsafe]
+    elif "NSFW" in table.column_names:
+        label = [None if v is None else ("unsafe" if v == "NSFW" else "safe") for v in column("NSFW")]
+    else:
+        label = column("label")
+    return pa.table({
+        "key": pa.array(keys, pa.string()),
+        "caption": pa.array(column("caption", "text"), pa.string()),
+        "image": pa.nulls(n, pa.binary()),
+        "group": pa.array(keys, pa.string()),
+        "label": pa.array(label, pa.string()),
+        "category": pa.array(column("category"), pa.string()),
+        "_reason": pa.nulls(n, pa.string()),
+        "_error": pa.nulls(n, pa.string()),
+        "url": pa.array(column("url"), pa.string()),
+        "embedding_part": pa.array([index] * n, pa.int32()),
+        "embedding_row": pa.array(np.arange(start, stop, dtype=np.int64)),
+        "split": pa.array(column("split") if "split" in table.column_names else [split] * n, pa.string()),
+    })  # fmt: skip
