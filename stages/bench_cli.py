@@ -223,3 +223,68 @@ def suite(
     console.print(
         f"results: {folder / 'results.md'} and results.json; failed parts: {sorted(results.errors) or 'none'}"
     )
+
+
+@bench_app.command(epilog="Example: saferclip-data bench scale --sizes 250000,500000,1000000,2000000 --dim 512")
+def scale(
+    sizes: Annotated[str, typer.Option(help="Comma-separated record counts.")] = "50000,100000,200000",
+    dim: Annotated[int, typer.Option(help="Embedding width: 512 (ViT-B/32 names the model) or 128 (toy).")] = 512,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for pools, work dirs and scale.json [default: TMPDIR/saferclip-scale]")
+    ] = None,
+    exact_dedup_max: Annotated[
+        int, typer.Option(min=0, help="Up to this size, also run the exact all-pairs dedup and report the recall.")
+    ] = 200_000,
+    keep: Annotated[bool, typer.Option(help="Keep each size's pool and work dir (they take disk).")] = False,
+    executor: Annotated[
+        Literal["ray", "local"], typer.Option(help="ray: an embedded Ray, workers in processes of their own.")
+    ] = "ray",
+) -> None:
+    """Build a synthetic LAION-layout pool of each size from precomputed embeddings through shards (one child
+    build per size) and print, per stage, seconds, the largest process's peak RSS, records/s; the
+    planted truth (dedup recall of planted copies, mining precision@1 of planted unsafe->safe edits, dedup recall
+    against exact all-pairs where feasible); and each stage's growth exponent in time and memory."""
+    import shutil
+    import tempfile
+
+    from saferclip_data.stages.bench_scale import STAGES, growth, measure, save
+
+    try:
+        counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--sizes: expected comma-separated record counts, got '{sizes}'") from None
+    if not counts or min(counts) < 1_000:
+        raise UserError("--sizes: give one or more record counts of at least 1,000")
+    if dim not in (128, 512):
+        raise UserError(f"--dim: 512 (ViT-B/32) or 128 (the toy model), not {dim}")
+    folder = out or Path(tempfile.gettempdir()) / "saferclip-scale"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for size in sorted(counts):
+        console.print(f"building {size:,} records x {dim} dims ...")
+        results.append(measure(size, dim, folder, exact_dedup_max, executor))
+        save(results, folder / "scale.json")
+        if not keep:
+            for sub in (f"pool-{size}", f"work-{size}", f"work-{size}-exact"):
+                shutil.rmtree(folder / sub, ignore_errors=True)
+    table = Table(title=f"bench scale: {dim}-d precomputed embeddings, built through shards ({executor} executor)")
+    table.add_column("stage")
+    for r in results:
+        table.add_column(f"{r['records']:,}: s / peak MB / rec/s", justify="right")
+    grown = growth(results)
+    if grown:
+        table.add_column("growth: time / memory", justify="right")
+    for stage in STAGES:
+        row = [stage] + [f"{r['stages'][stage]['seconds']:.1f} / {r['stages'][stage]['peak_rss_mb']:,.0f} / "
+                         f"{r['stages'][stage]['records_per_s']:,}" for r in results]  # fmt: skip
+        if grown:
+            row.append(f"N^{grown[stage]['seconds']} / N^{grown[stage]['peak_rss_mb']}")
+        table.add_row(*row)
+    Console(width=max(Console().width, 120)).print(table)
+    for r in results:
+        exact = r.get("dedup_recall_vs_exact")
+        versus = f", of exact pairs {exact:.4f}" if exact is not None else ""
+        console.print(f"{r['records']:,}: largest process {r['peak_rss_mb']:,.0f} MB; dedup recall of planted copies "
+                      f"{r['dedup_planted_recall']:.4f}{versus}; mining precision@1 {r['mining_precision_at_1']:.4f} "
+                      f"over {r['mining_queries']:,} queries")  # fmt: skip
+    console.print(f"results: {folder / 'scale.json'}")

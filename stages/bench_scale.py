@@ -1,17 +1,20 @@
-"""`saferclip-data bench scale`: how the heavy whole-data-set stages grow with the record count.
+"""`saferclip-data bench scale`: how a build from precomputed embeddings grows with the record count.
 
-A synthetic pool of precomputed embeddings is written straight into a work dir as the completed ``embed`` and
-``filter`` stages (clustered unit vectors, as CLIP embeddings are; half safe, half unsafe; a planted share of
-near-duplicate groups with known answers), shard by shard so the writer never holds the pool. The stages under
-test then run on it, each in a child process whose peak RSS is read from the OS, and the dedup result is
-scored against the planted truth and, where the size allows it, against the exact all-pairs path.
+For each size a synthetic pool is written in the LAION / clip-retrieval layout (``img_emb/``, ``text_emb/``,
+``metadata/``), part by part so the writer never holds it: clustered unit vectors (as CLIP embeddings are), half
+safe and half unsafe, every unsafe record a planted edit of one safe record (its known nearest safe target), and
+a planted share of near-duplicate copies. The pool is then built through ``shards`` by the real CLI in a child
+process (on an embedded Ray by default, so each stage's workers are processes of their own) whose process tree
+is sampled for memory; per stage it reports seconds, the largest process's peak RSS
+while the stage ran, records/s, and the planted truth: dedup recall (copies found), mining precision@1, and
+dedup recall against the exact all-pairs path where that is feasible. Between sizes it prints the growth
+exponent of each stage's time and memory (log ratio over log size ratio).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -20,13 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.stage import REJECT_SCHEMA
 from saferclip_data.pipeline.workdir import WorkDir
 
-#: cosine of a planted duplicate to its original (about), and of two records of one cluster (about)
+#: the noise of a planted duplicate (cosine ~0.99 to its original), of an unsafe edit (~0.8 to its safe source),
+#: and of a record around its cluster centre (~0.5 between two records of one cluster)
 DUPLICATE_NOISE = 0.15
+EDIT_NOISE = 0.6
 CLUSTER_NOISE = 1.0
+STAGES = ("source", "embed", "score", "filter", "dedup", "neighbours", "mine", "shards")
 
 
 @dataclass(frozen=True)
@@ -39,51 +46,84 @@ class SyntheticPool:
     seed: int = 0
 
 
-def _fsl(vectors: np.ndarray) -> pa.FixedSizeListArray:
-    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float16).reshape(-1)), vectors.shape[1])
-
-
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def write_pool(root: Path, pool: SyntheticPool) -> dict[str, str]:
-    """Write the pool as completed ``embed`` and ``filter`` stages; returns planted duplicate -> original key.
+def _noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32) * (scale / math.sqrt(shape[1]))
 
-    Record i of shard s is ``s{shard}-{i}``; a planted duplicate copies an earlier record of the same shard (same
-    role, both modalities moved by small noise), so the truth is known without holding the pool."""
+
+def synthetic_part(pool: SyntheticPool, index: int, centres: np.ndarray) -> dict:
+    """Part ``index`` of the pool: keys ``p{part}-{row}``; rows 0..n/2 safe, n/2..n their unsafe edits (same
+    order); then a share of records replaced by near-copies of another record of the same role."""
+    n = min(pool.shard_rows, pool.rows - index * pool.shard_rows)
+    rng = np.random.default_rng([pool.seed, index])
+    keys = [f"p{index:05d}-{i:07d}" for i in range(n)]
+    half = n // 2
+    role = np.array(["safe"] * half + ["unsafe"] * (n - half), dtype=object)
+    centre = rng.integers(0, len(centres), half)
+    vectors, planted = {}, {}
+    for modality in ("image", "text"):
+        safe = _unit(centres[centre] + _noise(rng, (half, pool.dim), CLUSTER_NOISE))
+        unsafe = _unit(safe[: n - half] + _noise(rng, (n - half, pool.dim), EDIT_NOISE))
+        vectors[modality] = np.concatenate([safe, unsafe])
+    planted["source_of"] = {keys[half + i]: keys[i] for i in range(n - half)}
+    copies = np.flatnonzero(rng.random(n) < pool.duplicate_share)
+    originals = np.where(copies < half, rng.integers(0, max(1, half), len(copies)),
+                         half + rng.integers(0, max(1, n - half), len(copies)))  # fmt: skip
+    keep = copies != originals
+    copies, originals = copies[keep], originals[keep]
+    copies, originals = copies[~np.isin(originals, copies)], originals[~np.isin(originals, copies)]
+    for modality in ("image", "text"):
+        moved = vectors[modality][originals] + _noise(rng, (len(copies), pool.dim), DUPLICATE_NOISE)
+        vectors[modality][copies] = _unit(moved)
+    planted["duplicate_of"] = {keys[c]: keys[o] for c, o in zip(copies, originals)}
+    for c in copies:  # a copied unsafe record is no longer an edit of its source
+        planted["source_of"].pop(keys[c], None)
+    return {"keys": keys, "role": role, "vectors": vectors, "planted": planted}
+
+
+def _centres(pool: SyntheticPool) -> np.ndarray:
+    return _unit(np.random.default_rng(pool.seed).standard_normal((pool.clusters, pool.dim)).astype(np.float32))
+
+
+def write_laion(folder: Path, pool: SyntheticPool) -> dict[str, dict[str, str]]:
+    """The pool as a clip-retrieval folder (one part per ``shard_rows``); returns the planted truth."""
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    centres, truth = _centres(pool), {"source_of": {}, "duplicate_of": {}}
+    for index in range(math.ceil(pool.rows / pool.shard_rows)):
+        part = synthetic_part(pool, index, centres)
+        np.save(folder / "img_emb" / f"img_emb_{index}.npy", part["vectors"]["image"].astype(np.float16))
+        np.save(folder / "text_emb" / f"text_emb_{index}.npy", part["vectors"]["text"].astype(np.float16))
+        punsafe = np.where(part["role"] == "unsafe", 0.9, 0.1)
+        meta = pa.table({"key": part["keys"], "caption": [f"record {k}" for k in part["keys"]],
+                         "url": pa.nulls(len(part["keys"]), pa.string()), "punsafe": punsafe})  # fmt: skip
+        pq.write_table(meta, folder / "metadata" / f"metadata_{index}.parquet")
+        for name in truth:
+            truth[name].update(part["planted"][name])
+    return truth
+
+
+def write_pool(root: Path, pool: SyntheticPool) -> dict[str, str]:
+    """The pool written straight into a work dir as completed ``embed`` and ``filter`` stages (for driving the
+    dedup stage alone); returns planted duplicate -> original."""
     wd = WorkDir(root)
-    rng = np.random.default_rng(pool.seed)
-    centres = _unit(rng.standard_normal((pool.clusters, pool.dim)).astype(np.float32))
+    centres = _centres(pool)
     shards = [f"part-{i:05d}" for i in range(math.ceil(pool.rows / pool.shard_rows))]
     planted: dict[str, str] = {}
     for index, shard in enumerate(shards):
-        n = min(pool.shard_rows, pool.rows - index * pool.shard_rows)
-        srng = np.random.default_rng([pool.seed, index])
-        keys = [f"s{index:05d}-{i:07d}" for i in range(n)]
-        role = np.where(srng.random(n) < 0.5, "safe", "unsafe").astype(object)
-        vectors = {}
-        centre = srng.integers(0, pool.clusters, n)
-        for modality in ("image", "text"):
-            noise = srng.standard_normal((n, pool.dim)).astype(np.float32) * (CLUSTER_NOISE / math.sqrt(pool.dim))
-            vectors[modality] = _unit(centres[centre] + noise)
-        copies = np.flatnonzero(srng.random(n) < pool.duplicate_share)
-        copies = copies[copies > 0]
-        base = np.setdiff1d(np.arange(n), copies)
-        originals = base[srng.integers(0, len(base), len(copies))]
-        for modality in ("image", "text"):
-            noise = srng.standard_normal((len(copies), pool.dim)).astype(np.float32)
-            moved = vectors[modality][originals] + noise * (DUPLICATE_NOISE / math.sqrt(pool.dim))
-            vectors[modality][copies] = _unit(moved)
-        role[copies] = role[originals]
-        planted.update((keys[c], keys[o]) for c, o in zip(copies, originals))
-        embed = pa.table(
-            {"key": keys, "image_embedding": _fsl(vectors["image"]), "text_embedding": _fsl(vectors["text"])}
-        )
-        filt = pa.table({"key": keys, "role": pa.array(role, pa.string()), "category": [None] * n})
+        part = synthetic_part(pool, index, centres)
+        n = len(part["keys"])
+        fsl = {m: pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float16).reshape(-1)), pool.dim)
+               for m, v in part["vectors"].items()}  # fmt: skip
+        embed = pa.table({"key": part["keys"], "image_embedding": fsl["image"], "text_embedding": fsl["text"]})
+        filt = pa.table({"key": part["keys"], "role": pa.array(part["role"], pa.string()), "category": [None] * n})
         for stage, table in (("embed", embed), ("filter", filt)):
             stats = {"shard": shard, "in": n, "out": n, "rejected": 0, "seconds": 0.0, "metadata": {}}
             wd.write_shard(stage, shard, table, REJECT_SCHEMA.empty_table(), stats, {})
+        planted.update(part["planted"]["duplicate_of"])
     for stage in ("embed", "filter"):
         wd.write_manifest(
             stage,
@@ -99,32 +139,137 @@ def write_pool(root: Path, pool: SyntheticPool) -> dict[str, str]:
     return planted
 
 
-def run_stage(root: Path, stage: str, config: dict, executor: str = "local") -> dict:
-    """Run one stage on a work dir in a child process; seconds, the child's peak RSS and the stage's counts."""
-    code = (
-        "import json,sys;from saferclip_data.stages.bench_scale import _child;"
-        f"print(json.dumps(_child({str(root)!r}, {stage!r}, json.loads(sys.argv[1]), {executor!r})))"
-    )
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = None) -> dict:
+    """The build the bench measures: the pool through shards, with a 512-d model named (random init: only its
+    identity and prompt towers are used, the vectors come from the files)."""
+    return {
+        "name": "scale",
+        "workdir": str(work),
+        "source": {"kind": "embeddings", "path": str(folder), "shard_size": pool.shard_rows},
+        "model": {"arch": "ViT-B-32" if pool.dim == 512 else "toy-vit-tiny", "pretrained": None},
+        "stages": {
+            "embed": {},
+            "score": {"role_column": "label"},
+            "filter": {"role_from": "labels"},
+            "dedup": {"by": ["image"], **(dedup or {})},
+            "neighbours": {"modalities": ["text"], "candidates": 16},
+            "mine": {"k": 4, "reuse_cap": 16},
+            "shards": {"plain_view": False, "samples_per_shard": 10_000},
+        },
+    }
+
+
+def _monitor(proc: subprocess.Popen, every: float = 0.25) -> list[tuple[float, float]]:
+    """(time, RSS MB of the largest process in the tree) until ``proc`` ends."""
+    import psutil
+
+    samples = []
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        largest = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            try:
+                largest = max(largest, p.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass
+        samples.append((time.time(), largest))
+        time.sleep(every)
+    return samples
+
+
+def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str = "ray") -> dict:
+    """Build one size; per stage seconds, peak RSS (MB) and records/s, plus the planted-truth figures."""
+    import yaml
+
+    pool = SyntheticPool(rows=size, dim=dim, shard_rows=min(50_000, max(1_000, size // 8)),
+                         clusters=max(20, size // 2_000))  # fmt: skip
+    folder, work = base / f"pool-{size}", base / f"work-{size}"
+    truth = write_laion(folder, pool)
+    path = base / f"scale-{size}.yaml"
+    path.write_text(yaml.safe_dump(recipe(folder, work, pool)))
+    command = [sys.executable, "-m", "saferclip_data.pipeline.cli", "build", str(path), "--executor", executor,
+               "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples = _monitor(proc)
+    err = proc.stderr.read()
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"seconds": seconds, **result}
+        raise RuntimeError(f"build of {size:,} records failed: {err.strip().splitlines()[-1:]}")
+    wd = WorkDir(work)
+    result = {"records": size, "dim": dim, "executor": executor, "stages": {},
+              "peak_rss_mb": max((m for _, m in samples), default=0)}  # fmt: skip
+    for stage in STAGES:
+        manifest = wd.manifest(stage)
+        end = (wd.stage_dir(stage) / "_manifest.json").stat().st_mtime
+        seconds = manifest["seconds"]
+        peak = max((m for t, m in samples if end - seconds - 0.5 <= t <= end + 0.5), default=0.0)
+        result["stages"][stage] = {"seconds": seconds, "peak_rss_mb": round(peak, 1),
+                                   "records_per_s": round(manifest["counts"]["in"] / max(seconds, 1e-9))}  # fmt: skip
+    result |= truth_figures(wd, truth)
+    if size <= exact_dedup_max:
+        result["dedup_recall_vs_exact"] = exact_recall(wd, path)
+    return result
 
 
-def _child(root: str, stage: str, config: dict, executor: str) -> dict:
-    from saferclip_data.pipeline.executors import StageJob, make_executor
-    from saferclip_data.stages import REGISTRY
+def truth_figures(wd: WorkDir, truth: dict[str, dict[str, str]]) -> dict:
+    """Dedup recall of the planted copies (a copy or its original rejected as the other's duplicate, or both
+    under one kept record) and mining precision@1 (top-1 text target = the planted source, where it is kept)."""
+    rejected = {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}
 
-    cls = REGISTRY[stage]
-    wd = WorkDir(root)
-    wd.reset_stage(stage)
-    runner = make_executor(executor)
-    try:
-        result = runner.run_global(StageJob(cls, cls.Config(**config), {}, root))
-    finally:
-        runner.close()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"counts": result["counts"], "peak_rss_mb": peak_kb / 1024}
+    def rep(key: str) -> str:
+        return rejected.get(key, key)
+
+    pairs = truth["duplicate_of"]
+    found = sum(rep(c) == rep(o) for c, o in pairs.items())
+    mined = wd.read_stage_columns("mine", ["key", "text_targets"]).to_pylist()
+    hits = total = 0
+    for row in mined:
+        source = truth["source_of"].get(row["key"])
+        if source is None or source in rejected or not row["text_targets"]:
+            continue
+        total += 1
+        hits += row["text_targets"][0] == source
+    return {"dedup_planted_recall": found / max(1, len(pairs)), "mining_precision_at_1": hits / max(1, total),
+            "mining_queries": total}  # fmt: skip
+
+
+def exact_recall(wd: WorkDir, recipe_path: Path) -> float:
+    """Share of the exact all-pairs path's duplicate pairs that the build's dedup also found."""
+    import yaml
+
+    from saferclip_data.pipeline.executors import LocalExecutor, StageJob
+    from saferclip_data.stages.dedup import DedupConfig, DedupStage
+
+    partitioned = {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}
+    config = yaml.safe_load(recipe_path.read_text())["stages"]["dedup"]
+    exact_root = wd.root.with_name(wd.root.name + "-exact")
+    for stage in ("filter", "embed"):  # the exact run reads the same inputs, written to its own folder
+        (exact_root / stage).parent.mkdir(parents=True, exist_ok=True)
+        if not (exact_root / stage).exists():
+            (exact_root / stage).symlink_to(wd.stage_dir(stage))
+    LocalExecutor().run_global(StageJob(DedupStage, DedupConfig(**config, method="exact"), {}, str(exact_root)))
+    exact = {}
+    for path in sorted((exact_root / "dedup").glob("*.rejects.parquet")):
+        exact |= {r["key"]: r["error"].split()[1] for r in pq.read_table(path).to_pylist()}
+
+    def rep(key: str) -> str:
+        return partitioned.get(key, key)
+
+    return sum(rep(d) == rep(k) for d, k in exact.items()) / max(1, len(exact))
+
+
+def growth(results: list[dict]) -> dict[str, dict[str, float]]:
+    """Per stage, the exponent of time and of peak memory between the smallest and the largest size."""
+    if len(results) < 2:
+        return {}
+    a, b = results[0], results[-1]
+    scale = math.log(b["records"] / a["records"])
+    out = {}
+    for stage in STAGES:
+        sa, sb = a["stages"][stage], b["stages"][stage]
+        out[stage] = {k: round(math.log(max(sb[k], 1e-3) / max(sa[k], 1e-3)) / scale, 2)
+                      for k in ("seconds", "peak_rss_mb")}  # fmt: skip
+    return out
+
+
+def save(results: list[dict], out: Path) -> None:
+    out.write_text(json.dumps({"results": results, "growth": growth(results)}, indent=2) + "\n")

@@ -29,7 +29,7 @@ from .semdedup import run_partitioned
 
 #: defaults of the partitioned path (unset recipe fields keep the stage's fingerprint as it was before they existed)
 EXACT_MAX_ROWS = 200_000
-PARTITION_ROWS = 20_000
+PARTITION_ROWS = 5_000
 KMEANS_SAMPLE = 200_000
 SPILL_MARGIN = 0.02
 

@@ -199,6 +199,7 @@ class EmbedStage(Stage):
                     f"model {model_cfg.arch} embeds {loaded.embed_dim}-d: name the model that made them in model:"
                 )
         self.sections[PRECOMPUTED] = {"model_identity": loaded.identity, "embed_dim": str(loaded.embed_dim)}
+        del loaded  # only its identity was needed: the driver does not keep the weights
 
     def setup(self) -> None:
         import torch

@@ -36,9 +36,10 @@ from .score import column_suffix, unit_rows
 Modality = Literal["text", "image", "text-image", "image-text"]
 POOL_DIR = "_pool"
 #: index: auto switches from the exact search to IVF above this many pool rows (a modality's searchable rows)
-EXACT_MAX_ROWS = 1_000_000
+EXACT_MAX_ROWS = 200_000
 PQ_BYTES = 64
-IVF_SAMPLE_PER_LIST = 64  # pool rows sampled per IVF list to train its k-means
+NPROBE = 16
+IVF_SAMPLE_PER_LIST = 32  # pool rows sampled per IVF list to train its k-means
 
 
 def query_and_pool(modality: str) -> tuple[str, str]:
@@ -80,8 +81,8 @@ class NeighboursConfig(StageConfig):
     exact_max_rows: int | None = Field(
         default=None, gt=0, description=f"auto's switch to ivf_flat (unset: {EXACT_MAX_ROWS:,} pool rows)"
     )
-    nlist: int | None = Field(default=None, gt=0, description="IVF lists (unset: about 4 * sqrt(pool rows))")
-    nprobe: int | None = Field(default=None, gt=0, description="IVF lists searched per query (unset: 32)")
+    nlist: int | None = Field(default=None, gt=0, description="IVF lists (unset: about 2 * sqrt(pool rows))")
+    nprobe: int | None = Field(default=None, gt=0, description=f"IVF lists searched per query (unset: {NPROBE})")
     pq_bytes: int | None = Field(default=None, gt=0, description=f"ivf_pq: code bytes per vector (unset: {PQ_BYTES})")
 
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"backend", "block_rows"}
@@ -177,7 +178,7 @@ class NeighboursStage(Stage):
         pool = self.pool.kinds[kind]
         if pool.index is None:
             return knn_search(queries, pool.blocks(c.block_rows), want, backend=c.backend, block_rows=c.block_rows)
-        return search_ivf(pool.index, RowView(pool), queries, want, c.nprobe or 32, pool.index_kind)
+        return search_ivf(pool.index, RowView(pool), queries, want, c.nprobe or NPROBE, pool.index_kind)
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
         c = self.config

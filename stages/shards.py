@@ -19,12 +19,11 @@ a ``training`` status in the stage output saying where it went and why.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +34,12 @@ from saferclip_data.pipeline.stage import ENABLED_STAGES, GlobalContext, Stage, 
 
 from .benchmark_export import image_extension, sha256_file, source_tables
 from .score import column_suffix, unit_rows
+from .tar_samples import quad_sample
+
+#: auto's switch to the task-parallel writer (records in the stage's input)
+TASKS_MIN_ROWS = 1_000_000
+#: tars per group of the task-parallel writer (a group is one task)
+TARS_PER_GROUP = 8
 
 
 class ShardsConfig(StageConfig):
@@ -46,6 +51,12 @@ class ShardsConfig(StageConfig):
     exclude_splits: list[str] = Field(default_factory=list, description="further splits kept out of training")
     split_column: str = "split"
     plain_view: bool = Field(default=True, description="also write safe records as jpg+txt for open_clip")
+    method: Literal["auto", "memory", "tasks"] | None = Field(
+        default=None,
+        description="memory = one process holds the selection and writes every tar; tasks = per-shard planning, "
+        "a hash join for targets and each group of tars written by its own task (images fetched by URL for the "
+        f"selected records only); unset = auto: tasks above {TASKS_MIN_ROWS:,} records or for a source of URLs",
+    )
 
 
 def shuffle_order(keys: list[str], seed: int) -> list[int]:
@@ -88,12 +99,6 @@ class SpilledImages:
         self.path.unlink(missing_ok=True)
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
-    return buf.getvalue()
-
-
 class ShardsStage(Stage):
     name = "shards"
     Config = ShardsConfig
@@ -125,6 +130,8 @@ class ShardsStage(Stage):
         }
         if with_benchmark:
             inputs = {"benchmark": ("key", "benchmark_id", "held_out"), **inputs}
+        if self._use_tasks(wd, shard_ids, first):
+            return self._run_tasks(ctx, shard_ids, first, inputs, with_benchmark)
         tables = [wd.read_aligned(s, inputs) for s in shard_ids]
         table = pa.concat_tables(tables)
         if c.split_column not in table.column_names:
@@ -179,6 +186,34 @@ class ShardsStage(Stage):
             ctx.write_shard(shard_id, part, [], shard.num_rows)
         self.counts = dict(Counter(status))
         return {"in": len(keys), "out": len(keys), "rejected": 0}
+
+    def _use_tasks(self, wd, shard_ids: list[str], first: str) -> bool:
+        method = self.config.method or "auto"
+        if method != "auto":
+            return method == "tasks"
+        source = self.sections.get("source")
+        records = sum((wd.shard_stats(first, s) or {}).get("out", 0) for s in shard_ids)
+        return records > TASKS_MIN_ROWS or getattr(source, "kind", None) == "embeddings"
+
+    def _run_tasks(self, ctx: GlobalContext, shard_ids: list[str], first: str, inputs: dict,
+                   with_benchmark: bool) -> dict[str, int]:  # fmt: skip
+        from .download import DownloadOptions
+        from .shards_scaled import run_tasks
+
+        c = self.config
+        records = sum((ctx.workdir.shard_stats(first, s) or {}).get("out", 0) for s in shard_ids)
+        groups = max(1, -(-records // (c.samples_per_shard * TARS_PER_GROUP)))
+        source_cols = ctx.workdir.shard_columns("source", shard_ids[0])
+        extra = ("image", "url") if "url" in source_cols else ("image",)
+        inputs = {**inputs, "source": (*inputs["source"], *extra)}
+        settings = {"m": column_suffix(c.modality), "with_benchmark": with_benchmark, "split_column": c.split_column,
+                    "excluded": list(c.exclude_splits), "plain_view": c.plain_view, "seed": c.seed,
+                    "groups": {"quad": groups, "plain": groups}, "samples_per_shard": c.samples_per_shard,
+                    "modality": c.modality}  # fmt: skip
+        options = getattr(self.sections.get("source"), "download", None) or DownloadOptions()
+        result = run_tasks(ctx, shard_ids, inputs, settings, options)
+        self.counts = result["training"]
+        return result["counts"]
 
     def _materialise(self, ctx: GlobalContext, folder: Path, table: pa.Table, selection: list[dict]) -> None:
         """Write the tars listed in the selection, with the images and frozen target embeddings they need."""
@@ -248,37 +283,17 @@ class ShardsStage(Stage):
     def _quad_sample(self, table, i, row_of, vectors, images, m) -> tuple[dict, str, str]:
         captions, columns = self._captions, self._columns
         key = columns["key"][i]
-        targets = [t for t, _ in self.targets[i]]
-        sims = [s for _, s in self.targets[i]]
         given = columns["given_pair"][i]
         category = columns["category"][i] or "unknown"
         difficulty = columns[f"{m}_difficulty"][i] or "unknown"
-        rows = [row_of[t] for t in targets]
-        sample = {
-            "__key__": key,
-            "unsafe.txt": captions[i],
-            "targets_text.npy": _npy(vectors["text"][rows]),
-            "targets_image.npy": _npy(vectors["image"][rows]),
-        }
-        if key in images:  # text-only unsafe records (ViSU-Text, NSFW-Caps) have no unsafe image
-            sample[f"unsafe.{image_extension(images[key])}"] = images[key]
-        has_pair = given in row_of  # the given partner survived filter and dedup
-        if has_pair:
-            if given in images:
-                sample[f"safe.{image_extension(images[given])}"] = images[given]
-            sample["safe.txt"] = captions[row_of[given]]
-        meta = {
-            "key": key,
-            "category": category,
-            "difficulty": difficulty,
-            "modality": self.config.modality,
-            "given_pair": given if has_pair else None,
-            "targets": [
-                {"key": t, "rank": r + 1, "similarity": round(float(s), 6), "caption": captions[row_of[t]]}
-                for r, (t, s) in enumerate(zip(targets, sims))
-            ],
-        }
-        sample["json"] = json.dumps(meta, sort_keys=True).encode()
+        rows = [row_of[t] for t, _ in self.targets[i]]
+        targets = [(t, s, captions[row_of[t]]) for t, s in self.targets[i]]
+        pair = None
+        if given in row_of:  # the given partner survived filter and dedup
+            pair = (given, captions[row_of[given]], images[given] if given in images else None)
+        sample = quad_sample(key, captions[i], images[key] if key in images else None, targets,
+                             vectors["text"][rows], vectors["image"][rows], pair, category, difficulty,
+                             self.config.modality)  # fmt: skip
         return sample, category, difficulty
 
     def output_metadata(self) -> dict[str, str]:

@@ -25,6 +25,11 @@ def planted_pool(rows: int, dim: int, seed: int = 0) -> dict:
             "punsafe": [0.95 if k.startswith("unsafe") else 0.05 for k in keys]}  # fmt: skip
 
 
+def _caption(key: str) -> str:
+    """Every seventh record has a one-word caption (a filter with caption_words min 2 drops it)."""
+    return key if int(key[-6:]) % 7 == 3 else f"a photo of {key}"
+
+
 def write_clip_retrieval(folder: Path, pool: dict, parts: int, url: str = "http://127.0.0.1:9/img/{key}.jpg") -> Path:
     """LAION / clip-retrieval: img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet."""
     for sub in ("img_emb", "text_emb", "metadata"):
@@ -33,7 +38,7 @@ def write_clip_retrieval(folder: Path, pool: dict, parts: int, url: str = "http:
         np.save(folder / "img_emb" / f"img_emb_{n}.npy", pool["image"][rows].astype(np.float16))
         np.save(folder / "text_emb" / f"text_emb_{n}.npy", pool["text"][rows].astype(np.float16))
         keys = [pool["keys"][i] for i in rows]
-        table = pa.table({"key": keys, "caption": [f"a photo of {k}" for k in keys],
+        table = pa.table({"key": keys, "caption": [_caption(k) for k in keys],
                           "url": [url.format(key=k) for k in keys], "punsafe": [pool["punsafe"][i] for i in rows],
                           "similarity": [0.3] * len(rows)})  # fmt: skip
         pq.write_table(table, folder / "metadata" / f"metadata_{n}.parquet", row_group_size=97)
@@ -45,7 +50,7 @@ def write_datacomp(folder: Path, pool: dict, parts: int, url: str = "http://127.
     folder.mkdir(parents=True, exist_ok=True)
     for n, rows in enumerate(np.array_split(np.arange(len(pool["keys"])), parts)):
         keys = [pool["keys"][i] for i in rows]
-        captions, punsafe = [f"a photo of {k}" for k in keys], [pool["punsafe"][i] for i in rows]
+        captions, punsafe = [_caption(k) for k in keys], [pool["punsafe"][i] for i in rows]
         meta = pa.table({"uid": keys, "url": [url.format(key=k) for k in keys], "text": captions, "punsafe": punsafe})
         pq.write_table(meta, folder / f"{n:08d}.parquet")
         other = np.zeros((len(rows), 8), np.float16)  # another model's arrays, not asked for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from saferclip_data.stages.score import unit_rows
 
 from conftest import write_recipe
 from embedding_layouts import planted_pool, write_clip_retrieval, write_datacomp
+from loopback import Server, image_bytes
 
 DIM = 128  # the toy architectures' width
 
@@ -77,3 +80,45 @@ def test_a_part_without_its_vectors_is_a_recipe_error(tmp_path, cli_module):
     recipe = write_recipe(tmp_path / "r.yaml", _recipe(folder, tmp_path / "work"))
     code, _, err = cli_module("validate", str(recipe))
     assert code == 2 and "text_emb/text_emb_1.npy" in err and "source.path" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["clip-retrieval", "datacomp"])
+def test_only_the_selected_records_images_are_fetched(tmp_path, cli_module, layout):
+    """Select on embeddings and metadata, then download: the loopback server sees exactly the images of the
+    records that went into a tar (and the one that fails, recorded with its reason); filtered records never."""
+    jpeg = image_bytes("JPEG", (200, 40, 40), 32)
+    with Server({}, fallback=lambda request: (404, "text/plain", b"gone") if "/img/safe000005" in request.path
+                else (200, "image/jpeg", jpeg)) as server:  # fmt: skip
+        url = server.url + "/img/{key}.jpg"
+        pool = planted_pool(2_000, DIM, seed=1)
+        if layout == "clip-retrieval":
+            folder, options = write_clip_retrieval(tmp_path / "laion", pool, parts=3, url=url), {}
+        else:
+            folder = write_datacomp(tmp_path / "datacomp", pool, parts=3, url=url)
+            options = {"embeddings": {"layout": "datacomp", "image_key": "b32_img", "text_key": "b32_txt"}}
+        data = _recipe(folder, tmp_path / "work", **options, download={"image_size": 32, "timeout": 5, "threads": 8})
+        data["stages"]["filter"]["caption_words"] = {"min": 2}
+        data["stages"]["shards"] = {"samples_per_shard": 200}
+        code, _, err = cli_module("build", str(write_recipe(tmp_path / "r.yaml", data)), "--executor", "local",
+                                  "--no-progress")  # fmt: skip
+        assert code == 0, err
+        requested = [hit.rsplit("/", 1)[1].removesuffix(".jpg") for hit in server.hits]
+    wd = WorkDir(tmp_path / "work")
+    training = {r["key"]: r for r in wd.read_stage_columns("shards", ["key", "training", "tar"]).to_pylist()}
+    in_tars = {k for k, r in training.items() if r["tar"]}
+    filtered = {r["key"] for r in wd.rejects("filter").to_pylist()}
+    assert len(filtered) >= 200 and len(in_tars) >= 1_200
+    assert set(requested) == in_tars | {"safe000005"} and len(requested) == len(set(requested))  # each once
+    assert not set(requested) & filtered
+    assert training["safe000005"]["training"].startswith("safe image not fetched (download failed_to_download")
+    sizes = json.loads((wd.stage_dir("shards") / "quad" / "sizes.json").read_text())
+    quads = [k for k, r in training.items() if r["training"] == "quad"]
+    assert sum(sizes.values()) == len(quads) >= 600
+    tar = next((wd.stage_dir("shards") / "quad").glob("*.tar"))
+    import webdataset as wds
+
+    sample = next(iter(wds.WebDataset(str(tar), shardshuffle=False)))
+    assert {"unsafe.jpg", "unsafe.txt", "targets_text.npy", "json"} <= set(sample)
+    meta = json.loads(sample["json"])
+    assert meta["targets"] and meta["targets"][0]["key"] == meta["key"].replace("unsafe", "safe")

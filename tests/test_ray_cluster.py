@@ -206,3 +206,46 @@ def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(t
         for suffix in (".parquet", ".rejects.parquet"):
             cluster_bytes = (works["cluster"] / "dedup" / f"{shard}{suffix}").read_bytes()
             assert cluster_bytes == (works["local"] / "dedup" / f"{shard}{suffix}").read_bytes(), shard
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.head_cpus(2)
+@pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
+def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, two_node_cluster):
+    """A precomputed-embedding build with the scale paths forced (partitioned dedup, IVF neighbours, streaming
+    mine, task-parallel shards): each of those stages ran on both nodes, and every output equals an in-process
+    build's, byte for byte."""
+    from embedding_layouts import planted_pool, write_clip_retrieval
+
+    folder = write_clip_retrieval(tmp_path / "laion", planted_pool(3_000, 128), parts=3, url="")
+    data = {
+        "name": "scaled",
+        "source": {"kind": "embeddings", "path": str(folder), "shard_size": 250},
+        "model": {"arch": "toy-vit-tiny", "pretrained": None},
+        "stages": {
+            "embed": {"concurrency": 2},
+            "score": {"role_column": "label", "concurrency": 2},
+            "filter": {"role_from": "labels"},
+            "dedup": {"method": "partitioned", "partition_rows": 300, "task_rows": 600},
+            "neighbours": {"index": "ivf_flat", "nlist": 16, "concurrency": 2, "candidates": 4},
+            "mine": {"method": "streaming", "k": 2, "reuse_cap": 4},
+            "shards": {"method": "tasks", "samples_per_shard": 100, "plain_view": False},
+        },
+    }
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
+    proc = run_cli("build", str(recipe), "-w", str(cluster_work), "--ray-address", two_node_cluster, "--no-progress",
+                   env={"RAY_AUTH_MODE": "disabled"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("dedup", "neighbours", "mine", "shards"):
+        nodes = {json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / stage).glob("*.done.json")}
+        assert len(nodes) == 2, f"{stage} ran on {len(nodes)} node(s)"
+    proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("*/part-*.parquet"))
+    assert len(produced) == 8 * 12 * 2  # 8 stages x 12 shards x (output, rejects)
+    tars = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("shards/quad/*.tar"))
+    assert tars and sorted(p.relative_to(local_work) for p in local_work.glob("shards/quad/*.tar")) == tars
+    for rel in [*produced, *tars, Path("mine/targets.parquet"), Path("shards/selection.parquet")]:
+        assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
