@@ -205,13 +205,22 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
     folder = _dir(root, "samples", f"{kind}-{g:05d}")
     rows = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]).to_pylist()
     rows.sort(key=lambda r: (r["digest"], r["key"]))
-    asked: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    if kind == "quad":
-        for path in sorted(_dir(root, "resolved", f"{g:05d}").glob("*.parquet")):
-            for r in pq.read_table(path).to_pylist():
-                asked[r["requester"]][r["what"]].append(r)
+    # the requested records: vectors stay numpy rows (as Python lists they would take ~25x the memory)
+    asked: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    parts = sorted(_dir(root, "resolved", f"{g:05d}").glob("*.parquet")) if kind == "quad" else []
+    resolved = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else None
+    info: dict[str, list] = {}
+    vectors: dict[str, np.ndarray] = {}
+    if resolved is not None:
+        for i, (requester, what) in enumerate(zip(resolved["requester"].to_pylist(), resolved["what"].to_pylist())):
+            asked[requester][what].append(i)
+        info = {c: resolved[c].to_pylist() for c in ("need", "caption", "image", "url")}
+        for column in ("text", "image_vector"):
+            flat = resolved[column].combine_chunks()
+            vectors[column] = np.asarray(flat.flatten().to_numpy(), np.float16).reshape(len(flat), -1)
     urls = {r["key"]: r["url"] for r in rows if not r["image"] and r["url"]}
-    urls |= {a["need"]: a["url"] for per in asked.values() for a in per["given"] if not a["image"] and a["url"]}
+    urls |= {info["need"][i]: info["url"][i] for per in asked.values() for i in per["given"]
+             if not info["image"][i] and info["url"][i]}  # fmt: skip
     fetched = _fetch(root, f"{kind}-{g:05d}", urls, options)
     statuses, stats, tar_index = [], {}, first_tar - 1
     out_dir = Path(root) / "shards" / kind
@@ -239,10 +248,10 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
         if kind == "plain" and not image:
             statuses.append((r["key"], r["shard"], f"safe image not fetched ({why or 'no image'})", None, None))
             continue
-        found: dict[str, dict] = {}
+        found: dict[str, int] = {}
         targets: list[tuple[str, float]] = []
         if kind == "quad":
-            found = {a["need"]: a for a in asked[r["key"]]["target"]}
+            found = {info["need"][i]: i for i in asked[r["key"]]["target"]}
             targets = [(t, x) for t, x in zip(r["targets"], r["similarities"]) if t in found]
             if not targets:  # every target left the data after mining: no quadruplet
                 statuses.append((r["key"], r["shard"], "unsafe without admissible targets", None, None))
@@ -262,15 +271,17 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
             writer.write({"__key__": r["key"], image_extension(image): image, "txt": r["caption"]})
             statuses.append((r["key"], r["shard"], "plain", tar, order))
             continue
-        vectors = {v: np.array([found[t][v] for t, _ in targets], np.float16) for v in ("text", "image_vector")}
+        rows_of = [found[t] for t, _ in targets]
         pair = None
         if asked[r["key"]]["given"]:
-            a = asked[r["key"]]["given"][0]
-            pair = (a["need"], a["caption"], a["image"] or fetched.get(a["need"], (None, ""))[0])
+            i = asked[r["key"]]["given"][0]
+            given_image = info["image"][i] or fetched.get(info["need"][i], (None, ""))[0]
+            pair = (info["need"][i], info["caption"][i], given_image)
         category, difficulty = r["category"] or "unknown", r["difficulty"] or "unknown"
-        described = [(t, x, found[t]["caption"]) for t, x in targets]
-        writer.write(quad_sample(r["key"], r["caption"], image, described, vectors["text"], vectors["image_vector"],
-                                 pair, category, difficulty, s["modality"]))  # fmt: skip
+        described = [(t, x, info["caption"][found[t]]) for t, x in targets]
+        text, image_vectors = vectors["text"][rows_of], vectors["image_vector"][rows_of]
+        writer.write(quad_sample(r["key"], r["caption"], image, described, text, image_vectors, pair, category,
+                                 difficulty, s["modality"]))  # fmt: skip
         categories[category] += 1
         difficulties[difficulty] += 1
         statuses.append((r["key"], r["shard"], "quad" if image or not why else f"quad without its image ({why})",

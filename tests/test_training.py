@@ -690,3 +690,13 @@ def test_images_decoded_on_the_device_train_like_pil_decoded_ones(built, tmp_pat
     assert [s["keys"] for s in losses["cpu"]] == [s["keys"] for s in losses["device"]]
     for a, b in zip(losses["cpu"], losses["device"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-2, abs=1e-3)
+
+
+def test_the_tar_split_is_the_default_wherever_there_are_more_tars_than_ranks():
+    from saferclip_data.training.trainer import TrainConfig, resolve_split
+
+    assert TrainConfig().split == "auto"
+    assert resolve_split("auto", tars=16, world=8) == "tars"
+    assert resolve_split("auto", tars=8, world=8) == "samples"  # a rank per tar would leave ranks idle at the end
+    assert resolve_split("auto", tars=16, world=1) == "samples"  # one process reads the same either way
+    assert resolve_split("samples", tars=64, world=8) == "samples"  # an explicit choice stands

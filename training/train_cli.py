@@ -57,12 +57,12 @@ class TrainingSection(BaseModel):
         "(fuses the layer norms, activations and casts around the matmuls; compiling takes the first steps, "
         "minutes for ViT-L/14); towers with LoRA attention layers stay eager; unset = eager",
     )
-    split: Literal["samples", "tars"] = Field(
-        default="samples",
+    split: Literal["auto", "samples", "tars"] = Field(
+        default="auto",
         description="how DDP ranks share an epoch: samples = every rank reads every tar and keeps every N-th "
         "sample (all samples, any number of tars); tars = each rank reads only its own tars, so reading scales "
-        "with the ranks (for many GPUs; needs a tar per rank, and ranks train on as many samples as the one whose "
-        "tars hold the fewest)",
+        "with the ranks (needs a tar per rank, and ranks train on as many samples as the one whose tars hold the "
+        "fewest); auto = tars wherever there are more tars than ranks, else samples",
     )
     num_workers: int | Literal["auto"] = Field(
         default="auto",

@@ -59,7 +59,7 @@ class TrainConfig:
     num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
     decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
     compile: str | None = None  # torch.compile mode for the towers (reference; trained ones without LoRA); None: eager
-    split: str = "samples"  # DDP: every rank reads every tar (samples) or only its own tars (tars); see data.SPLITS
+    split: str = "auto"  # DDP: every rank reads every tar (samples), only its own (tars), auto: see resolve_split
 
     def adapter(self) -> AdapterSettings:
         return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
@@ -70,6 +70,14 @@ def samples_per_epoch(shard_dir: Path, epoch: int, schedule) -> int:
     stats = json.loads((shard_dir / "stats.json").read_text())
     admitted = buckets_for_epoch(epoch, schedule)
     return sum(n for info in stats.values() for bucket, n in info["difficulty"].items() if bucket in admitted)
+
+
+def resolve_split(split: str, tars: int, world: int) -> str:
+    """``auto``: each rank reads only its own tars wherever there are more tars than ranks (reading then scales
+    with the ranks), else every rank reads the whole stream; one process reads the same either way."""
+    if split != "auto":
+        return split
+    return "tars" if world > 1 and tars > world else "samples"
 
 
 def samples_per_rank(shard_dir: Path, urls: list[str], epoch: int, config: TrainConfig, world: int) -> int:
@@ -235,8 +243,8 @@ def train(
 
     if config.compile is not None and config.compile not in get_args(CompileMode):
         raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
-    if config.split not in SPLITS:
-        raise ValueError(f"split: '{config.split}' is not one of {', '.join(SPLITS)}")
+    if config.split not in (*SPLITS, "auto"):
+        raise ValueError(f"split: '{config.split}' is not one of {', '.join(SPLITS)}, auto")
     rank, world = _process_group()
     device = _device(config)
     config = replace(config, num_workers=loader_workers(config.num_workers, device))
@@ -246,6 +254,7 @@ def train(
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"no training tars in {shard_dir}")
+    config = replace(config, split=resolve_split(config.split, len(urls), world))
     weights: SaferWeights = weights_from(config.weights)
     pair = TrainedWithReference(
         clip.model.to(device), config.adapter(), reference_dtype(device, config.precision, config.reference_precision)
