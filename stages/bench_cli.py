@@ -233,7 +233,12 @@ def scale(
         Path | None, typer.Option(help="Folder for pools, work dirs and scale.json [default: TMPDIR/saferclip-scale]")
     ] = None,
     exact_dedup_max: Annotated[
-        int, typer.Option(min=0, help="Up to this size, also run the exact all-pairs dedup and report the recall.")
+        int,
+        typer.Option(
+            min=0,
+            help="Up to this size, also run exact all-pairs dedup (its recall) and mine with "
+            "the other neighbours index (IVF where the build searched exactly: its precision@1).",
+        ),
     ] = 200_000,
     keep: Annotated[bool, typer.Option(help="Keep each size's pool and work dir (they take disk).")] = False,
     executor: Annotated[
@@ -284,7 +289,9 @@ def scale(
     for r in results:
         exact = r.get("dedup_recall_vs_exact")
         versus = f", of exact pairs {exact:.4f}" if exact is not None else ""
+        other = next((f" ({k.removeprefix('mining_precision_at_1_')}: {v:.4f})" for k, v in r.items()
+                      if k.startswith("mining_precision_at_1_")), "")  # fmt: skip
         console.print(f"{r['records']:,}: largest process {r['peak_rss_mb']:,.0f} MB; dedup recall of planted copies "
-                      f"{r['dedup_planted_recall']:.4f}{versus}; mining precision@1 {r['mining_precision_at_1']:.4f} "
-                      f"over {r['mining_queries']:,} queries")  # fmt: skip
+                      f"{r['dedup_planted_recall']:.4f}{versus}; mining precision@1 {r['mining_precision_at_1']:.4f}"
+                      f"{other} over {r['mining_queries']:,} queries")  # fmt: skip
     console.print(f"results: {folder / 'scale.json'}")

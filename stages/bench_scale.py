@@ -79,8 +79,8 @@ def synthetic_part(pool: SyntheticPool, index: int, centres: np.ndarray) -> dict
         moved = vectors[modality][originals] + _noise(rng, (len(copies), pool.dim), DUPLICATE_NOISE)
         vectors[modality][copies] = _unit(moved)
     planted["duplicate_of"] = {keys[c]: keys[o] for c, o in zip(copies, originals)}
-    for c in copies:  # a copied unsafe record is no longer an edit of its source
-        planted["source_of"].pop(keys[c], None)
+    for c in copies:  # a copied unsafe record, or the edit of a replaced safe one, lost its planted answer
+        planted["source_of"].pop(keys[c] if c >= half else keys[min(half + c, n - 1)], None)
     return {"keys": keys, "role": role, "vectors": vectors, "planted": planted}
 
 
@@ -207,7 +207,24 @@ def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str
     result |= truth_figures(wd, truth)
     if size <= exact_dedup_max:
         result["dedup_recall_vs_exact"] = exact_recall(wd, path)
+        result |= other_index_precision(wd, path, truth, command)
     return result
+
+
+def other_index_precision(wd: WorkDir, path: Path, truth: dict, command: list[str]) -> dict:
+    """Mining precision@1 with the neighbours index the build did not use (IVF where it searched exactly, and
+    the reverse): the same work dir rebuilt from neighbours on."""
+    import yaml
+
+    used = json.loads((wd.stage_dir("neighbours") / "_pool" / "pool.json").read_text())["index"]["text"]
+    other = "ivf_flat" if used == "exact" else "exact"
+    data = yaml.safe_load(path.read_text())
+    data["stages"]["neighbours"]["index"] = other
+    path.with_name(path.stem + f"-{other}.yaml").write_text(yaml.safe_dump(data))
+    subprocess.run([*command[:4], str(path.with_name(path.stem + f"-{other}.yaml")), *command[5:]], check=True,
+                   capture_output=True)  # fmt: skip
+    figures = truth_figures(wd, truth)
+    return {"index": used, f"mining_precision_at_1_{other}": figures["mining_precision_at_1"]}
 
 
 def truth_figures(wd: WorkDir, truth: dict[str, dict[str, str]]) -> dict:

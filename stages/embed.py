@@ -184,22 +184,20 @@ class EmbedStage(Stage):
         ensure_pretrained(config, on_step=lambda step, loss: advance(1))
 
     def _prepare_precomputed(self, model_cfg: ModelConfig) -> None:
-        from saferclip_data.training.models import load_clip
-
         from .embedding_source import find_parts, vector_width
 
         source = self.sections["source"]
-        loaded = load_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
-                           cache_dir=model_cfg.cache_dir)  # fmt: skip
+        # the model is loaded for its identity in a task (on a Ray worker when the build runs on Ray), so the
+        # driver does not keep its weights
+        identity, dim = self.task_map(model_identity, [(model_cfg,)], 1.0)[0]
         for part in find_parts(source.path, source.embeddings):
             widths = vector_width(part)
-            if set(widths) != {loaded.embed_dim}:
+            if set(widths) != {dim}:
                 raise UserError(
                     f"source.path: {Path(part.metadata).name}'s vectors are {'/'.join(map(str, widths))}-d but "
-                    f"model {model_cfg.arch} embeds {loaded.embed_dim}-d: name the model that made them in model:"
+                    f"model {model_cfg.arch} embeds {dim}-d: name the model that made them in model:"
                 )
-        self.sections[PRECOMPUTED] = {"model_identity": loaded.identity, "embed_dim": str(loaded.embed_dim)}
-        del loaded  # only its identity was needed: the driver does not keep the weights
+        self.sections[PRECOMPUTED] = {"model_identity": identity, "embed_dim": str(dim)}
 
     def setup(self) -> None:
         import torch
@@ -342,6 +340,15 @@ class EmbedStage(Stage):
             }
         )
         return BatchResult(table, rejects)
+
+
+def model_identity(model_cfg: ModelConfig) -> tuple[str, int]:
+    """(identity, embedding width) of the recipe's model: loaded once, on the CPU, then dropped."""
+    from saferclip_data.training.models import load_clip
+
+    loaded = load_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
+                       cache_dir=model_cfg.cache_dir)  # fmt: skip
+    return loaded.identity, loaded.embed_dim
 
 
 def precomputed_batch(batch: pa.Table, parts: list, dim: int) -> BatchResult:
