@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from .errors import UserError
-from .progress import BuildProgress, summary_table
+from .progress import build_progress, summary_table
 from .recipe import load_recipe
 from .runner import Pipeline
 from .status import stage_status
@@ -40,6 +40,31 @@ DEFAULT_RECIPE = "demo.yaml"
 class ExecutorKind(str, Enum):
     ray = "ray"
     local = "local"
+
+
+class ProgressStyle(str, Enum):
+    auto = "auto"
+    bars = "bars"
+    lines = "lines"
+
+
+def next_steps(pipeline: Pipeline, recipe: Path | None) -> list[str]:
+    """The build's closing lines: where its results are and the commands that come next."""
+    root = pipeline.workdir.root
+    target = str(recipe) if recipe else ""
+    lines = [f"work dir: {root}"]
+    names = [p.name for p in pipeline.stages]
+    if "report" in names:
+        lines.append(f"audit report: {root / 'report' / 'report.html'} (also report.md, report.json)")
+    if "shards" in names:
+        lines.append(f"training shards: {root / 'shards'}")
+    nxt = [f"saferclip-data status {root}"]
+    if getattr(pipeline.recipe.source, "kind", None) == "toy":
+        nxt.append(f"saferclip-data toy audit {target}".rstrip())
+    if "shards" in names:
+        nxt += [f"saferclip-data train {target}".rstrip(), f"saferclip-data eval {target}".rstrip()]
+    lines.append("next: " + "   ".join(nxt))
+    return lines
 
 
 RecipeArg = Annotated[
@@ -98,7 +123,14 @@ def build(
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 or auto.")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+    progress_style: Annotated[
+        ProgressStyle,
+        typer.Option(
+            help="bars, lines (a timestamped line per stage and every 15 s), or auto: lines when the "
+            "output is not a terminal (CI, a pipe, a log file)."
+        ),
+    ] = ProgressStyle.auto,
     log_level: LogLevelOpt = "warning",
 ) -> None:
     """Run every stage of RECIPE that is not up to date; resume unfinished shards after a crash."""
@@ -108,14 +140,15 @@ def build(
     pipeline = _pipeline(recipe, workdir)
     runner = make_executor(executor.value, ray_address)
     try:
-        with BuildProgress(console, enabled=progress) as bars:
+        with build_progress(console, progress, progress_style.value) as bars:
             outcomes = pipeline.build(runner, bars)
     finally:
         runner.close()
-    console.print(summary_table(outcomes))
+    console.print(summary_table(outcomes, steps=bars.steps))
     if all(o.status == "up to date" for o in outcomes):
         console.print("everything up to date: nothing ran")
-    console.print(f"work dir: {pipeline.workdir.root}")
+    for line in next_steps(pipeline, recipe):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command(epilog="Example: saferclip-data validate recipes/demo.yaml")
@@ -150,34 +183,35 @@ def status(
 ) -> None:
     """Per stage: shards done/pending, records in/out/rejected, rejects by reason."""
     _setup_logging(log_level)
+    from saferclip_data.stages import REGISTRY
+
+    if target is not None and not target.exists():
+        raise UserError(f"status: no work dir or recipe at {target}")
     if target is not None and target.is_dir():
         root = target
+        if not any((target / name / "_manifest.json").is_file() for name in REGISTRY):
+            raise UserError(f"status: {target} is not a work dir (no stage has run there); give a work dir or a recipe")
     else:
         root = _pipeline(target, workdir).workdir.root
     if not root.is_dir():
-        raise UserError(f"no work dir at {root}: run build first")
-    from saferclip_data.stages import REGISTRY
-
+        raise UserError(f"status: no work dir at {root}: run build first")
     rows = stage_status(WorkDir(root), list(REGISTRY))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"status: {root}")
-    for column in ("stage", "state", "shards done", "pending", "in", "out", "rejected", "rejects by reason"):
-        table.add_column(column)
+    out = Console()
+    table = Table(title=f"status: {root}", title_justify="left")
+    for column in ("stage", "state", "shards", "in", "out", "rejected"):
+        table.add_column(column, justify="left" if column in ("stage", "state") else "right", no_wrap=True)
     for r in rows:
-        reasons = ", ".join(f"{k}: {v}" for k, v in r["rejects_by_reason"].items()) or "-"
-        table.add_row(
-            r["stage"],
-            r["state"],
-            str(r["shards_done"]),
-            str(r["shards_pending"]),
-            str(r["in"]),
-            str(r["out"]),
-            str(r["rejected"]),
-            reasons,
-        )
-    Console().print(table)
+        shards = f"{r['shards_done']:,}/{r['shards_done'] + r['shards_pending']:,}"
+        table.add_row(r["stage"], r["state"], shards, f"{r['in']:,}", f"{r['out']:,}", f"{r['rejected']:,}")
+    out.print(table)
+    reasons = [(r["stage"], k, v) for r in rows for k, v in r["rejects_by_reason"].items()]
+    if reasons:
+        out.print("rejects by reason:")
+        for stage, reason, count in reasons:
+            out.print(f"  {stage:<10} {count:>9,}  {reason}", markup=False, highlight=False)
 
 
 def _add_subapps() -> None:

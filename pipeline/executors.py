@@ -317,6 +317,8 @@ class RayExecutor:
             if self.address:
                 kwargs["address"] = self.address
             else:
+                # the embedded cluster keeps Ray's token authentication; only its notice that it is on is silenced
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 # "local" starts a private instance even where `ray start` left a cluster running on this host
                 kwargs.update(
                     address="local", include_dashboard=False, object_store_memory=self.object_store_mb * 2**20

@@ -6,6 +6,7 @@ The engine does not know which sections or stages exist: the caller passes the t
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from functools import lru_cache
@@ -72,6 +73,22 @@ def _schema(sections: tuple[tuple[str, type[BaseModel], bool], ...], stages: tup
     return create_model("Recipe", __base__=RecipeHeader, **fields)
 
 
+def _suggestion(schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    """' (did you mean 'x'?)' for an unknown key close to a known one at the same place, else ''."""
+    model: Any = schema
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            return ""
+        candidates = [a for a in getattr(field.annotation, "__args__", ()) if isinstance(a, type)]
+        model = next((a for a in (field.annotation, *candidates)
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(getattr(model, "model_fields", {})), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def load_recipe(
     path: str | Path,
     sections: dict[str, tuple[type[BaseModel], bool]],
@@ -103,7 +120,10 @@ def load_recipe(
     try:
         return schema.model_validate(raw, context={"base_dir": path.resolve().parent, "file": file})
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # a misspelt key also makes the real one look missing: report the unknown key first, with a suggestion
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+        first = errors[0]
         key = _key_path(first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         # a model-level check names the exact key itself ("source.path: ..."): use it as the key path
@@ -111,13 +131,13 @@ def load_recipe(
         if named and (not key or named.group(1).startswith(key)):
             key, msg = named.group(1), msg[named.end() :]
         if first["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _suggestion(schema, first["loc"])
         elif first["type"] == "missing":
             msg = "required key is missing"
         elif "input" in first and first["type"] not in ("value_error", "assertion_error"):
             shown = repr(first["input"])
             msg = f"{msg} (got {shown[:60]})"
-        more = len(exc.errors()) - 1
+        more = len(errors) - 1
         if more:
             msg += f" (and {more} more problem{'s' if more > 1 else ''})"
         raise RecipeError(file, key, msg) from None

@@ -149,6 +149,7 @@ class Pipeline:
         name = planned.name
         wd = self.workdir
         started = time.perf_counter()
+        progress.begin(name)
         stage = planned.instance(self.sections)
         if state in ("stale", "done"):
             wd.reset_stage(name)

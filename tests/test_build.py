@@ -166,3 +166,34 @@ def test_ray_and_local_executors_agree(tmp_path, manifest_200):
         assert np.abs(a - b).max() < 1e-3
     manifest = json.loads((tmp_path / "ray" / "embed" / "_manifest.json").read_text())
     assert manifest["executor"] == "ray" and manifest["counts"] == {"in": 200, "out": 200, "rejected": 0}
+
+
+def test_line_progress_prints_start_end_and_a_heartbeat_while_a_step_runs():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from saferclip_data.pipeline.progress import LineProgress, build_progress
+
+    out = io.StringIO()
+    console = Console(file=out, width=80)
+    assert isinstance(build_progress(console), LineProgress)  # not a terminal: lines
+    with LineProgress(console, every=0.3) as lines:
+        lines.begin("embed")
+        advance = lines.subtask("pretrain toy CLIP", 4)
+        for _ in range(4):
+            time.sleep(0.5)
+            advance(1)
+        lines.start_stage("embed", 100, 0, 2)
+        lines.advance(60)
+        time.sleep(1.6)  # a long stretch with no progress call: the heartbeat still reports
+        lines.shard_done({})
+        lines.finish_stage()
+    text = out.getvalue()
+    assert "embed: starting" in text and "pretrain toy CLIP: starting (4 steps)" in text
+    assert "pretrain toy CLIP: done in" in text and "embed: finished in" in text
+    assert "embed: 60/100 rec, 60%" in text  # a heartbeat line with the count, share and rate
+    assert [s.stage for s in lines.steps] == ["  pretrain toy CLIP"] and lines.steps[0].parent == "embed"
+    assert lines.steps[0].seconds >= 1.5
+    assert all(line[:2].isdigit() and line[2] == ":" for line in text.splitlines())  # every line timestamped

@@ -153,3 +153,27 @@ def test_usage_errors_are_one_clear_line_whatever_click_typer_brings(cli):
     assert code == 2 and "No such option: --nope" in err and "Traceback" not in err
     code, _, err = cli("bench", "embed", "--gpus", "abc")
     assert code == 2 and "Invalid value for '--gpus'" in err and "Traceback" not in err
+
+
+def test_a_misspelt_key_is_named_first_with_a_suggestion(tmp_path, manifest_200, cli):
+    data = recipe_dict(manifest_200)
+    data["sourse"] = data.pop("source")
+    code, _, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "sourse: unknown key (did you mean 'source'?)" in err
+    data = recipe_dict(manifest_200)
+    data["stages"]["embed"]["batch_sise"] = 8
+    code, _, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert code == 2 and "stages.embed.batch_sise: unknown key (did you mean 'batch_size'?)" in err
+    data["stages"]["embed"] = {"zzz": 1}
+    code, _, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert code == 2 and "stages.embed.zzz: unknown key" in err and "did you mean" not in err
+
+
+def test_status_of_something_that_is_not_a_work_dir_is_one_line(tmp_path, cli):
+    (tmp_path / "folder").mkdir()
+    code, out, err = cli("status", str(tmp_path / "folder"))
+    assert code == 2 and "is not a work dir" in err and len(err.strip().splitlines()) == 1 and not out
+    code, _, err = cli("status", str(tmp_path / "missing"))
+    assert code == 2 and f"no work dir or recipe at {tmp_path / 'missing'}" in err
+    assert len(err.strip().splitlines()) == 1
