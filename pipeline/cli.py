@@ -214,6 +214,25 @@ def status(
             out.print(f"  {stage:<10} {count:>9,}  {reason}", markup=False, highlight=False)
 
 
+def _plain_flags_in_help() -> None:
+    """Boolean flags need no value, so their help shows no ``<bool>`` type (typer >= 0.26 shows one); a typer
+    without the hook is left as it is."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_plain_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich._plain_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_plain_flags_in_help()
+
+
 def _add_subapps() -> None:
     from saferclip_data.stages.bench_cli import bench_app
     from saferclip_data.stages.report_cli import report_command

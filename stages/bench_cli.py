@@ -137,7 +137,7 @@ def train(
     loader: Annotated[bool, typer.Option(help="Time the data loader too (synthetic quadruplet shards).")] = True,
     reference_precision: Annotated[
         Literal["auto", "fp32", "bf16"],
-        typer.Option(help="Frozen reference weights: auto (bf16 when the step is bf16), fp32 or bf16."),
+        typer.Option("--reference", help="Frozen reference weights: auto (bf16 when the step is bf16), fp32 or bf16."),
     ] = "auto",
     compile_mode: Annotated[
         CompileMode | None,
@@ -185,7 +185,11 @@ def train(
 @bench_app.command(epilog="Example (a GPU session): saferclip-data bench suite --out /tmp/bench")
 def suite(
     out: Annotated[
-        Path | None, typer.Option(help="Folder for results.json and results.md [default: TMPDIR/saferclip-bench-suite]")
+        Path | None,
+        typer.Option(
+            help="Folder for results.json and results.md (default: saferclip-bench-suite in the temp dir).",
+            show_default=False,
+        ),
     ] = None,
     quick: Annotated[bool, typer.Option(help="Toy shapes: checks the suite itself in about 15 s on a CPU.")] = False,
     part: Annotated[
@@ -211,6 +215,13 @@ def suite(
         for spec in chosen:
             console.print(part_name(spec))
         return
+    import torch
+
+    if not quick and not torch.cuda.is_available():
+        raise UserError(
+            "bench suite: its shapes are sized for a GPU (kNN 100k x 4M x 768, ViT-L/14 training) and this "
+            "machine has no CUDA device; run it with --quick to check the suite itself on a CPU"
+        )
     folder = out or default_out()
     results = run_suite(folder, quick=quick, log=lambda line: console.print(line), parts=part)
     table = Table(title=f"bench suite on {results.machine['device']}")
@@ -230,7 +241,11 @@ def scale(
     sizes: Annotated[str, typer.Option(help="Comma-separated record counts.")] = "50000,100000,200000",
     dim: Annotated[int, typer.Option(help="Embedding width: 512 (ViT-B/32 names the model) or 128 (toy).")] = 512,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for pools, work dirs and scale.json [default: TMPDIR/saferclip-scale]")
+        Path | None,
+        typer.Option(
+            help="Folder for pools, work dirs and scale.json (default: saferclip-scale in the temp dir).",
+            show_default=False,
+        ),
     ] = None,
     exact_dedup_max: Annotated[
         int,

@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-toy_app = typer.Typer(help="The toy safety world: generate it, pretrain a tiny CLIP on it.", no_args_is_help=True)
+toy_app = typer.Typer(
+    help="The toy safety world: generate it, pretrain a tiny CLIP on it, audit a build against its ground truth.",
+    no_args_is_help=True,
+)
 console = Console(stderr=True)
 
 
@@ -20,7 +23,9 @@ def generate(
     seed: Annotated[int, typer.Option(help="World seed: same seed, byte-identical shards.")] = 0,
     scenes: Annotated[int, typer.Option(min=1, help="Safe scenes over train/val/test (each + unsafe edit).")] = 3000,
     shifted_scenes: Annotated[int, typer.Option(min=0, help="Scenes of the shifted split (held-out places).")] = 400,
-    noisy_pair_fraction: Annotated[float, typer.Option(min=0, max=1, help="Share of wrong ViSU-like pairs.")] = 0.4,
+    noisy_pair_fraction: Annotated[
+        float, typer.Option("--noisy-pairs", min=0, max=1, help="Share of wrong ViSU-like pairs.")
+    ] = 0.4,
     shard_size: Annotated[int, typer.Option(min=1, help="Records per tar shard.")] = 1000,
 ) -> None:
     """Write the world as an ordinary source (WebDataset shards + parquet manifest) that `build` reads."""

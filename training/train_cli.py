@@ -103,7 +103,9 @@ def train_command(
         CompileMode | None,
         typer.Option("--compile", help="Override training.compile: torch.compile the towers with this mode."),
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: WORKDIR/train/METHOD).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: train/ and the method's name, in the work dir).")
+    ] = None,
     ray_workers: Annotated[
         int, typer.Option(help="Train data-parallel on this many Ray Train workers (0: in this process).")
     ] = 0,
