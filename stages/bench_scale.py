@@ -186,7 +186,10 @@ def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str
     folder, work = base / f"pool-{size}", base / f"work-{size}"
     truth = write_laion(folder, pool)
     path = base / f"scale-{size}.yaml"
-    path.write_text(yaml.safe_dump(recipe(folder, work, pool)))
+    # where the exact path is run for comparison, the build itself runs the partitioned dedup (auto would pick
+    # the exact one at that size)
+    dedup = {"method": "partitioned"} if size <= exact_dedup_max else None
+    path.write_text(yaml.safe_dump(recipe(folder, work, pool, dedup)))
     command = [sys.executable, "-m", "saferclip_data.pipeline.cli", "build", str(path), "--executor", executor,
                "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -257,7 +260,7 @@ def exact_recall(wd: WorkDir, recipe_path: Path) -> float:
     from saferclip_data.stages.dedup import DedupConfig, DedupStage
 
     partitioned = {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}
-    config = yaml.safe_load(recipe_path.read_text())["stages"]["dedup"]
+    config = {k: v for k, v in yaml.safe_load(recipe_path.read_text())["stages"]["dedup"].items() if k != "method"}
     exact_root = wd.root.with_name(wd.root.name + "-exact")
     for stage in ("filter", "embed"):  # the exact run reads the same inputs, written to its own folder
         (exact_root / stage).parent.mkdir(parents=True, exist_ok=True)
