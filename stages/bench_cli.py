@@ -182,7 +182,7 @@ def train(
     Console(width=max(Console().width, 140)).print(table)
 
 
-@bench_app.command(epilog="Example (a GPU session): saferclip-data bench suite --out /tmp/bench")
+@bench_app.command(epilog="Example (on a GPU machine): saferclip-data bench suite --out /tmp/bench")
 def suite(
     out: Annotated[
         Path | None,
@@ -201,9 +201,9 @@ def suite(
     ] = None,
     list_parts: Annotated[bool, typer.Option("--list", help="Print the parts' names, in order, and exit.")] = False,
 ) -> None:
-    """Every benchmark of the GPU issue in one run: kNN 100k x 4M x 768 (k=16), the embed stage for ViT-L/14 and
+    """Every GPU throughput benchmark in one run: kNN 100k x 4M x 768 (k=16), the embed stage for ViT-L/14 and
     ViT-B/32 (in-process, through Ray, two actors per GPU), the trainer (ViT-B/32 and ViT-L/14, LoRA and full).
-    Writes results.json and results.md after every part, each figure marked against the issue's target; a part
+    Writes results.json and results.md after every part, each figure marked against its target; a part
     that fails is recorded and the others still run."""
     from saferclip_data.stages.bench_suite import default_out, part_name, run_suite, selected_parts
 

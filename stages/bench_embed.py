@@ -5,7 +5,7 @@ batch size, with the model at random init (weights do not change the cost). End 
 a source + embed recipe over WebDataset shards of synthetic JPEGs, run as a subprocess per executor, timed by
 the embed stage's shard markers from the first shard's start to the last shard's output on disk (worker set-up
 excluded: Ray actors, model loading, compiling; reading, decoding, text embedding and writing included). The
-ratio of the two is what the GPU issue asks to be ≥ 0.9.
+ratio of the two should be ≥ 0.9 (the stage keeps the GPU busy).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""`saferclip-data bench suite`: every throughput benchmark of the GPU issue in one run, against its targets.
+"""`saferclip-data bench suite`: every GPU throughput benchmark in one run, against its targets.
 
 Made for a GPU session that may be short: one command measures kNN, the embed stage (ViT-L/14 and ViT-B/32,
 in-process and through Ray, one and two actors per GPU) and the trainer (LoRA and full), writes
 ``results.json`` and ``results.md`` into ``--out`` after every part (a run cut short keeps what it measured),
-and marks each figure against the target the issue sets. A part that fails records its error and the suite
+and marks each figure against its target (``TARGETS``). A part that fails records its error and the suite
 goes on. ``--quick`` runs the same parts on toy shapes, so the suite itself is tested on a CPU.
 """
 
@@ -78,7 +78,7 @@ QUICK: list[dict[str, Any]] = [
     {"kind": "loader", "arch": "toy-vit-tiny", "batch_size": 8, "samples": 64},
 ]
 
-#: the GPU issue's acceptance targets: figure name -> (comparison, threshold)
+#: the throughput targets a GPU build should meet: figure name -> (comparison, threshold)
 TARGETS: dict[str, tuple[str, float]] = {
     "embed ViT-L-14 local / encoder": (">=", 0.9),
     "embed ViT-B-32 local img/s": (">=", 14_000),

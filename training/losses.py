@@ -1,6 +1,6 @@
 """Losses of SaFeR-CLIP and of the Safe-CLIP baseline, each a small function of embeddings.
 
-Notation (``../shared/DESIGN.md`` §1): V, T are the encoders being trained, V0, T0 the frozen reference copy;
+Notation (the SaFeR-CLIP paper's, arXiv 2511.16743): V, T are the encoders being trained, V0, T0 the frozen reference copy;
 v, t a safe image and caption; v*, t* their unsafe counterparts; v̂, t̂ the mined nearest safe target. Every
 function takes embeddings of shape (batch, dim), L2-normalises them itself, and returns a scalar tensor; rows
 that do not exist (a text-only record has no image) are left out by the caller.
@@ -124,7 +124,7 @@ def saferclip_loss(e: Embeddings, w: SaferWeights = SaferWeights()) -> tuple[tor
     return _weighted(terms)
 
 
-#: Safe-CLIP's default λ (DESIGN.md §1), normalised to sum 1 in ``safeclip_loss``
+#: Safe-CLIP's default λ (its released training code), normalised to sum 1 in ``safeclip_loss``
 SAFECLIP_LAMBDAS = {
     "text_safe": 0.1,  # T(t) ~ T0(t)
     "text_nsfw": 0.1,  # T(t*) -> T0(t)
