@@ -46,17 +46,19 @@ def stage_counts(root: Path) -> list[dict]:
 
 
 def rejects_by_reason(root: Path) -> pl.DataFrame:
-    files = sorted(root.glob("*/*rejects.parquet"))
-    frames = [pl.read_parquet(f, columns=["key", "stage", "reason"]) for f in files if f.stat().st_size]
-    frames = [f for f in frames if f.height]
-    if not frames:
+    """Reject counts per stage and reason, counted lazily (only the two columns are read)."""
+    files = [f for f in sorted(root.glob("*/*rejects.parquet")) if f.stat().st_size]
+    if not files:
         return pl.DataFrame({"stage": [], "reason": [], "records": []}, schema_overrides={"records": pl.UInt32})
-    return (
-        pl.concat(frames)
+    counts = (
+        pl.scan_parquet(files)
+        .select("stage", "reason")
         .group_by("stage", "reason")
         .agg(pl.len().alias("records"))
         .sort(["stage", "records", "reason"], descending=[False, True, False])
+        .collect()
     )
+    return counts.with_columns(pl.col("records").cast(pl.UInt32))
 
 
 def composition(root: Path) -> dict[str, list[dict]]:
@@ -97,17 +99,20 @@ def scores_and_roles(root: Path) -> pl.DataFrame | None:
 def mining(root: Path) -> dict:
     """Per mined modality: top-1 similarities, similarity by rank, difficulty, margin over the given pair, reuse."""
     path = root / "mine" / "targets.parquet"
-    mine = stage_frame(root, "mine")
-    if mine is None or not path.is_file():
+    files = sorted((root / "mine").glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    if not files or not path.is_file():
         return {}
-    targets = pl.read_parquet(path)
+    targets = pl.scan_parquet(path)  # lazily: only the aggregates below are materialised
     out = {}
-    for modality in targets["modality"].unique().sort().to_list():
+    for modality in targets.select("modality").unique().sort("modality").collect()["modality"].to_list():
         t = targets.filter(pl.col("modality") == modality)
         m = modality.replace("-", "_")
-        by_rank = t.group_by("rank").agg(pl.col("similarity").mean().alias("mean"), pl.len().alias("n")).sort("rank")
-        reuse = t.group_by("target").agg(pl.len().alias("uses"))["uses"].to_numpy()
-        queries = mine.filter(pl.col(f"{m}_targets").is_not_null())
+        by_rank = (t.group_by("rank").agg(pl.col("similarity").mean().alias("mean"), pl.len().alias("n"))
+                   .sort("rank").collect())  # fmt: skip
+        reuse = t.group_by("target").agg(pl.len().alias("uses")).collect()["uses"].to_numpy()
+        columns = [f"{m}_similarities", f"{m}_pair_similarity", f"{m}_difficulty"]
+        queries = (pl.scan_parquet(files).filter(pl.col(f"{m}_targets").is_not_null()).select(columns)
+                   .collect())  # fmt: skip
         top1 = queries[f"{m}_similarities"].list.first().cast(pl.Float64)
         pair = queries[f"{m}_pair_similarity"].cast(pl.Float64)
         has_pair = pair.is_not_null()
