@@ -17,6 +17,7 @@ record of a benchmark split is marked ``held_out`` (the shards stage never train
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,9 @@ from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
 
 from .knn import knn_search
 from .score import unit_rows
+
+#: auto's switch to the task-parallel benchmark (records in the mine stage)
+TASKS_MIN_ROWS = 1_000_000
 
 
 class BenchmarkConfig(StageConfig):
@@ -49,6 +53,11 @@ class BenchmarkConfig(StageConfig):
     )
     leak_neighbours: int = Field(default=4, gt=0, description="training neighbours examined per benchmark member")
     backend: str = Field(default="auto", pattern="^(auto|faiss|torch)$")
+    method: Literal["auto", "memory", "tasks"] | None = Field(
+        default=None,
+        description="memory = the whole data set in one process; tasks = the splits' rows gathered by per-shard "
+        f"tasks, the leak check a map over the training shards; unset = auto: tasks above {TASKS_MIN_ROWS:,} records",
+    )
 
 
 @dataclass
@@ -125,13 +134,48 @@ class BenchmarkStage(Stage):
         wd = ctx.workdir
         shard_ids = wd.completed_shards("mine")
         source_cols = ("key", c.split_column, c.group_column)
+        missing = [col for col in source_cols[1:] if col not in wd.shard_columns("source", shard_ids[0])]
+        if missing:
+            raise UserError(
+                f"stages.benchmark: the source has no column '{missing[0]}' (set split_column/group_column)"
+            )
+        records = sum((wd.shard_stats("mine", s) or {}).get("out", 0) for s in shard_ids)
+        if c.method == "tasks" or (c.method in (None, "auto") and records > TASKS_MIN_ROWS):
+            from .benchmark_tasks import run_tasks
+
+            return run_tasks(ctx, self, shard_ids, {**self.inputs, "source": source_cols})
         tables = [wd.read_aligned(s, {**self.inputs, "source": source_cols}) for s in shard_ids]
         table = pa.concat_tables(tables)
-        for col in (c.split_column, c.group_column):
-            if col not in table.column_names:
-                raise UserError(f"stages.benchmark: the source has no column '{col}' (set split_column/group_column)")
+        vectors = self.vectors(table)
+        selected, rows, per_category, cuts = self.choose(table, vectors)
+        leaks = self._leaks(table, vectors, selected, [r["benchmark_id"] for r in rows])
+        self.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
+        export_benchmark(ctx, self, rows, leaks, per_category, cuts)
+        keys = table["key"].to_pylist()
+        bench_id = [None] * len(keys)
+        for r in rows:
+            bench_id[r["safe_row"]] = bench_id[r["unsafe_row"]] = r["benchmark_id"]
+        wanted = set(c.splits)
+        held_out = [s in wanted for s in table[c.split_column].to_pylist()]
+        start = 0
+        for shard_id, shard in zip(shard_ids, tables):
+            part = shard.select(["key", "role", "category"]).append_column(
+                "benchmark_id", pa.array(bench_id[start : start + shard.num_rows], pa.string())
+            )
+            part = part.append_column("held_out", pa.array(held_out[start : start + shard.num_rows], pa.bool_()))
+            start += shard.num_rows
+            ctx.write_shard(shard_id, part, [], shard.num_rows)
+        return {"in": len(keys), "out": len(keys), "rejected": 0}
+
+    @staticmethod
+    def vectors(table: pa.Table) -> dict[str, np.ndarray]:
         dim = table.schema.field("text_embedding").type.list_size
-        vectors = {m: unit_rows(table[f"{m}_embedding"], dim)[0] for m in ("image", "text")}
+        return {m: unit_rows(table[f"{m}_embedding"], dim)[0] for m in ("image", "text")}
+
+    def choose(self, table: pa.Table, vectors: dict[str, np.ndarray]) -> tuple[list[Candidate], list[dict], dict, dict]:
+        """The quadruplets drawn from ``table``'s rows of the benchmark splits: (selected, their rows with ids
+        and keys, per-category counts, thresholds)."""
+        c = self.config
         candidates = self._candidates(table, vectors)
         if not candidates:
             raise UserError(
@@ -145,19 +189,12 @@ class BenchmarkStage(Stage):
         selected = [candidates[eligible[i]] for i in picked]
         selected.sort(key=lambda cand: (cand.category, -cand.caption_similarity, cand.group))
         keys = table["key"].to_pylist()
-        bench_id = [None] * len(keys)
-        rows = []
-        for n, cand in enumerate(selected):
-            qid = f"bench-{n:05d}"
-            bench_id[cand.safe_row] = bench_id[cand.unsafe_row] = qid
-            rows.append({"benchmark_id": qid, **cand.__dict__, "safe_key": keys[cand.safe_row],
-                         "unsafe_key": keys[cand.unsafe_row]})  # fmt: skip
-        leaks = self._leaks(table, vectors, selected, [r["benchmark_id"] for r in rows])
-        supply = {cat: sum(candidates[i].category == cat for i in eligible) for cat in categories}
+        rows = [{"benchmark_id": f"bench-{n:05d}", **cand.__dict__, "safe_key": keys[cand.safe_row],
+                 "unsafe_key": keys[cand.unsafe_row]} for n, cand in enumerate(selected)]  # fmt: skip
         per_category = {
             cat: {
                 "candidates": sum(cand.category == cat for cand in candidates),
-                "eligible": supply[cat],
+                "eligible": sum(candidates[i].category == cat for i in eligible),
                 "quota": quota[cat],
                 "selected": sum(cand.category == cat for cand in selected),
                 "near_duplicates_skipped": skipped[cat],
@@ -166,19 +203,7 @@ class BenchmarkStage(Stage):
         }
         for counts in per_category.values():
             counts["shortfall"] = counts["quota"] - counts["selected"]
-        self.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
-        export_benchmark(ctx, self, rows, leaks, per_category, cuts)
-        wanted = set(c.splits)
-        held_out = [s in wanted for s in table[c.split_column].to_pylist()]
-        start = 0
-        for shard_id, shard in zip(shard_ids, tables):
-            part = shard.select(["key", "role", "category"]).append_column(
-                "benchmark_id", pa.array(bench_id[start : start + shard.num_rows], pa.string())
-            )
-            part = part.append_column("held_out", pa.array(held_out[start : start + shard.num_rows], pa.bool_()))
-            start += shard.num_rows
-            ctx.write_shard(shard_id, part, [], shard.num_rows)
-        return {"in": len(keys), "out": len(keys), "rejected": 0}
+        return selected, rows, per_category, cuts
 
     def _candidates(self, table: pa.Table, vectors: dict[str, np.ndarray]) -> list[Candidate]:
         c = self.config

@@ -1,0 +1,37 @@
+"""The task-parallel benchmark against the in-process one: the same selection, leaks and outputs."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from saferclip_data.pipeline.workdir import WorkDir
+
+from conftest import write_recipe
+from helpers import safety_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def test_task_parallel_benchmark_selects_and_checks_leaks_as_the_in_process_one(tmp_path, cli_module):
+    data = safety_recipe(tmp_path / "work")
+    data["stages"]["benchmark"] = {"splits": ["shift"], "size": 14, "duplicate_threshold": 0.999,
+                                   "leak_threshold": 0.9, "alignment_percentile": 0,
+                                   "caption_similarity_percentile": 0, "method": "memory"}  # fmt: skip
+    results = {}
+    for method in ("memory", "tasks"):
+        data["stages"]["benchmark"]["method"] = method
+        code, _, err = cli_module("build", str(write_recipe(tmp_path / "r.yaml", data)), "--executor", "local")
+        assert code == 0, err
+        wd = WorkDir(tmp_path / "work")
+        folder = wd.stage_dir("benchmark")
+        results[method] = {
+            "shards": wd.read_stage_columns("benchmark", ["key", "role", "category", "benchmark_id", "held_out"]),
+            "selection": pq.read_table(folder / "benchmark.parquet"),
+            "leaks": pq.read_table(folder / "leakage.parquet") if (folder / "leakage.parquet").is_file() else None,
+        }
+    memory, tasks = results["memory"], results["tasks"]
+    assert memory["selection"].num_rows >= 5 and memory["selection"].equals(tasks["selection"])
+    assert memory["shards"].equals(tasks["shards"])
+    assert memory["leaks"] is not None and memory["leaks"].num_rows > 0  # the test has leaks to find
+    assert memory["leaks"].equals(tasks["leaks"])
