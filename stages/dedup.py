@@ -25,7 +25,7 @@ from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageCon
 
 from .knn import knn_search
 from .score import unit_rows
-from .semdedup import run_partitioned
+from .semdedup import greedy_leaders, run_partitioned
 
 #: defaults of the partitioned path (unset recipe fields keep the stage's fingerprint as it was before they existed)
 EXACT_MAX_ROWS = 200_000
@@ -117,18 +117,11 @@ def near_duplicates(
 
 def leader_clusters(keys: list[str], edges: list[dict[int, list[tuple[int, float]]]]) -> dict[int, tuple[int, str]]:
     """Duplicate row -> (kept row, why). Greedy in key order, so the result does not depend on row order."""
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    decided: dict[int, tuple[int, str]] = {}
-    kept: set[int] = set()
-    for row in order:
-        if row in decided or row in kept:
-            continue
-        kept.add(row)
-        for modality, graph in edges:
-            for other, sim in graph.get(row, []):
-                if other not in decided and other not in kept:
-                    decided[other] = (row, f"{modality} cosine {sim:.3f}")
-    return decided
+
+    def claims(row: int):
+        return ((other, f"{m} cosine {sim:.3f}") for m, graph in edges for other, sim in graph.get(row, []))
+
+    return greedy_leaders(sorted(range(len(keys)), key=keys.__getitem__), claims)
 
 
 class DedupStage(Stage):

@@ -21,7 +21,7 @@ from pydantic import Field
 from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig
 
 from .curriculum import difficulty
-from .mine_stream import run_streaming
+from .mine_stream import run_streaming, target_columns
 from .score import column_suffix
 
 #: auto's switch to the streaming reuse cap (records in the neighbours stage)
@@ -117,11 +117,7 @@ class MineStage(Stage):
                 bucket_col[i] = b
                 if pair_sims[i] is not None:
                     margin[i] = target_sims[i][0] - pair_sims[i]
-            out[f"{m}_targets"] = pa.array(targets, pa.list_(pa.string()))
-            out[f"{m}_similarities"] = pa.array(target_sims, pa.list_(pa.float32()))
-            out[f"{m}_pair_similarity"] = table[f"{m}_pair_similarity"]
-            out[f"{m}_margin"] = pa.array(margin, pa.float32())
-            out[f"{m}_difficulty"] = pa.array(bucket_col, pa.string())
+            out |= target_columns(m, targets, target_sims, table[f"{m}_pair_similarity"], margin, bucket_col)
         result = pa.table(out)
         reject_rows = {i for i in unsafe if not has_target[i]}
         start = 0

@@ -140,11 +140,7 @@ def assemble_shard(root: str, shard_id: str, index: int, modalities: list[str], 
             buckets.append(bucket_of(top, low, high))
             long_rows.extend({"key": key, "modality": m, "rank": r + 1, "target": t, "similarity": s}
                              for r, (t, s) in enumerate(chosen))  # fmt: skip
-        out[f"{m}_targets"] = pa.array(targets, pa.list_(pa.string()))
-        out[f"{m}_similarities"] = pa.array(sims_col, pa.list_(pa.float32()))
-        out[f"{m}_pair_similarity"] = table[f"{m}_pair_similarity"]
-        out[f"{m}_margin"] = pa.array(margins, pa.float32())
-        out[f"{m}_difficulty"] = pa.array(buckets, pa.string())
+        out |= target_columns(m, targets, sims_col, table[f"{m}_pair_similarity"], margins, buckets)
     result = pa.table(out)
     reject = [i for i, r in enumerate(roles) if r == "unsafe" and not has_target[i]]
     keep = np.setdiff1d(np.arange(len(keys)), reject)
@@ -155,6 +151,18 @@ def assemble_shard(root: str, shard_id: str, index: int, modalities: list[str], 
     atomic_write_parquet(long_path, pa.Table.from_pylist(long_rows, schema=LONG_SCHEMA))
     return write_global_shard(wd, "mine", metadata, shard_id, result.take(pa.array(keep, pa.int64())), rejects,
                               len(keys), worker_identity())  # fmt: skip
+
+
+def target_columns(m: str, targets: list, similarities: list, pair_similarity: Any, margins: list,
+                   buckets: list) -> dict[str, Any]:  # fmt: skip
+    """A modality's output columns of the mine stage (None where a record has no target)."""
+    return {
+        f"{m}_targets": pa.array(targets, pa.list_(pa.string())),
+        f"{m}_similarities": pa.array(similarities, pa.list_(pa.float32())),
+        f"{m}_pair_similarity": pair_similarity,
+        f"{m}_margin": pa.array(margins, pa.float32()),
+        f"{m}_difficulty": pa.array(buckets, pa.string()),
+    }
 
 
 def run_streaming(ctx: GlobalContext, shard_ids: list[str], modalities: list[str], k: int,

@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 import shutil
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,7 @@ from .knn import knn_search
 from .score import unit_rows
 
 PARTITION_DIR = "_partitions"
+Node = TypeVar("Node")
 ROLES = ("safe", "unsafe")
 EDGE_SCHEMA = pa.schema(
     [("modality", pa.string()), ("key", pa.string()), ("other", pa.string()), ("similarity", pa.float32()),
@@ -188,6 +190,24 @@ def search_bucket(root: str, stage: str, name: str, lo: int, hi: int, slices: li
     return {"path": str(path), "edges": len(edges["key"]), "rows": rows, "largest": largest, **worker_identity()}
 
 
+def greedy_leaders(
+    order: Iterable[Node], claims: Callable[[Node], Iterable[tuple[Node, str]]]
+) -> dict[Node, tuple[Node, str]]:
+    """The leader rule: visit ``order``; an undecided node is kept and claims every undecided node that
+    ``claims(node)`` names, in that order, as its duplicate (with the reason given). Returns duplicate -> (kept,
+    why). Chains do not merge: a duplicate is always named by the record kept for it."""
+    decided: dict[Node, tuple[Node, str]] = {}
+    kept: set[Node] = set()
+    for node in order:
+        if node in decided or node in kept:
+            continue
+        kept.add(node)
+        for other, why in claims(node):
+            if other not in decided and other not in kept:
+                decided[other] = (node, why)
+    return decided
+
+
 def leader_over_edges(edges: pa.Table, modalities: list[str]) -> dict[str, tuple[str, str]]:
     """Duplicate key -> (kept key, why): the exact path's leader rule (key order; each visited record claims its
     undecided neighbours, modality by modality in ``modalities`` order, most similar first) over the edges only."""
@@ -196,16 +216,11 @@ def leader_over_edges(edges: pa.Table, modalities: list[str]) -> dict[str, tuple
     for m, key, other, sim in zip(*(edges[c].to_pylist() for c in ("modality", "key", "other", "similarity"))):
         graph[key].add((rank[m], -sim, other))
     nodes = sorted(set(graph) | {o for targets in graph.values() for _, _, o in targets})
-    decided: dict[str, tuple[str, str]] = {}
-    kept: set[str] = set()
-    for key in nodes:
-        if key in decided or key in kept:
-            continue
-        kept.add(key)
-        for m, neg_sim, other in sorted(graph.get(key, [])):
-            if other not in decided and other not in kept:
-                decided[other] = (key, f"{modalities[m]} cosine {-neg_sim:.3f}")
-    return decided
+
+    def claims(key: str) -> Iterable[tuple[str, str]]:
+        return ((other, f"{modalities[m]} cosine {-neg:.3f}") for m, neg, other in sorted(graph.get(key, ())))
+
+    return greedy_leaders(nodes, claims)
 
 
 def write_dedup_shard(root: str, stage: str, metadata: dict[str, str], shard_id: str,
