@@ -158,6 +158,7 @@ class Pipeline:
             specs = stage.plan_shards(wd) if stage.mode == "map" else []
             manifest = {
                 "stage": name,
+                "recipe": getattr(self.recipe, "name", None),
                 "fingerprint": planned.fingerprint,
                 "fingerprint_inputs": planned.fingerprint_inputs,
                 "complete": False,

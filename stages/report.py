@@ -115,11 +115,17 @@ def _plots(root: Path, stats: dict) -> list[tuple[str, str]]:
             ax.set_xlabel("given pair similarity")
             ax.set_ylabel("mined top-1 similarity")
             plots.append((f"given pair vs mined target ({modality})", _png(fig)))
-        fig, ax = _figure()
-        buckets = [d["bucket"] or "(none)" for d in m["difficulty"]]
-        ax.bar(buckets, [d["n"] for d in m["difficulty"]])
-        ax.set_ylabel("unsafe records")
-        plots.append((f"difficulty buckets ({modality})", _png(fig)))
+        cuts = stats.get("tertiles", {}).get(modality)
+        if cuts and len(m["top1"]):
+            fig, ax = _figure()
+            ax.hist(m["top1"], bins=50, color="#9ab")
+            for cut, label, height in zip(cuts, ("hard | medium", "medium | easy"), (0.62, 0.88)):
+                ax.axvline(cut, color="#c33", linewidth=1.5)
+                ax.annotate(f"{label}\n{cut:.3f}", (cut, ax.get_ylim()[1] * height), ha="center", fontsize=8,
+                            backgroundcolor="white")  # fmt: skip
+            ax.set_xlabel("top-1 target similarity (curriculum: easy first, hard last)")
+            ax.set_ylabel("unsafe records")
+            plots.append((f"difficulty thresholds ({modality}): tertiles of top-1 similarity", _png(fig)))
     return plots
 
 
@@ -144,6 +150,8 @@ def collect(root: Path) -> dict[str, Any]:
         }
     rejects = data.rejects_by_reason(root)
     return {
+        "header": data.header(root),
+        "tertiles": data.tertiles(root),
         "work_dir": str(root),
         "stages": data.stage_counts(root),
         "composition": data.composition(root),
@@ -154,82 +162,135 @@ def collect(root: Path) -> dict[str, Any]:
     }
 
 
+STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2430;margin:0;background:#f4f6f9}
+main{max-width:1180px;margin:0 auto;padding:24px 32px 48px}
+header{background:#1d2a3a;color:#fff;padding:22px 32px}
+header h1{margin:0 0 6px;font-size:24px;font-weight:600}
+header dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:8px 0 0;font-size:13px}
+header dt{color:#9fb0c4} header dd{margin:0;font-family:ui-monospace,monospace;word-break:break-all}
+section{background:#fff;border:1px solid #dde3ea;border-radius:8px;padding:14px 20px;margin:18px 0}
+h2{font-size:18px;margin:4px 0 10px} h3{font-size:15px;margin:14px 0 6px;color:#394b60}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
+th{background:#eef2f6;text-align:left;font-weight:600;padding:5px 10px;border-bottom:2px solid #cfd8e2}
+td{padding:4px 10px;border-bottom:1px solid #e8edf2;vertical-align:middle}
+tr:nth-child(even) td{background:#fafbfd} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.grid{display:flex;flex-wrap:wrap;gap:8px 28px;align-items:flex-start}
+figure{display:inline-block;margin:6px 10px 6px 0} figcaption{font-size:12px;color:#4a5a6c}
+img.plot{max-width:540px;border:1px solid #e3e8ee;border-radius:4px}
+img.unsafe-thumb,img.safe-thumb{width:72px;height:72px;object-fit:cover;border-radius:4px}
+.empty{color:#8a96a3} .note{color:#4a5a6c;font-size:13px}
+"""
+
+#: column names as shown (others: underscores become spaces)
+HEADINGS = {"in": "records in", "out": "kept", "near_duplicates_skipped": "near-duplicates skipped",
+            "top1_similarity_mean": "mean top-1 similarity", "reuse_gini": "reuse Gini", "reuse_max": "most uses",
+            "mined_beats_given_pair": "mined beats given pair", "mined_is_given_pair": "mined is given pair",
+            "seconds": "seconds"}  # fmt: skip
+
+
+def _heading(column: str) -> str:
+    return HEADINGS.get(column, column.replace("_", " "))
+
+
 def _table(rows: list[dict], columns: list[str] | None = None) -> str:
     if not rows:
         return "<p class='empty'>none</p>"
     columns = columns or list(rows[0])
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(_heading(str(c)))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(_cell(r.get(c), c) for c in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _cell(value: Any, column: str) -> str:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    text = f"{value:,.1f}" if column == "seconds" and numeric else _fmt(value)
+    return f"<td class='num'>{html.escape(text)}</td>" if numeric else f"<td>{html.escape(text)}</td>"
+
+
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:,.4f}"
-    if isinstance(value, int) and not isinstance(value, bool):
+        return "" if math.isnan(value) else f"{value:,.3f}"
+    if isinstance(value, int):
         return f"{value:,}"
     return "" if value is None else str(value)
 
 
+def _header(stats: dict) -> str:
+    h = stats["header"]
+    facts = [("recipe", h.get("recipe") or "(not recorded)"), ("built", h.get("built") or ""),
+             ("report written", h.get("written")), ("embedding model", h.get("model_identity") or "(none)"),
+             ("saferclip-data", h.get("version") or ""), ("work dir", stats["work_dir"])]  # fmt: skip
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in facts)
+    return f"<header><h1>saferclip-data audit report</h1><dl>{rows}</dl></header>"
+
+
 def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], show_unsafe: bool) -> str:
     bench = stats["benchmark"]
+    stages = [{"stage": s["stage"], "status": s["status"], **{k: s[k] for k in ("in", "out", "rejected", "seconds")}}
+              for s in stats["stages"]]  # fmt: skip
     parts = [
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>saferclip-data report</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;"
-        "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}figure{display:inline-block;"
-        "margin:.5em}figcaption{font-size:13px}.empty{color:#888}</style></head><body>",
-        f"<h1>saferclip-data report</h1><p>work dir: <code>{html.escape(stats['work_dir'])}</code></p>",
-        "<h2>Stages</h2>",
-        _table(stats["stages"]),
-        "<h2>Composition</h2>",
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>saferclip-data report: {html.escape(str(stats['header'].get('recipe') or ''))}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        _header(stats),
+        "<main><section><h2>Stages</h2>",
+        _table(stages),
+        "</section><section><h2>Composition</h2><div class='grid'>",
     ]
     for column, rows in stats["composition"].items():
-        parts += [f"<h3>by {html.escape(column)}</h3>", _table(rows)]
-    parts += ["<h2>Rejects by stage and reason</h2>", _table(stats["rejects_by_reason"])]
+        parts += [f"<div><h3>by {html.escape(column)}</h3>", _table(rows), "</div>"]
+    parts += ["</div></section><section><h2>Rejects by stage and reason</h2>", _table(stats["rejects_by_reason"])]
     parts += [
-        "<h2>Mining</h2>",
+        "</section><section><h2>Mining</h2>",
         _table(
             [
                 {"modality": k, **{x: y for x, y in v.items() if not isinstance(y, list)}}
                 for k, v in stats["mining"].items()
             ]
         ),
+        "</section><section><h2>Plots</h2>",
     ]
-    parts.append("<h2>Plots</h2>")
     for title, png in plots:
         alt = html.escape(title)
         parts.append(
             f"<figure><img class='plot' alt='{alt}' src='data:image/png;base64,{png}'>"
             f"<figcaption>{alt}</figcaption></figure>"
         )
-    parts.append("<h2>Benchmark datasheet</h2>")
+    parts.append("</section><section><h2>Benchmark datasheet</h2>")
     if bench:
         parts.append(
-            f"<p>{bench['quadruplets']:,} quadruplets; thresholds {html.escape(json.dumps(bench['thresholds']))}"
-            f"; recipe fingerprint <code>{html.escape(str(bench['recipe_fingerprint']))}</code></p>"
+            f"<p>{bench['quadruplets']:,} quadruplets; recipe fingerprint "
+            f"<code>{html.escape(str(bench['recipe_fingerprint']))}</code></p><h3>Thresholds</h3>"
         )
+        parts.append(_table([{"threshold": _heading(k), "value": v} for k, v in bench["thresholds"].items()]))
+        parts.append("<h3>Per category</h3>")
         parts.append(_table([{"category": k, **v} for k, v in bench["per_category"].items()]))
-        parts.append(_table([{"similarity": k, **v} for k, v in bench["similarity"].items() if v]))
+        parts.append("<h3>Pair similarity</h3>")
+        parts.append(_table([{"similarity": _heading(k), **v} for k, v in bench["similarity"].items() if v]))
         parts.append(f"<h3>Leakage findings: {bench['leakage']['findings']:,}</h3>")
         parts.append(_table(bench["leak_rows"]))
     else:
         parts.append("<p class='empty'>no benchmark stage in this work dir</p>")
     note = "shown unblurred (--show-unsafe)" if show_unsafe else "blurred; --show-unsafe shows them"
     parts.append(
-        f"<h2>Sample pairs</h2><p>Unsafe images are {note}.</p><table><thead><tr><th>unsafe</th>"
-        "<th>caption</th><th>mined safe target</th><th>caption</th><th>similarity</th><th>difficulty</th>"
-        "</tr></thead><tbody>"
+        f"</section><section><h2>Sample pairs</h2><p class='note'>Every category, over the difficulty buckets, "
+        f"pairs of typical similarity in each. Unsafe images are {note}.</p><table><thead><tr><th>category</th>"
+        "<th>difficulty</th><th>unsafe</th><th>caption</th><th>mined safe target</th><th>caption</th>"
+        "<th>similarity</th></tr></thead><tbody>"
     )
     for s in samples:
         cells = []
         for image, cls in ((s["unsafe_thumb"], "unsafe-thumb"), (s["target_thumb"], "safe-thumb")):
             cells.append(f"<img class='{cls}' alt='{cls}' src='data:image/png;base64,{image}'>" if image else "")
         parts.append(
-            f"<tr><td>{cells[0]}</td><td>{html.escape(s['unsafe_caption'] or '')}</td><td>{cells[1]}</td>"
-            f"<td>{html.escape(s['target_caption'] or '')}</td><td>{_fmt(s['similarity'])}</td>"
-            f"<td>{html.escape(str(s['difficulty']))}</td></tr>"
+            f"<tr><td>{html.escape(str(s['category']))}</td><td>{html.escape(str(s['difficulty']))}</td>"
+            f"<td>{cells[0]}</td><td>{html.escape(s['unsafe_caption'] or '')}</td><td>{cells[1]}</td>"
+            f"<td>{html.escape(s['target_caption'] or '')}</td><td class='num'>{_fmt(s['similarity'])}</td></tr>"
         )
-    parts.append("</tbody></table></body></html>")
+    parts.append("</tbody></table></section></main></body></html>")
     return "\n".join(parts)
 
 

@@ -7,6 +7,7 @@ section rather than an error, so ``saferclip-data report`` works on a partial bu
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +29,18 @@ def stage_frame(root: Path, stage: str, columns: list[str] | None = None) -> pl.
 
 
 def stage_counts(root: Path) -> list[dict]:
+    """Per stage that ran, in the order they finished: status and counts; the report stage itself is the one
+    writing this (it is not finished yet while it does)."""
     rows = []
     for manifest in sorted(root.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime_ns):
         m = json.loads(manifest.read_text())
         counts = m.get("counts", {})
+        name = manifest.parent.name
+        status = "done" if m.get("complete") else ("writing this report" if name == "report" else "unfinished")
         rows.append(
             {
-                "stage": manifest.parent.name,
-                "complete": bool(m.get("complete")),
+                "stage": name,
+                "status": status,
                 "in": counts.get("in"),
                 "out": counts.get("out"),
                 "rejected": counts.get("rejected"),
@@ -43,6 +48,33 @@ def stage_counts(root: Path) -> list[dict]:
             }
         )
     return rows
+
+
+def header(root: Path) -> dict:
+    """Recipe name, build time, embedding model identity and package version, from the stage manifests."""
+    manifests = [json.loads(p.read_text()) for p in sorted(root.glob("*/_manifest.json"))]
+    embed = (
+        json.loads((root / "embed" / "_manifest.json").read_text())
+        if (root / "embed" / "_manifest.json").is_file()
+        else {}
+    )
+    finished = [p.stat().st_mtime for p in root.glob("*/_manifest.json")]
+    return {
+        "recipe": next((m["recipe"] for m in manifests if m.get("recipe")), None),
+        "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(max(finished))) if finished else None,
+        "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "model_identity": embed.get("metadata", {}).get("model_identity"),
+        "version": next((m["packages"].get("saferclip-data") for m in manifests if m.get("packages")), None),
+    }
+
+
+def tertiles(root: Path) -> dict[str, list[float]]:
+    """modality -> the two top-1 similarity thresholds between hard, medium and easy (mine stage metadata)."""
+    path = root / "mine" / "_manifest.json"
+    meta = json.loads(path.read_text()).get("metadata", {}) if path.is_file() else {}
+    suffix = "_difficulty_tertiles"
+    return {k.removesuffix(suffix): [float(x) for x in v.split(",")]
+            for k, v in meta.items() if k.endswith(suffix)}  # fmt: skip
 
 
 def rejects_by_reason(root: Path) -> pl.DataFrame:
@@ -148,36 +180,52 @@ def benchmark(root: Path) -> dict:
 
 
 def sample_pairs(root: Path, modality: str, n: int = 12) -> list[dict]:
-    """A few unsafe records with their top-1 mined target, chosen deterministically across difficulty buckets."""
-    mine = stage_frame(root, "mine")
+    """Unsafe records with their top-1 mined target: every category, each over the difficulty buckets in turn
+    (easy, medium, hard; each category starting one bucket later), the records of a (category, bucket) cell at
+    the median of its similarity, so the table shows typical pairs, neither the best nor the weakest. At least
+    one per category, whatever ``n``."""
     m = modality.replace("-", "_")
-    if mine is None or f"{m}_targets" not in mine.columns:
+    files = sorted((root / "mine").glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    if not files or f"{m}_targets" not in pl.scan_parquet(files).collect_schema().names():
         return []
-    picked = (
-        mine.filter(pl.col(f"{m}_targets").is_not_null())
-        .with_columns(
-            pl.col(f"{m}_targets").list.first().alias("target"),
-            pl.col(f"{m}_similarities").list.first().alias("similarity"),
-        )
-        .sort("key")
-        .gather_every(max(1, mine.height // (4 * n)))
-        .head(n)
-        .select("key", "category", "target", "similarity", pl.col(f"{m}_difficulty").alias("difficulty"))
-    )
-    keys = set(picked["key"].to_list()) | set(picked["target"].to_list())
+    mine = (
+        pl.scan_parquet(files)
+        .filter(pl.col(f"{m}_targets").is_not_null())
+        .select("key", pl.col("category").fill_null("unknown"),
+                pl.col(f"{m}_targets").list.first().alias("target"),
+                pl.col(f"{m}_similarities").list.first().alias("similarity"),
+                pl.col(f"{m}_difficulty").alias("difficulty"))
+        .collect()
+    )  # fmt: skip
+    if mine.is_empty():
+        return []
+    categories = sorted(mine["category"].unique().to_list())
+    per_category = max(1, -(-n // len(categories)))
+    chosen = []
+    for c, category in enumerate(categories):
+        rows = mine.filter(pl.col("category") == category)
+        cells = {b: rows.filter(pl.col("difficulty") == b).sort("similarity", "key") for b in BUCKET_ORDER}
+        taken: dict[str, int] = dict.fromkeys(BUCKET_ORDER, 0)
+        first = len(chosen)
+        for i in range(per_category):
+            turn = (i + c) % 3  # categories start on different buckets: every bucket shows even at n = 2/category
+            bucket = next((b for b in list(BUCKET_ORDER)[turn:] + list(BUCKET_ORDER)[:turn]
+                           if taken[b] < cells[b].height), None)  # fmt: skip
+            if bucket is None:
+                break
+            cell = cells[bucket]
+            middle = (cell.height - 1) // 2
+            offset = (taken[bucket] + 1) // 2 * (1 if taken[bucket] % 2 else -1)  # median, then either side
+            chosen.append(cell.row(min(max(middle + offset, 0), cell.height - 1), named=True))
+            taken[bucket] += 1
+        chosen[first:] = sorted(chosen[first:], key=lambda r: (BUCKET_ORDER[r["difficulty"]], -r["similarity"]))
+    keys = {r["key"] for r in chosen} | {r["target"] for r in chosen}
     source_files = sorted((root / "source").glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
     source = pl.scan_parquet(source_files).filter(pl.col("key").is_in(list(keys))).select("key", "caption", "image")
     lookup = {r["key"]: r for r in source.collect().to_dicts()}
-    rows = []
-    for r in picked.to_dicts():
+    out = []
+    for r in chosen:
         unsafe, target = lookup.get(r["key"], {}), lookup.get(r["target"], {})
-        rows.append(
-            {
-                **r,
-                "unsafe_caption": unsafe.get("caption"),
-                "unsafe_image": unsafe.get("image"),
-                "target_caption": target.get("caption"),
-                "target_image": target.get("image"),
-            }
-        )
-    return rows
+        out.append({**r, "unsafe_caption": unsafe.get("caption"), "unsafe_image": unsafe.get("image"),
+                    "target_caption": target.get("caption"), "target_image": target.get("image")})  # fmt: skip
+    return out

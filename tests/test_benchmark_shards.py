@@ -278,7 +278,10 @@ def test_unsafe_thumbnails_are_blurred_unless_asked(built, tmp_path, cli_module)
     source = {r["key"]: r["image"] for r in WorkDir(built).read_stage_columns("source", ["key", "image"]).to_pylist()}
     stats = json.loads((built / "report" / "report.json").read_text())
     shown = _images_of((built / "report" / "report.html").read_text(), "unsafe-thumb")
-    assert len(shown) == len(stats["samples"]) == 6 and stats["unsafe_thumbnails"] == "blurred"
+    assert len(shown) == len(stats["samples"]) >= 6 and stats["unsafe_thumbnails"] == "blurred"
+    mined = WorkDir(built).read_stage_columns("mine", ["role", "category", "text_targets"]).to_pylist()
+    categories = {r["category"] for r in mined if r["role"] == "unsafe" and r["text_targets"]}
+    assert {s["category"] for s in stats["samples"]} == categories  # every category, even past --samples
     for png, sample in zip(shown, stats["samples"]):
         original = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbnail(source[sample["key"]], blur=False)))))
         in_report = np.asarray(Image.open(io.BytesIO(png)))
