@@ -55,13 +55,35 @@ def read_manifest(path: Path, fmt: str) -> pa.Table:
         return pajson.read_json(path)
     if fmt == "csv":
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
         # strings stay strings: a key or a caption like "0012" must not become an integer
-        return pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=None),
-        )
+        convert = pacsv.ConvertOptions(strings_can_be_null=False)
+        table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+        # a column with bytes that are not UTF-8 comes back as binary: decode it value by value
+        return _decoded_per_row(table) if any(pa.types.is_binary(f.type) for f in table.schema) else table
     raise ValueError(f"unknown manifest format for {path}")
+
+
+UNDECODABLE = "_undecodable"  # manifest column: why a row's text could not be read (its record is rejected)
+
+
+def _decoded_per_row(table: pa.Table) -> pa.Table:
+    """A CSV's binary columns decoded value by value: a value that is not UTF-8 leaves its row's text null and says
+    which column and row in ``_undecodable``, so that that record is rejected and every other one kept."""
+    columns, problems = {}, [None] * table.num_rows
+    for name in table.column_names:
+        if not pa.types.is_binary(table.schema.field(name).type):
+            columns[name] = table[name]
+            continue
+        values = []
+        for row, raw in enumerate(table[name].to_pylist()):
+            try:
+                values.append(raw.decode("utf-8") if raw is not None else None)
+            except UnicodeDecodeError as exc:
+                values.append(None)
+                problems[row] = problems[row] or f"column {name}, data row {row + 1}: not UTF-8 ({exc.reason})"
+        columns[name] = pa.array(values, pa.string())
+    return pa.table({**columns, UNDECODABLE: pa.array(problems, pa.string())})
 
 
 def list_image_folder(root: Path) -> list[str]:
@@ -162,12 +184,18 @@ def _samples(members: list[tuple[str, bytes]], damage: TarDamage | None, path: P
     the break, if any, on the sample whose member it cut or on a record named after the last good key."""
     samples: list[dict[str, Any]] = []
     current: dict[str, Any] | None = None
+    seen: set[str] = set()
     for name, data in members:
         key, ext = _split_member_name(name)
         if current is None or current["__key__"] != key:
             if current is not None:
                 samples.append(current)
             current = {"__key__": key}
+            if key in seen:  # a sample's members must be contiguous: a second run of the key is another record
+                current.update(_reason="repeated sample key", _error=f"{name}: key {key} already read in {path.name}")
+            seen.add(key)
+        if ext in current and "_reason" not in current:  # which of the two is the sample's? neither is kept
+            current.update(_reason="repeated tar member", _error=f"{name} appears twice in sample {key}")
         current[ext] = data
     if damage is not None:
         reason = f"{damage.kind} tar member"

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+from saferclip_data.training.decode import to_rgb
 
 BLUR_RADIUS = 6
 THUMB = 96
@@ -54,7 +55,7 @@ def thumbnail(image: bytes | None, blur: bool) -> str | None:
         return None
     from PIL import Image, ImageFilter
 
-    img = Image.open(io.BytesIO(image)).convert("RGB")
+    img = to_rgb(Image.open(io.BytesIO(image)))
     img.thumbnail((THUMB, THUMB))
     if blur:
         img = img.filter(ImageFilter.GaussianBlur(BLUR_RADIUS))

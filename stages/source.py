@@ -309,6 +309,10 @@ class SourceStage(Stage):
             "_reason": pa.nulls(n, pa.string()),
             "_error": pa.nulls(n, pa.string()),
         }
+        if readers.UNDECODABLE in part.column_names:  # text that is not UTF-8: the record is rejected, with where
+            problem = part[readers.UNDECODABLE].combine_chunks()
+            columns["_reason"] = pc.if_else(pc.is_valid(problem), "undecodable text", columns["_reason"])
+            columns["_error"] = problem
         for extra in c.extra_columns:
             columns[extra] = part[extra].combine_chunks()
         return pa.table(columns)

@@ -25,6 +25,8 @@ import torch
 
 from saferclip_data.pipeline.tars import NotPlainTar, scan_tar
 
+from .decode import to_rgb
+
 #: epoch i trains on DEFAULT_SCHEDULE[min(i, len - 1)]
 DEFAULT_SCHEDULE: tuple[tuple[str, ...], ...] = (("easy",), ("easy", "medium"), ("easy", "medium", "hard"))
 
@@ -55,7 +57,7 @@ def decode_quad(sample: dict, preprocess: Callable | None, tokenizer: Callable, 
             return data, data is not None
         if data is None:
             return torch.zeros(3, image_size, image_size), False
-        return preprocess(Image.open(io.BytesIO(data)).convert("RGB")), True
+        return preprocess(to_rgb(Image.open(io.BytesIO(data)))), True
 
     unsafe_image, has_image = pixels(_image(sample, "unsafe"))
     safe_image, has_safe_image = pixels(_image(sample, "safe"))

@@ -47,6 +47,27 @@ def byte_views(column: Any) -> list[Any]:
     return views
 
 
+def to_rgb(img: Any) -> Any:
+    """A PIL image as 8-bit RGB the way it is meant to be seen: turned by its EXIF orientation, high bit depths
+    (16-bit, 32-bit integer, float) scaled to 0-255 instead of clipped at 255 (``convert`` would turn nearly
+    every pixel of a 16-bit image white), transparency laid on white."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and values.max(initial=0) > 255) else 255.0
+        if img.mode == "F":
+            top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(np.rint(values / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_pil(blobs: list[bytes], preprocess: Callable) -> Decoded:
     import torch
     from PIL import Image
@@ -55,7 +76,7 @@ def decode_pil(blobs: list[bytes], preprocess: Callable) -> Decoded:
     for i, blob in enumerate(blobs):
         try:
             with Image.open(io.BytesIO(blob)) as img:
-                tensors.append(preprocess(img.convert("RGB")))
+                tensors.append(preprocess(to_rgb(img)))
             ok.append(i)
         except Exception as exc:  # PIL raises many types for bad data; each becomes a reject
             failed.append((i, f"{type(exc).__name__}: {exc}"))

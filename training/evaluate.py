@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from .decode import to_rgb
 from .models import encode_text, trim_tokens
 
 KS = (1, 5, 10)
@@ -60,9 +61,7 @@ def embed_benchmark(clip, rows: list[dict], images: dict[str, bytes], batch: int
     def images_of(keys):
         out = []
         for start in range(0, len(keys), batch):
-            chunk = [
-                clip.preprocess(Image.open(io.BytesIO(images[k])).convert("RGB")) for k in keys[start : start + batch]
-            ]
+            chunk = [clip.preprocess(to_rgb(Image.open(io.BytesIO(images[k])))) for k in keys[start : start + batch]]
             out.append(model.encode_image(torch.stack(chunk)))
         return torch.cat(out)
 

@@ -1,0 +1,90 @@
+"""Hostile input: every record is kept or rejected with a reason, and images are read as they are meant."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.training.decode import to_rgb
+
+from conftest import write_recipe
+from helpers import scene, write_tar
+
+
+def _source_only(tmp_path, source: dict) -> dict:
+    return {"name": "hostile", "workdir": str(tmp_path / "work"), "source": {"require_image": False, **source},
+            "model": {"arch": "toy-resnet-tiny", "pretrained": None}, "stages": {}}  # fmt: skip
+
+
+def _accounted(tmp_path) -> tuple[set[str], dict[str, tuple[str, str]]]:
+    wd = WorkDir(tmp_path / "work")
+    kept = set(wd.read_stage_columns("source", ["key"])["key"].to_pylist())
+    rejects = {r["key"]: (r["reason"], r["error"]) for r in wd.rejects("source").to_pylist()}
+    return kept, rejects
+
+
+def test_a_repeated_tar_member_or_sample_key_is_a_reject_with_its_reason(tmp_path, cli):
+    members = []
+    for i in range(7):
+        image, caption = scene(i)
+        members += [(f"s{i}.jpg", image), (f"s{i}.txt", caption.encode())]
+        if i == 3:
+            members.append((f"s{i}.jpg", scene(99)[0]))  # which image is s3's? neither is trusted
+    members.append(("s5.txt", b"a second run of an earlier key"))  # members of a sample must be contiguous
+    (tmp_path / "tars").mkdir()
+    write_tar(tmp_path / "tars" / "a.tar", members)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", _source_only(tmp_path, {"kind": "webdataset", "path": str(tmp_path / "tars")})
+    )
+    code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    kept, rejects = _accounted(tmp_path)
+    assert kept == {"s0", "s1", "s2", "s4", "s5", "s6"}
+    assert rejects["s3"][0] == "repeated tar member" and "s3.jpg appears twice" in rejects["s3"][1]
+    assert [r for r in WorkDir(tmp_path / "work").rejects("source").to_pylist() if r["key"] == "s5"][0]["reason"] == (
+        "repeated sample key"
+    )
+    manifest = WorkDir(tmp_path / "work").manifest("source")["counts"]
+    assert manifest == {"in": 8, "out": 6, "rejected": 2}  # 7 samples + the stray run: nothing vanished
+
+
+def test_a_csv_caption_that_is_not_utf8_rejects_its_record_only(tmp_path, cli):
+    rows = [b"key,caption", b"r1,a red ball", b"r2,caf\xe9 in latin-1", b"r3,a blue box"]
+    (tmp_path / "m.csv").write_bytes(b"\n".join(rows) + b"\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", _source_only(tmp_path, {"kind": "manifest", "path": str(tmp_path / "m.csv")})
+    )
+    code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    kept, rejects = _accounted(tmp_path)
+    assert kept == {"r1", "r3"}
+    assert rejects["r2"][0] == "undecodable text" and "column caption, data row 2" in rejects["r2"][1]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    rgb = np.asarray(Image.open(io.BytesIO(scene(4, size=48, fmt="PNG")[0])).convert("L"), np.uint16)
+    wide = Image.fromarray((rgb * 257).astype(np.uint16))  # the same picture in 16 bits (mode I;16)
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    decoded = np.asarray(to_rgb(Image.open(io.BytesIO(buffer.getvalue()))), np.float64)[..., 0]
+    assert np.abs(decoded - rgb).mean() / 255 < 0.01  # convert("RGB") alone: ~0.9 (nearly every pixel white)
+    wide_f = Image.fromarray(rgb.astype(np.float32) / 255)  # mode F
+    assert np.abs(np.asarray(to_rgb(wide_f), np.float64)[..., 0] - rgb).mean() / 255 < 0.01
+
+
+def test_images_are_turned_by_their_exif_orientation_and_transparency_lies_on_white():
+    image = Image.new("RGB", (40, 20), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 10, 20))  # red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    shown = to_rgb(Image.open(io.BytesIO(buffer.getvalue())))
+    assert shown.size == (20, 40)  # as displayed: portrait
+    top = np.asarray(shown)[2, 10]
+    assert top[0] > 200 and top[2] < 60  # the red left side is now on top
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(clear)).min() == 255  # transparent, not black
