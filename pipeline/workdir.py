@@ -103,10 +103,13 @@ class WorkDir:
         shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
 
     def clean_temp_files(self, stage: str) -> int:
+        """Remove the temporary files a killed run of the stage left anywhere in its folder (a tar being
+        written in ``shards/quad/``, a spill file, a task's parquet): a resumed build must leave none behind."""
         removed = 0
-        for tmp in self.stage_dir(stage).glob(".*.tmp-*"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
+        for tmp in self.stage_dir(stage).rglob(".*.tmp*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     # ---- shard level -------------------------------------------------------------------------------------

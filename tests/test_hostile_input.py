@@ -88,3 +88,19 @@ def test_images_are_turned_by_their_exif_orientation_and_transparency_lies_on_wh
     assert top[0] > 200 and top[2] < 60  # the red left side is now on top
     clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
     assert np.asarray(to_rgb(clear)).min() == 255  # transparent, not black
+
+
+def test_temp_files_a_killed_run_left_anywhere_in_a_stage_folder_are_removed(tmp_path):
+    wd = WorkDir(tmp_path)
+    left = [
+        tmp_path / "shards" / "quad" / ".quad-000001.tar.tmp-4242",
+        tmp_path / "shards" / ".x.parquet.tmp-1a2b",
+        tmp_path / "mine" / "_runs" / "text" / ".000003.parquet.tmp-9",
+        tmp_path / "shards" / ".selection.parquet.tmp",
+    ]
+    kept = tmp_path / "shards" / "quad" / "quad-000000.tar"
+    for path in [*left, kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert wd.clean_temp_files("shards") == 3 and wd.clean_temp_files("mine") == 1
+    assert not any(p.exists() for p in left) and kept.exists()
