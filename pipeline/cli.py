@@ -97,7 +97,10 @@ def _pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
     path = recipe_path or _default_recipe()
     recipe = load_recipe(path, SECTIONS, REGISTRY)
     root = workdir or (Path(recipe.workdir) if recipe.workdir else Path("work") / recipe.name)
-    return Pipeline(recipe, REGISTRY, WorkDir(root))
+    try:
+        return Pipeline(recipe, REGISTRY, WorkDir(root))
+    except UserError as exc:  # a stage needing one the recipe does not enable: name the recipe file
+        raise UserError(f"{path}: {exc}") from None
 
 
 def _user_error_of(exc: BaseException) -> UserError | None:

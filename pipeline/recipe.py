@@ -29,6 +29,72 @@ class RecipeHeader(BaseModel):
     workdir: str | None = Field(default=None, description="work dir; relative paths resolve against the recipe")
 
 
+#: what a recipe may expand to: YAML aliases can make a few lines mean billions of values ("billion laughs")
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+def _safe_yaml(text: str, file: str) -> Any:
+    """``yaml.safe_load``, refusing in one line what would hang or crash later: an alias bomb (more than
+    MAX_VALUES values once aliases are expanded), an anchor that contains itself, nesting deeper than
+    MAX_DEPTH, and a key given twice in one mapping (YAML lets the second silently win)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise RecipeError(file, "", f"nested deeper than {MAX_DEPTH} levels") from None
+        if node is None:
+            return None
+        _check_nodes(node, file)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_nodes(root: yaml.Node, file: str) -> None:
+    """Walk the composed YAML graph once (aliases are shared nodes): its expanded size, cycles, depth, keys."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool, str]] = [(root, 0, False, "")]
+    while stack:
+        node, depth, finished, where = stack.pop()
+        if finished:
+            on_path.discard(id(node))
+            size[id(node)] = 1 + sum(size[id(child)] for child in _children(node))
+            if size[id(node)] > MAX_VALUES:
+                line = node.start_mark.line + 1
+                raise RecipeError(file, where, f"line {line}: expands to more than {MAX_VALUES:,} values (aliases?)")
+            continue
+        if id(node) in size:
+            continue
+        line = node.start_mark.line + 1
+        if id(node) in on_path:
+            raise RecipeError(file, where, f"line {line}: an anchor contains itself")
+        if depth > MAX_DEPTH:
+            raise RecipeError(file, where, f"line {line}: nested deeper than {MAX_DEPTH} levels")
+        on_path.add(id(node))
+        stack.append((node, depth, True, where))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                path = f"{where}.{name}" if where else name
+                if isinstance(key, yaml.ScalarNode) and name in seen:
+                    twice = f"lines {seen[name]} and {key.start_mark.line + 1}"
+                    raise RecipeError(file, path, f"key given twice ({twice}); YAML would keep the second silently")
+                seen[name] = key.start_mark.line + 1
+                stack += [(key, depth + 1, False, path), (value, depth + 1, False, path)]
+        else:
+            stack.extend((child, depth + 1, False, f"{where}[{i}]") for i, child in enumerate(_children(node)))
+
+
 def _key_path(loc: tuple[Any, ...]) -> str:
     """Turn a pydantic error location into the dotted key path a user sees in the YAML."""
     parts: list[str] = []
@@ -105,7 +171,7 @@ def load_recipe(
     if not path.is_file():
         raise RecipeError(file, "", "recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _safe_yaml(path.read_text(encoding="utf-8"), file)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -35,6 +35,12 @@ class Bounds(BaseModel):
     min: float | None = None
     max: float | None = None
 
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}: no record could pass")
+        return self
+
 
 class Rule(BaseModel):
     """Keep a record only if ``column`` lies within [min, max]; ``role`` limits the rule to safe or unsafe."""

@@ -259,8 +259,11 @@ class SourceStage(Stage):
     def _keys(self, part: pa.Table, start: int, stop: int) -> list[str]:
         """Record keys of manifest rows start..stop: the key column made dot-free, else file stem + row number."""
         c = self.config
-        if c.key_column in part.column_names:
-            return [readers.sanitize_key(k) for k in part[c.key_column].cast(pa.string()).to_pylist()]
+        if c.key_column in part.column_names:  # a row without a key gets its row's name and is rejected
+            keys = part[c.key_column].cast(pa.string()).to_pylist()
+            stem = readers.sanitize_key(Path(c.path).stem if c.path else c.hub_dataset or "hub")
+            return [readers.sanitize_key(k) if k not in (None, "") else f"{stem}_row{start + i:09d}"
+                    for i, k in enumerate(keys)]  # fmt: skip
         stem = readers.sanitize_key(Path(c.path).stem if c.path else c.hub_dataset or "hub")
         return [f"{stem}_{i:09d}" for i in range(start, stop)]
 
@@ -309,6 +312,11 @@ class SourceStage(Stage):
             "_reason": pa.nulls(n, pa.string()),
             "_error": pa.nulls(n, pa.string()),
         }
+        if c.key_column in part.column_names:
+            missing = pc.fill_null(pc.equal(part[c.key_column].cast(pa.string()), ""), True).combine_chunks()
+            if pc.any(missing).as_py():
+                columns["_reason"] = pc.if_else(missing, "missing key", columns["_reason"])
+                columns["_error"] = pc.if_else(missing, f"column {c.key_column} is empty", columns["_error"])
         if readers.UNDECODABLE in part.column_names:  # text that is not UTF-8: the record is rejected, with where
             problem = part[readers.UNDECODABLE].combine_chunks()
             columns["_reason"] = pc.if_else(pc.is_valid(problem), "undecodable text", columns["_reason"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.training.decode import to_rgb
 
-from conftest import write_recipe
+from conftest import run_cli, write_recipe
 from helpers import scene, write_tar
 
 
@@ -104,3 +105,63 @@ def test_temp_files_a_killed_run_left_anywhere_in_a_stage_folder_are_removed(tmp
         path.write_bytes(b"x")
     assert wd.clean_temp_files("shards") == 3 and wd.clean_temp_files("mine") == 1
     assert not any(p.exists() for p in left) and kept.exists()
+
+
+def test_a_manifest_row_without_a_key_is_rejected_not_named_none(tmp_path, cli):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": ["a", None, "c", ""], "caption": ["one", "two", "three", "four"]}),
+                   tmp_path / "m.parquet")  # fmt: skip
+    source = {"kind": "manifest", "path": str(tmp_path / "m.parquet")}
+    code, _, err = cli("build", str(write_recipe(tmp_path / "r.yaml", _source_only(tmp_path, source))),
+                       "--executor", "local", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    kept, rejects = _accounted(tmp_path)
+    assert kept == {"a", "c"} and "None" not in kept
+    assert {k: v[0] for k, v in rejects.items()} == {"m_row000000001": "missing key", "m_row000000003": "missing key"}
+
+
+BAD_RECIPES = {
+    "alias bomb": (
+        "name: x\na0: &a0 [l, l, l, l, l, l, l, l, l]\n"
+        + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)),
+        "expands to more than 100,000 values",
+    ),
+    "self-referencing anchor": ("name: x\nloop: &l [1, *l]\n", "an anchor contains itself"),
+    "2,000 nested lists": ("name: x\nv: " + "[" * 2000 + "]" * 2000 + "\n", "nested deeper than 64 levels"),
+    "a key twice": ("name: x\nmodel: {arch: ViT-B-32}\nmodel: {arch: ViT-L-14}\n", "model: key given twice (lines 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_recipes_that_would_hang_or_crash_the_loader_are_one_line(tmp_path, case):
+    import time
+
+    text, expected = BAD_RECIPES[case]
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    proc = run_cli("validate", str(path), timeout=60)
+    assert proc.returncode == 2 and expected in proc.stderr and str(path) in proc.stderr, proc.stderr[-500:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert time.perf_counter() - started < 30
+
+
+def test_word_bounds_that_no_caption_can_meet_are_refused_at_validate(tmp_path, manifest_200, cli):
+    from conftest import recipe_dict
+
+    data = recipe_dict(manifest_200)
+    data["stages"]["filter"] = {"caption_words": {"min": 10, "max": 2}}
+    code, _, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert code == 2 and "stages.filter.caption_words: min 10 is above max 2" in err
+
+
+def test_a_stage_whose_upstream_is_not_enabled_names_the_recipe_file(tmp_path, manifest_200, cli):
+    from conftest import recipe_dict
+
+    data = recipe_dict(manifest_200)
+    data["stages"] = {"score": {}}
+    path = write_recipe(tmp_path / "r.yaml", data)
+    code, _, err = cli("validate", str(path))
+    assert code == 2 and str(path) in err and "stages.score needs stage 'embed'" in err
