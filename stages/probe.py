@@ -32,19 +32,31 @@ def probe_label(role: str | None, category: str | None, classes: list[str]) -> i
 
 
 def fit_probes(
-    vectors: dict[str, np.ndarray], labels: np.ndarray, keys: list[str], classes: list[str], folds: int, c: float
+    vectors: dict[str, np.ndarray],
+    labels: np.ndarray | dict[str, np.ndarray],
+    keys: list[str],
+    classes: list[str],
+    folds: int,
+    c: float,
 ) -> tuple[dict[str, np.ndarray], dict]:
-    """Weights per (modality, fold) plus an 'all' fold; labels -1 = unlabelled. Returns (arrays, summary)."""
+    """Weights per (modality, fold) plus an 'all' fold; labels -1 = unlabelled, one array for every modality or
+    one per modality (a record without that modality's embedding must not train its probe on zeros).
+    Returns (arrays, summary)."""
     from sklearn.linear_model import LogisticRegression
 
-    labelled = labels >= 0
+    per_modality = labels if isinstance(labels, dict) else dict.fromkeys(vectors, labels)
     fold = np.array([fold_of(k, folds) for k in keys])
     arrays: dict[str, np.ndarray] = {}
-    summary: dict = {"classes": classes, "folds": folds, "labelled": int(labelled.sum()), "accuracy": {}}
-    present = sorted(set(labels[labelled].tolist()))
-    if len(present) < 2:
-        raise ValueError(f"the probe needs labelled records of at least two classes, found {len(present)}")
+    counted = max(int((y >= 0).sum()) for y in per_modality.values())
+    summary: dict = {"classes": classes, "folds": folds, "labelled": counted, "accuracy": {}}
     for modality, x in vectors.items():
+        labels = per_modality[modality]
+        labelled = labels >= 0
+        present = sorted(set(labels[labelled].tolist()))
+        if len(present) < 2:
+            raise ValueError(
+                f"the {modality} probe needs labelled records of at least two classes, found {len(present)}"
+            )
         correct = total = 0
         for f in [*range(folds), "all"]:
             train = labelled & (fold != f) if f != "all" else labelled

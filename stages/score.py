@@ -171,16 +171,16 @@ class ScoreStage(Stage):
             ]
         )
         dim = table.schema.field("text_embedding").type.list_size
-        vectors = {}
+        vectors, y_of = {}, {}
         for modality in ("image", "text"):
             x, valid = unit_rows(table[f"{modality}_embedding"], dim)
             vectors[modality] = x
-            y_mod = np.where(valid, y, -1)
-            if (y_mod >= 0).sum() == 0:
+            y_of[modality] = np.where(valid, y, -1)  # a text-only record trains the text probe only
+            if (y_of[modality] >= 0).sum() == 0:
                 raise UserError("stages.score.probe: no labelled records (set role_column or a category column)")
         try:
             arrays, summary = fit_probes(
-                vectors, y, table["key"].to_pylist(), classes, self.config.probe_folds, self.config.probe_c
+                vectors, y_of, table["key"].to_pylist(), classes, self.config.probe_folds, self.config.probe_c
             )
         except ValueError as exc:
             raise UserError(f"stages.score.probe: {exc}") from exc

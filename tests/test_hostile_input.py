@@ -165,3 +165,20 @@ def test_a_stage_whose_upstream_is_not_enabled_names_the_recipe_file(tmp_path, m
     path = write_recipe(tmp_path / "r.yaml", data)
     code, _, err = cli("validate", str(path))
     assert code == 2 and str(path) in err and "stages.score needs stage 'embed'" in err
+
+
+def test_the_image_probe_is_not_fitted_on_the_zero_vectors_of_text_only_records():
+    from saferclip_data.stages.probe import fit_probes
+
+    rng = np.random.default_rng(0)
+    keys = [f"k{i:03d}" for i in range(300)]
+    labels = rng.integers(0, 2, 300)
+    image = rng.standard_normal((300, 8)).astype(np.float32) + labels[:, None] * 1.5
+    has_image = np.arange(300) < 200
+    image[~has_image] = 0.0  # text-only records: no image embedding (zeros in the matrix)
+    masked = np.where(has_image, labels, -1)
+    arrays, summary = fit_probes({"image": image}, {"image": masked}, keys, ["safe", "hate"], folds=2, c=1.0)
+    alone, _ = fit_probes({"image": image[:200]}, labels[:200], keys[:200], ["safe", "hate"], folds=2, c=1.0)
+    for name, value in alone.items():
+        assert np.allclose(arrays[name], value, atol=1e-5), name  # as if the text-only records were not there
+    assert summary["labelled"] == 200
