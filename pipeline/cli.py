@@ -204,17 +204,20 @@ def status(
         return
     out = Console()
     table = Table(title=f"status: {root}", title_justify="left")
-    for column in ("stage", "state", "shards", "in", "out", "rejected"):
+    for column in ("stage", "state", "shards", "in", "out", "rejected", "partial"):
         table.add_column(column, justify="left" if column in ("stage", "state") else "right", no_wrap=True)
     for r in rows:
         shards = f"{r['shards_done']:,}/{r['shards_done'] + r['shards_pending']:,}"
-        table.add_row(r["stage"], r["state"], shards, f"{r['in']:,}", f"{r['out']:,}", f"{r['rejected']:,}")
+        table.add_row(r["stage"], r["state"], shards, f"{r['in']:,}", f"{r['out']:,}", f"{r['rejected']:,}",
+                      f"{r['partial']:,}" if r["partial"] else "-")  # fmt: skip
     out.print(table)
-    reasons = [(r["stage"], k, v) for r in rows for k, v in r["rejects_by_reason"].items()]
-    if reasons:
-        out.print("rejects by reason:")
-        for stage, reason, count in reasons:
-            out.print(f"  {stage:<10} {count:>9,}  {reason}", markup=False, highlight=False)
+    for title, field in (("rejects by reason:", "rejects_by_reason"),
+                         ("kept, but part of their output is missing:", "partial_by_reason")):  # fmt: skip
+        reasons = [(r["stage"], k, v) for r in rows for k, v in r[field].items()]
+        if reasons:
+            out.print(title)
+            for stage, reason, count in reasons:
+                out.print(f"  {stage:<10} {count:>9,}  {reason}", markup=False, highlight=False)
 
 
 def _plain_flags_in_help() -> None:

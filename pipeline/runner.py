@@ -179,14 +179,17 @@ class Pipeline:
             result = executor.run_global(job)
             progress.global_done(result["counts"].get("in", 0))
             progress.finish_stage()
-            reasons = Counter()
+            reasons, partial = Counter(), Counter()
             for shard in result.get("shards", []):
-                reasons.update((wd.shard_stats(name, shard) or {}).get("rejects_by_reason", {}))
+                stats = wd.shard_stats(name, shard) or {}
+                reasons.update(stats.get("rejects_by_reason", {}))
+                partial.update(stats.get("partial_by_reason", {}))
             manifest.update(
                 complete=True,
                 shards=result.get("shards", []),
                 specs=[{} for _ in result.get("shards", [])],
                 rejects_by_reason=dict(sorted(reasons.items())),
+                partial_by_reason=dict(sorted(partial.items())),
                 counts=result["counts"],
                 metadata=result["metadata"],
                 seconds=round(time.perf_counter() - started, 3),

@@ -219,11 +219,13 @@ class GlobalContext:
     def write_rejects(self, rejects: Iterable[Reject]) -> None:
         self.workdir.write_table(self.stage.name, "rejects", rejects_table(self.stage.name, rejects))
 
-    def write_shard(self, shard_id: str, table: pa.Table, rejects: list[Reject], records_in: int) -> None:
+    def write_shard(self, shard_id: str, table: pa.Table, rejects: list[Reject], records_in: int,
+                    partial: list[Reject] = ()) -> None:  # fmt: skip
         """Write output in shards, like a map stage, so that map stages can follow this one. Every record in
-        must be kept or rejected; the shard's marker (with its counts) commits it."""
+        must be kept or rejected; a kept record that lost part of its output is listed in ``partial`` with the
+        reason. The shard's marker (with its counts) commits it."""
         write_global_shard(self.workdir, self.stage.name, self.stage.output_metadata(), shard_id, table, rejects,
-                           records_in)  # fmt: skip
+                           records_in, partial=partial)  # fmt: skip
         self.shards.append(shard_id)
 
     def committed(self, shard_ids: Iterable[str]) -> None:
@@ -240,9 +242,11 @@ def write_global_shard(
     rejects: list[Reject],
     records_in: int,
     worker: dict[str, Any] | None = None,
+    partial: list[Reject] = (),
 ) -> dict[str, Any]:
     """One output shard of a global stage with its marker, from whichever process computed it (``worker`` names
-    it in the marker). Every record in must be kept or rejected. Returns the marker's stats."""
+    it in the marker). Every record in must be kept or rejected; ``partial`` lists kept records that lost part
+    of their output (their key and why, beside the rejects). Returns the marker's stats."""
     if table.num_rows + len(rejects) != records_in:
         raise RuntimeError(
             f"stage {stage} shard {shard_id}: {records_in} records in, {table.num_rows} kept "
@@ -259,5 +263,9 @@ def write_global_shard(
     }
     if worker is not None:
         stats["worker"] = worker
+    if partial:
+        stats["partial"] = len(partial)
+        stats["partial_by_reason"] = dict(sorted(Counter(r.reason for r in partial).items()))
+        workdir.write_table(stage, f"{shard_id}.partial", rejects_table(stage, partial))
     workdir.write_shard(stage, shard_id, table, rejects_table(stage, rejects), stats, metadata)
     return stats

@@ -24,6 +24,9 @@ def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:
         # only shards with a marker count: a crash may leave outputs of an unfinished shard behind
         rejects = workdir.rejects(name, [s["shard"] for s in done])
         reasons = Counter(dict(zip(*[c.to_pylist() for c in pc.value_counts(rejects["reason"]).flatten()])))
+        partial: Counter = Counter()
+        for s in done:
+            partial.update(s.get("partial_by_reason", {}))
         if manifest.get("mode") == "global":
             counts = manifest.get("counts", {})
             state = "done" if manifest.get("complete") else "pending"
@@ -37,6 +40,8 @@ def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:
                     "out": counts.get("out", 0),
                     "rejected": len(rejects),
                     "rejects_by_reason": dict(sorted(reasons.items())),
+                    "partial": sum(partial.values()),
+                    "partial_by_reason": dict(sorted(partial.items())),
                 }
             )
             continue
@@ -50,6 +55,8 @@ def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:
                 "out": sum(s["out"] for s in done),
                 "rejected": sum(s["rejected"] for s in done),
                 "rejects_by_reason": dict(sorted(reasons.items())),
+                "partial": sum(partial.values()),
+                "partial_by_reason": dict(sorted(partial.items())),
                 "model_identity": manifest.get("metadata", {}).get("model_identity"),
             }
         )

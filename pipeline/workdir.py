@@ -194,6 +194,12 @@ class WorkDir:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(folder / f"{name}.parquet", _with_metadata(table, metadata or {}))
 
+    def partials(self, stage: str) -> pa.Table:
+        """Kept records of a stage that lost part of their output (key, stage, reason, error)."""
+        files = sorted(self.stage_dir(stage).glob("*.partial.parquet"))
+        tables = [pq.read_table(f) for f in files]
+        return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+
     def rejects(self, stage: str, shard_ids: list[str] | None = None) -> pa.Table:
         """Rejects of a stage: of the given (finished) shards, or all; plus a global stage's rejects table."""
         folder = self.stage_dir(stage)

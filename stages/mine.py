@@ -21,7 +21,7 @@ from pydantic import Field
 from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig
 
 from .curriculum import difficulty
-from .mine_stream import run_streaming, target_columns
+from .mine_stream import partial_reason, run_streaming, target_columns
 from .score import column_suffix
 
 #: auto's switch to the streaming reuse cap (records in the neighbours stage)
@@ -88,6 +88,7 @@ class MineStage(Stage):
         has_target = np.zeros(len(keys), bool)
         long_rows: list[dict] = []
         self.thresholds: dict[str, list[float]] = {}
+        missing: dict[int, list[str]] = {}  # row -> why some modality gave it no target
         for m in modalities:
             cands = table[f"{m}_candidates"].to_pylist()
             sims = table[f"{m}_similarities"].to_pylist()
@@ -107,6 +108,9 @@ class MineStage(Stage):
                         {"key": keys[i], "modality": m, "rank": r + 1, "target": t, "similarity": s}
                         for r, (t, s) in enumerate(picks)
                     )
+            for i in unsafe:
+                if not targets[i]:
+                    missing.setdefault(i, []).append(partial_reason(m, bool(cands[i])))
             with_targets = [i for i in range(len(keys)) if targets[i]]
             top1 = np.array([target_sims[i][0] for i in with_targets], np.float64)
             buckets, (low, high) = difficulty(top1)
@@ -130,7 +134,8 @@ class MineStage(Stage):
                 for r in rows
                 if r in reject_rows
             ]
-            ctx.write_shard(shard_id, result.take(pa.array(keep, pa.int64())), rejects, shard.num_rows)
+            partial = [Reject(keys[r], why) for r in keep if has_target[r] for why in missing.get(r, [])]
+            ctx.write_shard(shard_id, result.take(pa.array(keep, pa.int64())), rejects, shard.num_rows, partial)
         schema = pa.schema(
             [
                 ("key", pa.string()),
@@ -141,7 +146,8 @@ class MineStage(Stage):
             ]
         )
         ctx.write_table("targets", pa.Table.from_pylist(long_rows, schema=schema))
-        return {"in": len(keys), "out": len(keys) - len(reject_rows), "rejected": len(reject_rows)}
+        partial = sum(1 for r, why in missing.items() if has_target[r] for _ in why)
+        return {"in": len(keys), "out": len(keys) - len(reject_rows), "rejected": len(reject_rows), "partial": partial}
 
     def output_metadata(self) -> dict[str, str]:
         thresholds = getattr(self, "thresholds", {})

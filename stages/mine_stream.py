@@ -112,7 +112,9 @@ def assemble_shard(root: str, shard_id: str, index: int, modalities: list[str], 
     out: dict[str, pa.Array] = {n: table[n] for n in ("key", "role", "category", "given_pair")}
     has_target = np.zeros(len(keys), bool)
     long_rows: list[dict] = []
+    missing: dict[int, list[str]] = {}
     for m in modalities:
+        candidates = table[f"{m}_candidates"].to_pylist()
         picks: dict[str, list[tuple[str, float]]] = defaultdict(list)
         if capped:
             for path in sorted((_folder(root) / f"{m}-picks").glob(f"{index:06d}-*.parquet")):
@@ -129,6 +131,8 @@ def assemble_shard(root: str, shard_id: str, index: int, modalities: list[str], 
         low, high = tertiles[m]
         for i, key in enumerate(keys):
             chosen = picks.get(key) if roles[i] == "unsafe" else None
+            if not chosen and roles[i] == "unsafe":
+                missing.setdefault(i, []).append(partial_reason(m, bool(candidates[i])))
             if not chosen:
                 targets.append(None), sims_col.append(None), margins.append(None), buckets.append(None)
                 continue
@@ -149,8 +153,15 @@ def assemble_shard(root: str, shard_id: str, index: int, modalities: list[str], 
     long_path = _folder(root) / "long" / f"{index:06d}.parquet"
     long_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_parquet(long_path, pa.Table.from_pylist(long_rows, schema=LONG_SCHEMA))
+    partial = [Reject(keys[i], why) for i in keep.tolist() if has_target[i] for why in missing.get(i, [])]
     return write_global_shard(wd, "mine", metadata, shard_id, result.take(pa.array(keep, pa.int64())), rejects,
-                              len(keys), worker_identity())  # fmt: skip
+                              len(keys), worker_identity(), partial)  # fmt: skip
+
+
+def partial_reason(modality: str, had_candidates: bool) -> str:
+    """Why a kept unsafe record has no target in one modality (it has some in another)."""
+    why = "every candidate is over the reuse cap" if had_candidates else "no admissible candidate"
+    return f"no {modality} target: {why}"
 
 
 def target_columns(m: str, targets: list, similarities: list, pair_similarity: Any, margins: list,
@@ -192,7 +203,8 @@ def run_streaming(ctx: GlobalContext, shard_ids: list[str], modalities: list[str
         shutil.rmtree(folder / m, ignore_errors=True)
     records = sum(w["in"] for w in written)
     rejected = sum(w["rejected"] for w in written)
-    return {"in": records, "out": records - rejected, "rejected": rejected}, thresholds
+    partial = sum(w.get("partial", 0) for w in written)
+    return {"in": records, "out": records - rejected, "rejected": rejected, "partial": partial}, thresholds
 
 
 def first_similarities(root: str, shard_id: str, modality: str) -> list[float]:

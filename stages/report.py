@@ -157,6 +157,7 @@ def collect(root: Path) -> dict[str, Any]:
         "stages": data.stage_counts(root),
         "composition": data.composition(root),
         "rejects_by_reason": rejects.to_dicts(),
+        "partial_by_reason": data.rejects_by_reason(root, "partial").to_dicts(),
         "mining": summary,
         "benchmark": data.benchmark(root),
         "mining_arrays": mining,
@@ -184,7 +185,8 @@ img.unsafe-thumb,img.safe-thumb{width:72px;height:72px;object-fit:cover;border-r
 """
 
 #: column names as shown (others: underscores become spaces)
-HEADINGS = {"in": "records in", "out": "kept", "near_duplicates_skipped": "near-duplicates skipped",
+HEADINGS = {"in": "records in", "out": "kept", "partial": "partial output",
+            "near_duplicates_skipped": "near-duplicates skipped",
             "top1_similarity_mean": "mean top-1 similarity", "reuse_gini": "reuse Gini", "reuse_max": "most uses",
             "mined_beats_given_pair": "mined beats given pair", "mined_is_given_pair": "mined is given pair",
             "seconds": "seconds"}  # fmt: skip
@@ -230,8 +232,8 @@ def _header(stats: dict) -> str:
 
 def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], show_unsafe: bool) -> str:
     bench = stats["benchmark"]
-    stages = [{"stage": s["stage"], "status": s["status"], **{k: s[k] for k in ("in", "out", "rejected", "seconds")}}
-              for s in stats["stages"]]  # fmt: skip
+    shown = ("in", "out", "rejected", "partial", "seconds")
+    stages = [{"stage": s["stage"], "status": s["status"], **{k: s[k] for k in shown}} for s in stats["stages"]]
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>saferclip-data report: {html.escape(str(stats['header'].get('recipe') or ''))}</title>",
@@ -244,6 +246,7 @@ def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], 
     for column, rows in stats["composition"].items():
         parts += [f"<div><h3>by {html.escape(column)}</h3>", _table(rows), "</div>"]
     parts += ["</div></section><section><h2>Rejects by stage and reason</h2>", _table(stats["rejects_by_reason"])]
+    parts += ["<h3>Kept, but part of their output is missing</h3>", _table(stats["partial_by_reason"])]
     parts += [
         "</section><section><h2>Mining</h2>",
         _table(
@@ -300,6 +303,9 @@ def render_markdown(stats: dict) -> str:
     lines += [f"| {s['stage']} | {_fmt(s['in'])} | {_fmt(s['out'])} | {_fmt(s['rejected'])} |" for s in stats["stages"]]
     lines += ["", "## Rejects by reason", ""]
     lines += [f"- {r['stage']}: {r['reason']} — {r['records']:,}" for r in stats["rejects_by_reason"]] or ["- none"]
+    if stats["partial_by_reason"]:
+        lines += ["", "## Kept, but part of their output is missing", ""]
+        lines += [f"- {r['stage']}: {r['reason']} — {r['records']:,}" for r in stats["partial_by_reason"]]
     for modality, m in stats["mining"].items():
         beats = m["mined_beats_given_pair"]
         lines += [

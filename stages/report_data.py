@@ -44,6 +44,7 @@ def stage_counts(root: Path) -> list[dict]:
                 "in": counts.get("in"),
                 "out": counts.get("out"),
                 "rejected": counts.get("rejected"),
+                "partial": counts.get("partial", 0),
                 "seconds": m.get("seconds"),
             }
         )
@@ -77,9 +78,10 @@ def tertiles(root: Path) -> dict[str, list[float]]:
             for k, v in meta.items() if k.endswith(suffix)}  # fmt: skip
 
 
-def rejects_by_reason(root: Path) -> pl.DataFrame:
-    """Reject counts per stage and reason, counted lazily (only the two columns are read)."""
-    files = [f for f in sorted(root.glob("*/*rejects.parquet")) if f.stat().st_size]
+def rejects_by_reason(root: Path, kind: str = "rejects") -> pl.DataFrame:
+    """Reject counts per stage and reason, counted lazily (only the two columns are read); ``kind`` "partial":
+    the kept records that lost part of their output instead."""
+    files = [f for f in sorted(root.glob(f"*/*{kind}.parquet")) if f.stat().st_size]
     if not files:
         return pl.DataFrame({"stage": [], "reason": [], "records": []}, schema_overrides={"records": pl.UInt32})
     counts = (

@@ -54,7 +54,7 @@ def _mine(root, **config) -> tuple[dict, pa.Table, pa.Table, pa.Table, dict]:
     counts = stage.run_global(ctx)
     out = pa.concat_tables([wd.read_shard("mine", s) for s in ctx.shards])
     long = pq.read_table(wd.stage_dir("mine") / "targets.parquet")
-    return counts, out, long, wd.rejects("mine"), stage.output_metadata()
+    return counts, out, long, wd.rejects("mine"), stage.output_metadata(), wd.partials("mine")
 
 
 @pytest.mark.parametrize("cap", [2, 5, None])
@@ -68,6 +68,16 @@ def test_streaming_mine_equals_the_in_memory_greedy(tmp_path, monkeypatch, cap):
     assert memory[2].equals(streaming[2].replace_schema_metadata(memory[2].schema.metadata))
     assert memory[3].equals(streaming[3])
     assert memory[4] == streaming[4]
+    assert memory[5].equals(streaming[5])
+    # a kept record without targets in one modality is listed with the reason, never silently
+    partial = memory[5].to_pylist()
+    assert memory[0]["partial"] == len(partial) > 0
+    rows = {r["key"]: r for r in memory[1].to_pylist()}
+    for p in partial:
+        modality = p["reason"].split()[1]
+        assert rows[p["key"]][f"{modality}_targets"] is None and p["reason"].startswith(f"no {modality} target: ")
+    missing = {(k, m) for k, r in rows.items() for m in MODALITIES if r["role"] == "unsafe" and not r[f"{m}_targets"]}
+    assert missing == {(p["key"], p["reason"].split()[1]) for p in partial}
     if cap is not None:  # the cap binds: some target is used exactly cap times, none more
         uses = pa.compute.value_counts(memory[2].filter(pa.compute.equal(memory[2]["modality"], "text"))["target"])
         assert max(u["counts"].as_py() for u in uses) == cap
