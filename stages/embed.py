@@ -74,10 +74,46 @@ class ModelConfig(BaseModel):
             return self
         if self.arch not in known_architectures():
             raise ValueError(f"model.arch: unknown open_clip architecture '{self.arch}'")
+        if kind == "file":
+            check_checkpoint(Path(self.pretrained), self.arch)
         if kind == "tag" and self.pretrained not in pretrained_tags(self.arch):
             tags = ", ".join(pretrained_tags(self.arch)) or "none"
             raise ValueError(f"model.pretrained: unknown tag '{self.pretrained}' for {self.arch} (known: {tags})")
         return self
+
+
+def check_checkpoint(path: Path, arch: str) -> None:
+    """Open a checkpoint file as weights only (no code runs: a pickle that would execute something is refused)
+    and check that it fits ``arch`` by its embedding width, without building the model: ``validate`` catches
+    an unreadable or mismatched file before a build spends minutes getting there."""
+    import open_clip
+    import torch
+
+    from saferclip_data.training.models import register_toy_configs
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # mmap needs the zip format; an older file is read whole
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file; each is the user's to fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(
+            f"model.pretrained: {path} is not a readable weights file ({type(exc).__name__}: {first})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"model.pretrained: {path} holds no tensors (expected an open_clip state dict)")
+    register_toy_configs()
+    config = open_clip.get_model_config(arch) or {}
+    projection = next((v for k, v in state.items() if k.removeprefix("module.") == "text_projection"), None)
+    width = config.get("embed_dim")
+    if projection is not None and width is not None and projection.shape[-1] != width:
+        raise ValueError(f"model.pretrained: {path} embeds {projection.shape[-1]}-d, but model.arch {arch} "
+                         f"embeds {width}-d: the checkpoint is of another architecture")  # fmt: skip
 
 
 def image_encoder(model: Any, compile_mode: str | None) -> Callable:

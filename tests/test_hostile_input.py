@@ -182,3 +182,32 @@ def test_the_image_probe_is_not_fitted_on_the_zero_vectors_of_text_only_records(
     for name, value in alone.items():
         assert np.allclose(arrays[name], value, atol=1e-5), name  # as if the text-only records were not there
     assert summary["labelled"] == 200
+
+
+def test_a_bad_checkpoint_is_refused_at_validate(tmp_path, manifest_200, cli):
+    import pickle
+
+    import torch
+
+    from saferclip_data.training.models import load_clip
+
+    from conftest import recipe_dict
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "code.pt").write_bytes(pickle.dumps({"state_dict": Payload()}))
+    torch.save({"state_dict": load_clip("toy-vit-tiny").model.state_dict()}, tmp_path / "tiny.pt")  # 128-d
+    expected = {"noise.pt": "is not a readable weights file", "code.pt": "is not a readable weights file",
+                "tiny.pt": "embeds 128-d, but model.arch ViT-B-32 embeds 512-d"}  # fmt: skip
+    for name, message in expected.items():
+        data = recipe_dict(manifest_200)
+        data["model"] = {"arch": "ViT-B-32", "pretrained": str(tmp_path / name)}
+        code, out, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
+        assert code == 2 and message in err and "model.pretrained" in err, (name, err)
+        assert "this ran" not in out + err and len(err.strip().splitlines()) == 1
+    data["model"] = {"arch": "toy-vit-tiny", "pretrained": str(tmp_path / "tiny.pt")}
+    code, _, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
+    assert code == 0, err
