@@ -96,7 +96,15 @@ def _pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
 
     path = recipe_path or _default_recipe()
     recipe = load_recipe(path, SECTIONS, REGISTRY)
-    root = workdir or (Path(recipe.workdir) if recipe.workdir else Path("work") / recipe.name)
+    if workdir is not None:
+        root = workdir
+    elif recipe.workdir:  # relative to the recipe's folder, like every other path in it
+        root = Path(recipe.workdir).expanduser()
+        root = root if root.is_absolute() else path.parent / root
+    else:
+        root = Path("work") / recipe.name
+    if root.exists() and not root.is_dir():
+        raise UserError(f"work dir {root} is a file, not a folder: choose another workdir (or -w)")
     try:
         return Pipeline(recipe, REGISTRY, WorkDir(root))
     except UserError as exc:  # a stage needing one the recipe does not enable: name the recipe file

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.tars import NotPlainTar, TarDamage, scan_tar
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # what a manifest path may be too
 CAPTION_EXTENSIONS = ("txt", "caption")
 RAW_COLUMNS = ("key", "caption", "image", "group", "label", "category", "_reason", "_error")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]+")

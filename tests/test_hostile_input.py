@@ -211,3 +211,30 @@ def test_a_bad_checkpoint_is_refused_at_validate(tmp_path, manifest_200, cli):
     data["model"] = {"arch": "toy-vit-tiny", "pretrained": str(tmp_path / "tiny.pt")}
     code, _, err = cli("validate", str(write_recipe(tmp_path / "r.yaml", data)))
     assert code == 0, err
+
+
+def test_a_relative_workdir_is_the_recipes_and_a_file_is_refused(tmp_path, manifest_200, cli):
+    from conftest import recipe_dict
+
+    data = recipe_dict(manifest_200)
+    data["workdir"] = "out/w"
+    (tmp_path / "recipes").mkdir()
+    code, out, err = cli("validate", str(write_recipe(tmp_path / "recipes" / "r.yaml", data)))
+    assert code == 0 and str(tmp_path / "recipes" / "out" / "w") in out, (out, err)
+    (tmp_path / "recipes" / "file").write_text("not a folder")
+    data["workdir"] = "file"
+    code, _, err = cli("validate", str(write_recipe(tmp_path / "recipes" / "r.yaml", data)))
+    assert code == 2 and "is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gif_in_a_tar_is_read_like_a_gif_in_a_manifest(tmp_path, cli):
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(buffer, format="GIF")
+    (tmp_path / "tars").mkdir()
+    write_tar(tmp_path / "tars" / "a.tar", [("g0.gif", buffer.getvalue()), ("g0.txt", b"a red square")])
+    source = {"kind": "webdataset", "path": str(tmp_path / "tars"), "require_image": True}
+    code, _, err = cli("build", str(write_recipe(tmp_path / "r.yaml", _source_only(tmp_path, source))),
+                       "--executor", "local", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    kept, rejects = _accounted(tmp_path)
+    assert kept == {"g0"} and not rejects
