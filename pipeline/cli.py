@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -280,6 +281,33 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(done)
 
 
+#: OS errors that are the machine's state, not a bug: said in one line, with what to do
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device: free some and run the same command again (finished work is kept)",
+    errno.EDQUOT: "disk quota exceeded: free some and run the same command again (finished work is kept)",
+    errno.EROFS: "the file system is read-only: choose a writable work dir (-w)",
+    errno.EACCES: "permission denied: choose a work dir you may write to (-w), or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a work dir you may write to (-w), or fix its permissions",
+}
+
+
+def _os_error_of(exc: BaseException) -> OSError | None:
+    """An OSError of the kinds above, also one raised inside a Ray worker or a writer thread."""
+    seen: BaseException | None = exc
+    for _ in range(6):
+        if isinstance(seen, OSError) and seen.errno in _OS_ADVICE:
+            return seen
+        if seen is None:
+            return None
+        seen = getattr(seen, "cause", None) or seen.__cause__ or seen.__context__
+    return None
+
+
+def _say_os_error(error: OSError) -> None:
+    where = f" writing {error.filename}" if error.filename else ""
+    console.print(f"error:{where}: {_OS_ADVICE[error.errno]}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry: run the app, turning user mistakes into one line and exit code 2."""
     try:
@@ -299,7 +327,11 @@ def main() -> None:
             sys.exit(exc.exit_code)
         user = _user_error_of(exc)
         if user is None:
-            raise
+            os_error = _os_error_of(exc)
+            if os_error is None:
+                raise
+            _say_os_error(os_error)
+            sys.exit(2)
         console.print(f"error: {user}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
 

@@ -238,3 +238,38 @@ def test_a_gif_in_a_tar_is_read_like_a_gif_in_a_manifest(tmp_path, cli):
     assert code == 0, err
     kept, rejects = _accounted(tmp_path)
     assert kept == {"g0"} and not rejects
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_rerun_completes(tmp_path, manifest_200, cli, monkeypatch):
+    import errno
+
+    from saferclip_data.pipeline import workdir as workdir_module
+
+    from conftest import recipe_dict
+
+    data = recipe_dict(manifest_200)
+    data["workdir"] = str(tmp_path / "full")
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    real = workdir_module.atomic_write_parquet
+    written = []
+
+    def full_after_three(path, table):
+        if len(written) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        real(path, table)
+
+    monkeypatch.setattr(workdir_module, "atomic_write_parquet", full_after_three)
+    code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "no space left on the device" in err and ".parquet" in err and "run the same command again" in err
+    monkeypatch.setattr(workdir_module, "atomic_write_parquet", real)
+    code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "whole"), "--executor", "local", "--no-progress")
+    assert code == 0, err
+    files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").glob("*/part-*.parquet"))
+    assert len(files) == 2 * 4 * 2  # source and embed, 4 shards, output and rejects
+    for rel in files:  # the resumed build equals an uninterrupted one
+        assert (tmp_path / "full" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes(), rel
+    assert not list((tmp_path / "full").rglob(".*.tmp*"))
