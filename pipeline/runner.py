@@ -81,6 +81,10 @@ class Pipeline:
             for upstream in cls.inputs:
                 if upstream not in fingerprints:
                     raise UserError(f"stages.{name} needs stage '{upstream}', which this recipe does not enable")
+            configs = {n: self._config_of(n, c) for n, c in self.registry.items()}
+            problem = cls.check_recipe(config, {n: c for n, c in configs.items() if c is not None})
+            if problem:
+                raise UserError(problem)
             stage = cls(config, self.sections)
             inputs = {
                 "stage": name,

@@ -128,6 +128,12 @@ class Stage(ABC):
         self.task_map: TaskMap = serial_map
 
     # ---- driver side -------------------------------------------------------------------------------------
+    @classmethod
+    def check_recipe(cls, config: StageConfig, stages: dict[str, StageConfig]) -> str | None:
+        """A problem between this stage's settings and the other stages' (``stages``: every enabled stage's
+        config by name), as one line naming the key path, or None. Runs at ``validate``, before any work."""
+        return None
+
     def input_fingerprint(self, workdir: WorkDir) -> dict[str, Any]:
         """Facts about external inputs (files, sizes, times; state a stage keeps in the work dir, such as which
         download attempt is due) that belong to the fingerprint; none by default."""

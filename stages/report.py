@@ -22,6 +22,8 @@ from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
 from saferclip_data.training.decode import to_rgb
 
 BLUR_RADIUS = 6
+#: a mined (safe) target whose unsafe score reaches this is blurred in the report like an unsafe image
+TARGET_BLUR_SCORE = 0.5
 THUMB = 96
 
 
@@ -344,10 +346,13 @@ def write_report(
     rows = data.sample_pairs(root, modality, samples)
     for r in rows:
         r["unsafe_thumb"] = thumbnail(r.pop("unsafe_image"), blur=not show_unsafe)
-        r["target_thumb"] = thumbnail(r.pop("target_image"), blur=False)
+        # a safe target the model still finds unsafe-looking is blurred too (it was picked as a safe record)
+        risky = (r.get("target_unsafe_score") or 0.0) >= TARGET_BLUR_SCORE
+        r["target_thumb"] = thumbnail(r.pop("target_image"), blur=risky and not show_unsafe)
     stats.pop("mining_arrays")
     stats["plots"] = [title for title, _ in plots]
-    stats["samples"] = [{k: r[k] for k in ("key", "category", "target", "similarity", "difficulty")} for r in rows]
+    shown = ("key", "category", "target", "similarity", "difficulty", "target_unsafe_score")
+    stats["samples"] = [{k: r.get(k) for k in shown} for r in rows]
     stats["unsafe_thumbnails"] = "shown" if show_unsafe else "blurred"
     (out / "report.html").write_text(render_html(stats, plots, rows, show_unsafe), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(stats), encoding="utf-8")

@@ -225,9 +225,24 @@ def sample_pairs(root: Path, modality: str, n: int = 12) -> list[dict]:
     source_files = sorted((root / "source").glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
     source = pl.scan_parquet(source_files).filter(pl.col("key").is_in(list(keys))).select("key", "caption", "image")
     lookup = {r["key"]: r for r in source.collect().to_dicts()}
+    scored = unsafe_scores(root, {r["target"] for r in chosen})
     out = []
     for r in chosen:
         unsafe, target = lookup.get(r["key"], {}), lookup.get(r["target"], {})
         out.append({**r, "unsafe_caption": unsafe.get("caption"), "unsafe_image": unsafe.get("image"),
-                    "target_caption": target.get("caption"), "target_image": target.get("image")})  # fmt: skip
+                    "target_caption": target.get("caption"), "target_image": target.get("image"),
+                    "target_unsafe_score": scored.get(r["target"])})  # fmt: skip
     return out
+
+
+def unsafe_scores(root: Path, keys: set[str]) -> dict[str, float]:
+    """key -> the higher of its image and text unsafe score (score stage), for these keys."""
+    files = sorted((root / "score").glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"))
+    if not files or not keys:
+        return {}
+    frame = pl.scan_parquet(files)
+    names = [c for c in ("image_unsafe_score", "text_unsafe_score") if c in frame.collect_schema().names()]
+    if not names:
+        return {}
+    picked = frame.filter(pl.col("key").is_in(list(keys))).select("key", pl.max_horizontal(names).alias("s"))
+    return {r["key"]: r["s"] for r in picked.collect().to_dicts() if r["s"] is not None}

@@ -113,6 +113,14 @@ class ShardsStage(Stage):
 
     config: ShardsConfig
 
+    @classmethod
+    def check_recipe(cls, config: StageConfig, stages: dict[str, StageConfig]) -> str | None:
+        mined = getattr(stages.get("neighbours"), "modalities", None)
+        if mined is not None and config.modality not in mined:
+            return (f"stages.shards.modality: '{config.modality}' targets are not mined "
+                    f"(stages.neighbours.modalities: {', '.join(mined)})")  # fmt: skip
+        return None
+
     def run_global(self, ctx: GlobalContext) -> dict[str, int]:
         c = self.config
         wd = ctx.workdir

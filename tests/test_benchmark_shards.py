@@ -288,6 +288,10 @@ def test_unsafe_thumbnails_are_blurred_unless_asked(built, tmp_path, cli_module)
         assert in_report.shape == original.shape
         assert np.abs(in_report.astype(int) - original.astype(int)).mean() > 5  # visibly different
         assert in_report.astype(float).std() < original.astype(float).std()  # and smoother
+    targets = _images_of((built / "report" / "report.html").read_text(), "safe-thumb")
+    for png, sample in zip(targets, stats["samples"]):  # a target the model finds unsafe-looking is blurred too
+        plain = base64.b64decode(thumbnail(source[sample["target"]], blur=False))
+        assert (png != plain) == ((sample["target_unsafe_score"] or 0) >= 0.5), sample
     code, _, err = cli_module("report", str(built), "--out", str(tmp_path / "r"), "--samples", "6", "--show-unsafe")
     assert code == 0, err
     opened = _images_of((tmp_path / "r" / "report.html").read_text(), "unsafe-thumb")

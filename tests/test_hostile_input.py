@@ -273,3 +273,13 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_rerun_completes(tmp_pat
     for rel in files:  # the resumed build equals an uninterrupted one
         assert (tmp_path / "full" / rel).read_bytes() == (tmp_path / "whole" / rel).read_bytes(), rel
     assert not list((tmp_path / "full").rglob(".*.tmp*"))
+
+
+def test_shards_of_a_modality_that_is_not_mined_are_refused_at_validate(tmp_path, cli):
+    from helpers import safety_recipe
+
+    data = safety_recipe(tmp_path / "work")
+    data["stages"]["shards"] = {"modality": "image"}  # the recipe mines text and text->image only
+    path = write_recipe(tmp_path / "r.yaml", data)
+    code, _, err = cli("validate", str(path))
+    assert code == 2 and str(path) in err and "stages.shards.modality: 'image' targets are not mined" in err
