@@ -30,7 +30,7 @@ from .knn import knn_search
 from .score import unit_rows
 
 #: auto's switch to the task-parallel benchmark (records in the mine stage)
-TASKS_MIN_ROWS = 1_000_000
+TASKS_MIN_ROWS = 200_000
 
 
 class BenchmarkConfig(StageConfig):

@@ -25,7 +25,7 @@ from .mine_stream import partial_reason, run_streaming, target_columns
 from .score import column_suffix
 
 #: auto's switch to the streaming reuse cap (records in the neighbours stage)
-STREAM_MIN_ROWS = 1_000_000
+STREAM_MIN_ROWS = 200_000
 
 
 class MineConfig(StageConfig):

@@ -37,7 +37,7 @@ from .score import column_suffix, unit_rows
 from .tar_samples import quad_sample
 
 #: auto's switch to the task-parallel writer (records in the stage's input)
-TASKS_MIN_ROWS = 1_000_000
+TASKS_MIN_ROWS = 200_000
 #: tars per group of the task-parallel writer (a group is one task)
 TARS_PER_GROUP = 8
 
