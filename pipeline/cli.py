@@ -49,10 +49,11 @@ class ProgressStyle(str, Enum):
     lines = "lines"
 
 
-def next_steps(pipeline: Pipeline, recipe: Path | None) -> list[str]:
-    """The build's closing lines: where its results are and the commands that come next."""
+def next_steps(pipeline: Pipeline, recipe: Path | None, workdir: Path | None = None) -> list[str]:
+    """The build's closing lines: where its results are and the commands that come next (with ``-w`` when the
+    work dir was given on the command line, so they find it)."""
     root = pipeline.workdir.root
-    target = str(recipe) if recipe else ""
+    target = " ".join(filter(None, [str(recipe) if recipe else "", f"-w {root}" if workdir else ""]))
     lines = [f"work dir: {root}"]
     names = [p.name for p in pipeline.stages]
     if "report" in names:
@@ -159,7 +160,7 @@ def build(
     console.print(summary_table(outcomes, steps=bars.steps))
     if all(o.status == "up to date" for o in outcomes):
         console.print("everything up to date: nothing ran")
-    for line in next_steps(pipeline, recipe):
+    for line in next_steps(pipeline, recipe, workdir):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
