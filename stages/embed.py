@@ -30,6 +30,8 @@ from saferclip_data.training.decode import (
 )
 from saferclip_data.training.models import CompileMode, encode_text, trim_tokens
 
+from .embedding_source import model_identity, precomputed_batch, to_fixed_list
+
 log = logging.getLogger(__name__)
 
 
@@ -168,13 +170,6 @@ def load_worker_model(model_cfg: ModelConfig, device: str, precision: str, stage
     model = loaded.model.to(device, dtype=dtype).eval()
     log.info("%s worker: %s on %s (%s)", stage, loaded.identity, device, precision)
     return loaded, model, device, dtype
-
-
-def to_fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArray:
-    """float16 rows as an Arrow fixed-size list; rows with ``valid`` False become nulls."""
-    dim = vectors.shape[1]
-    values = pa.array(vectors.astype(np.float16).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~valid))
 
 
 #: where ``prepare`` leaves the identity of the model that made precomputed embeddings, for the workers
@@ -376,45 +371,6 @@ class EmbedStage(Stage):
             }
         )
         return BatchResult(table, rejects)
-
-
-def model_identity(model_cfg: ModelConfig) -> tuple[str, int]:
-    """(identity, embedding width) of the recipe's model: loaded once, on the CPU, then dropped."""
-    from saferclip_data.training.models import load_clip
-
-    loaded = load_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
-                       cache_dir=model_cfg.cache_dir)  # fmt: skip
-    return loaded.identity, loaded.embed_dim
-
-
-def precomputed_batch(batch: pa.Table, parts: list, dim: int) -> BatchResult:
-    """The batch's vectors from its parts' files, L2-normalised; a record whose vector is zero or not finite is
-    rejected with the reason (it cannot be searched or scored)."""
-    from .embedding_source import read_vectors
-
-    part_of = np.asarray(batch["embedding_part"].to_numpy(zero_copy_only=False), np.int64)
-    row_of = np.asarray(batch["embedding_row"].to_numpy(zero_copy_only=False), np.int64)
-    has_caption = np.asarray(batch["caption"].is_valid().to_numpy(zero_copy_only=False), bool)
-    vectors = {}
-    for kind in ("image", "text"):
-        out = np.zeros((len(part_of), dim), np.float32)
-        for part in np.unique(part_of):
-            at = part_of == part
-            out[at] = read_vectors(parts[part], kind, row_of[at])
-        norms = np.linalg.norm(out, axis=1)
-        good = np.isfinite(norms) & (norms > 0)
-        vectors[kind] = (np.divide(out, np.where(good, norms, 1)[:, None]), good)
-    keys = batch["key"].to_pylist()
-    bad = ~(vectors["image"][1] & vectors["text"][1])
-    rejects = [Reject(keys[i], "invalid embedding", "a precomputed vector is zero or not finite")
-               for i in np.flatnonzero(bad)]  # fmt: skip
-    keep = ~bad
-    table = pa.table({
-        "key": batch["key"].filter(pa.array(keep)),
-        "image_embedding": to_fixed_list(vectors["image"][0][keep], np.ones(int(keep.sum()), bool)),
-        "text_embedding": to_fixed_list(vectors["text"][0][keep], has_caption[keep]),
-    })  # fmt: skip
-    return BatchResult(table, rejects)
 
 
 def _to_host(features: Any) -> Any:
