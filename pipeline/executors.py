@@ -330,6 +330,8 @@ class RayExecutor:
                     raise UserError(f"cannot connect to the Ray cluster at {self.address}: {exc}") from None
                 raise
             self._we_started = True
+            if not self.address:
+                self._watchdog = _start_watchdog(ray)
         return ray
 
     def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
@@ -424,6 +426,23 @@ class RayExecutor:
 
             ray.shutdown()
             self._we_started = False
+        watchdog, self._watchdog = getattr(self, "_watchdog", None), None
+        if watchdog is not None:
+            watchdog.terminate()
+            watchdog.wait(timeout=10)
+
+
+def _start_watchdog(ray) -> Any:
+    """A watchdog that kills the embedded Ray's processes if this process dies without shutting it down (see
+    ``ray_watchdog``); None where Ray does not say where its session lives."""
+    from . import ray_watchdog
+
+    try:
+        session = ray._private.worker.global_worker.node.get_session_dir_path()
+    except AttributeError:  # a Ray release that moved it: the embedded cluster then outlives a killed build
+        log.debug("no Ray session dir: no watchdog")
+        return None
+    return ray_watchdog.start(session)
 
 
 def make_executor(kind: str, ray_address: str | None = None):

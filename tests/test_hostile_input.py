@@ -283,3 +283,37 @@ def test_shards_of_a_modality_that_is_not_mined_are_refused_at_validate(tmp_path
     path = write_recipe(tmp_path / "r.yaml", data)
     code, _, err = cli("validate", str(path))
     assert code == 2 and str(path) in err and "stages.shards.modality: 'image' targets are not mined" in err
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_build_leaves_no_ray_process_behind(tmp_path, manifest_200):
+    """SIGKILL of the build's own process (not its group): the embedded Ray's processes are gone 15 s later."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    from conftest import CLI, recipe_dict
+
+    data = recipe_dict(manifest_200, batch_size=4)
+    data["source"]["shard_size"] = 10
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    build = subprocess.Popen([*CLI, "build", str(recipe), "-w", str(tmp_path / "work"), "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    started: list = []
+    while time.time() < deadline and build.poll() is None:
+        started = psutil.Process(build.pid).children(recursive=True)
+        names = " ".join(p.name() for p in started if p.is_running())
+        if list((tmp_path / "work" / "embed").glob("*.done.json")) and "raylet" in names:
+            break
+        time.sleep(0.2)
+    assert build.poll() is None and started, "the build ended before it could be killed"
+    os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    time.sleep(15)
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]

@@ -1,0 +1,70 @@
+"""A watchdog for the embedded Ray: when the build's process dies without shutting Ray down (SIGKILL, OOM
+killer), the Ray processes it started (GCS, raylet, its agents, workers) would live on. The watchdog is a small
+process of its own session (a signal to the build's process group does not reach it) that polls the build's
+process, remembering its descendants, and once it is gone kills them and every process of that Ray session.
+A build that ends normally stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+def start(session_dir: str) -> subprocess.Popen:
+    """Watch this process; kill the Ray session in ``session_dir`` when it dies."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "saferclip_data.pipeline.ray_watchdog", str(os.getpid()), session_dir],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def session_processes(session_dir: str) -> list:
+    """Processes of one Ray session: those naming its folder on their command line, and their descendants."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(session_dir in part for part in proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child
+        except psutil.Error:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def watch(pid: int, session_dir: str, every: float = 0.5) -> None:
+    """Poll ``pid``; meanwhile remember its descendants (once it dies, Ray's agents are orphans whose command
+    lines no longer name the session); then kill those and every process naming the session."""
+    import psutil
+
+    known: dict[int, psutil.Process] = {}
+    while True:
+        try:
+            build = psutil.Process(pid)
+            if build.status() == psutil.STATUS_ZOMBIE:
+                break
+            known.update((p.pid, p) for p in build.children(recursive=True))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(every)
+    victims = {**known, **{p.pid: p for p in session_processes(session_dir)}}
+    victims.pop(os.getpid(), None)
+    for proc in victims.values():
+        try:
+            if proc.is_running():  # the same process still (psutil compares its start time): not a reused pid
+                proc.kill()
+        except psutil.Error:
+            pass
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]), sys.argv[2])
