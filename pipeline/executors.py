@@ -207,6 +207,10 @@ def worker_identity() -> dict[str, Any]:
     return {"pid": os.getpid(), "node": _ray_node_id()}
 
 
+#: tasks one Ray worker process runs before it is replaced (bounds the memory a reused worker keeps)
+TASKS_PER_WORKER = 4
+
+
 def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_in_flight: int | None = None) -> list:
     """``fn(*args)`` for every tuple as Ray tasks spread over the cluster's nodes, at most ``max_in_flight`` at
     once (default: twice the cluster's CPUs / ``cpus``) so a long task list does not flood the scheduler; a task
@@ -215,7 +219,10 @@ def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_i
 
     if not items:
         return []
-    remote = ray.remote(fn).options(num_cpus=cpus, max_retries=3, scheduling_strategy="SPREAD")
+    # a worker process serves a few tasks, then gives its memory back by exiting (Python keeps a task's peak)
+    remote = ray.remote(fn).options(
+        num_cpus=cpus, max_retries=3, max_calls=TASKS_PER_WORKER, scheduling_strategy="SPREAD"
+    )
     limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / max(cpus, 0.01)))
     results: list[Any] = [None] * len(items)
     pending: dict[Any, int] = {}

@@ -40,10 +40,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_parquet(path: Path, table: pa.Table) -> None:
-    """Parquet written under a temp name and renamed, so a crash never leaves a half file under the real name."""
+def atomic_write_parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:
+    """Parquet written under a temp name and renamed, so a crash never leaves a half file under the real name.
+    ``row_group_size``: rows per group, for files read back a batch at a time (a reader holds one group)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp, compression="zstd", **_encodings(table.schema))
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, **_encodings(table.schema))
     os.replace(tmp, path)
 
 

@@ -35,8 +35,10 @@ RUN_DIR = "_runs"
 PAIR_SCHEMA = pa.schema([("similarity", pa.float32()), ("key", pa.string()), ("target", pa.string())])
 LONG_SCHEMA = pa.schema([("key", pa.string()), ("modality", pa.string()), ("rank", pa.int32()),
                          ("target", pa.string()), ("similarity", pa.float32())])  # fmt: skip
-#: picks buffered in the merge before they are written out
-FLUSH_PICKS = 1_000_000
+#: picks buffered in the merge before they are written out, and pairs read from a run at a time (as Python
+#: tuples: with one run per shard, a 2M-record build held 2.6M of them at 65,536 a run)
+FLUSH_PICKS = 200_000
+RUN_BATCH = 4_096
 
 
 def _folder(root: str) -> Path:
@@ -56,12 +58,12 @@ def sorted_run(root: str, shard_id: str, index: int, modality: str) -> int:
     out = _folder(root) / modality
     out.mkdir(parents=True, exist_ok=True)
     arrays = [pa.array(column, field.type) for column, field in zip(columns, PAIR_SCHEMA)]
-    atomic_write_parquet(out / f"{index:06d}.parquet", pa.table(arrays, schema=PAIR_SCHEMA))
+    atomic_write_parquet(out / f"{index:06d}.parquet", pa.table(arrays, schema=PAIR_SCHEMA), row_group_size=RUN_BATCH)
     return len(rows)
 
 
 def _run_rows(path: Path, index: int) -> Iterator[tuple[float, str, str, int]]:
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=RUN_BATCH):
         sims, keys, targets = (batch.column(i).to_pylist() for i in range(3))
         yield from ((-s, k, t, index) for s, k, t in zip(sims, keys, targets))
 

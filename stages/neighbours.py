@@ -28,7 +28,7 @@ from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes
 
-from .ivf import build_ivf, default_nlist, search_ivf
+from .ivf import IndexRows, build_ivf, default_nlist, search_ivf
 from .knn import knn_search
 from .safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
 from .score import column_suffix, unit_rows
@@ -40,6 +40,22 @@ EXACT_MAX_ROWS = 200_000
 PQ_BYTES = 64
 NPROBE = 16
 IVF_SAMPLE_PER_LIST = 32  # pool rows sampled per IVF list to train its k-means
+
+
+def build_pool_index(folder: str, kind: str, index_kind: str, count: int, rows: int, nlist: int,
+                     pq_bytes: int) -> None:  # fmt: skip
+    """The pool's IVF index of one embedding kind, trained on a seeded sample and filled piece by piece."""
+    import faiss
+
+    root = Path(folder)
+    pieces = [np.load(root / kind / f"{i:06d}.npy", mmap_mode="r") for i in range(count)]
+    rng = np.random.default_rng(0)
+    share = min(1.0, IVF_SAMPLE_PER_LIST * nlist / rows)
+    sample = np.concatenate([np.asarray(p[rng.random(len(p)) < share], np.float32) for p in pieces])
+    index = build_ivf(piece_blocks(pieces, 65_536), sample, index_kind, nlist, pq_bytes)
+    tmp = root / f".{kind}.ivf.tmp-{os.getpid()}"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, root / f"{kind}.ivf")
 
 
 def query_and_pool(modality: str) -> tuple[str, str]:
@@ -154,18 +170,11 @@ class NeighboursStage(Stage):
         return "exact" if pool_rows <= (c.exact_max_rows or EXACT_MAX_ROWS) else "ivf_flat"
 
     def _build_index(self, folder: Path, kind: str, index_kind: str, count: int, rows: int) -> None:
-        import faiss
-
+        """Train and fill the IVF index in a task (a Ray worker on a cluster), so the driver never holds it."""
         c = self.config
-        pieces = [np.load(folder / kind / f"{i:06d}.npy", mmap_mode="r") for i in range(count)]
         nlist = min(c.nlist or default_nlist(rows), rows)
-        rng = np.random.default_rng(0)
-        share = min(1.0, IVF_SAMPLE_PER_LIST * nlist / rows)
-        sample = np.concatenate([np.asarray(p[rng.random(len(p)) < share], np.float32) for p in pieces])
-        index = build_ivf(piece_blocks(pieces, 65_536), sample, index_kind, nlist, c.pq_bytes or PQ_BYTES)
-        tmp = folder / f".{kind}.ivf.tmp-{os.getpid()}"
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, folder / f"{kind}.ivf")
+        task = (str(folder), kind, index_kind, count, rows, nlist, c.pq_bytes or PQ_BYTES)
+        self.task_map(build_pool_index, [task], 1.0)
 
     # ---- worker ------------------------------------------------------------------------------------------
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
@@ -178,7 +187,10 @@ class NeighboursStage(Stage):
         pool = self.pool.kinds[kind]
         if pool.index is None:
             return knn_search(queries, pool.blocks(c.block_rows), want, backend=c.backend, block_rows=c.block_rows)
-        return search_ivf(pool.index, RowView(pool), queries, want, c.nprobe or NPROBE, pool.index_kind)
+        # ivf_flat keeps every row in fp16, as the pool stores it: re-score from the index's own copy (the mapped
+        # pieces would double the worker's memory); PQ codes are approximate: re-score from the pieces
+        rows = IndexRows(pool.index) if pool.index_kind == "ivf_flat" else RowView(pool)
+        return search_ivf(pool.index, rows, queries, want, c.nprobe or NPROBE, pool.index_kind)
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
         c = self.config

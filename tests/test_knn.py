@@ -132,3 +132,19 @@ def test_ivf_search_finds_most_exact_neighbours_with_exact_scores(kind):
     assert np.all(np.diff(np.where(valid, scores, -np.inf), axis=1) <= 0)  # best first
     few = search_ivf(index, pool, queries, 10, nprobe=1, kind=kind)[1]
     assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, few)]) < recall  # nprobe buys recall
+
+
+def test_ivf_flat_rows_come_back_from_the_index_as_the_pool_stores_them():
+    from saferclip_data.stages.ivf import IndexRows, build_ivf, search_ivf
+
+    rng = np.random.default_rng(1)
+    pool = rng.standard_normal((3_000, 32)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    stored = pool.astype(np.float16)  # what the neighbours stage keeps
+    index = build_ivf([stored[:1_000], stored[1_000:]], stored[::3].astype(np.float32), "ivf_flat", nlist=16)
+    ids = np.array([2_999, 0, 1_234, 7])
+    assert np.array_equal(IndexRows(index)[ids], stored[ids].astype(np.float32))
+    queries = pool[:20]
+    from_index = search_ivf(index, IndexRows(index), queries, 5, nprobe=4, kind="ivf_flat")
+    from_rows = search_ivf(index, stored, queries, 5, nprobe=4, kind="ivf_flat")
+    assert np.array_equal(from_index[1], from_rows[1]) and np.allclose(from_index[0], from_rows[0], atol=1e-6)
