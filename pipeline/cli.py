@@ -106,7 +106,7 @@ def _pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
     else:
         root = Path("work") / recipe.name
     if root.exists() and not root.is_dir():
-        raise UserError(f"work dir {root} is a file, not a folder: choose another workdir (or -w)")
+        raise UserError(f"{path}: workdir: {root} is a file, not a folder: choose another work dir (or -w)")
     try:
         return Pipeline(recipe, REGISTRY, WorkDir(root))
     except UserError as exc:  # a stage needing one the recipe does not enable: name the recipe file

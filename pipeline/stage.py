@@ -34,8 +34,8 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"batch_size", "concurrency", "cpus", "gpus"})
 
-    batch_size: int = Field(default=256, gt=0, description="records per call of process_batch")
-    concurrency: int = Field(default=1, gt=0, description="workers (Ray actors) running this stage at once")
+    batch_size: int = Field(default=256, gt=0, le=1 << 24, description="records per call of process_batch")
+    concurrency: int = Field(default=1, gt=0, le=100_000, description="workers (Ray actors) running this stage at once")
     cpus: float = Field(default=1.0, gt=0, description="CPU cores reserved per worker")
     gpus: float | Literal["auto"] = Field(
         default=0, description="GPUs per worker; 'auto' takes one where the cluster has GPUs"

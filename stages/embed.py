@@ -129,7 +129,9 @@ def image_encoder(model: Any, compile_mode: str | None) -> Callable:
 
 
 class EmbedConfig(StageConfig):
-    batch_size: int | None = Field(default=None, gt=0, description="records per batch; unset: 512 on CUDA, 64 on CPU")
+    batch_size: int | None = Field(
+        default=None, gt=0, le=1 << 24, description="records per batch; unset: 512 on CUDA, 64 on CPU"
+    )
     gpus: float | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto = CUDA where the worker has it")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -65,7 +65,7 @@ def query_and_pool(modality: str) -> tuple[str, str]:
 
 
 class NeighboursConfig(StageConfig):
-    batch_size: int = Field(default=4096, gt=0)
+    batch_size: int = Field(default=4096, gt=0, le=1 << 24)
     gpus: float | Literal["auto"] = "auto"
     modalities: list[Modality] = Field(
         default_factory=lambda: ["text"],

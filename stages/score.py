@@ -57,7 +57,7 @@ def score_columns(categories: list[str]) -> list[str]:
 
 
 class ScoreConfig(StageConfig):
-    batch_size: int = Field(default=1024, gt=0)
+    batch_size: int = Field(default=1024, gt=0, le=1 << 24)
     gpus: float | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

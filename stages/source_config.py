@@ -121,7 +121,7 @@ class SourceConfig(StageConfig):
         default=None, description="file of image-byte digests (sha256 or md5, one per line) to reject at ingestion"
     )
     url_timeout: float = Field(default=10.0, gt=0)
-    batch_size: int = Field(default=256, gt=0)
+    batch_size: int = Field(default=256, gt=0, le=1 << 24)
     layout: Literal["plain", "visu", "nsfwcaps", "laion"] | None = Field(
         default=None, description="kind manifest/hub: a published layout (visu, nsfwcaps, laion); default plain"
     )
