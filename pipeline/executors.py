@@ -220,9 +220,7 @@ def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_i
     if not items:
         return []
     # a worker process serves a few tasks, then gives its memory back by exiting (Python keeps a task's peak)
-    remote = ray.remote(fn).options(
-        num_cpus=cpus, max_retries=3, max_calls=TASKS_PER_WORKER, scheduling_strategy="SPREAD"
-    )
+    remote = ray.remote(num_cpus=cpus, max_retries=3, max_calls=TASKS_PER_WORKER, scheduling_strategy="SPREAD")(fn)
     limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / max(cpus, 0.01)))
     results: list[Any] = [None] * len(items)
     pending: dict[Any, int] = {}
