@@ -606,10 +606,13 @@ def test_ray_train_workers_train_through_the_train_command(built, tmp_path):
     assert "stopped at --max-steps after 2 steps" in proc.stdout
     steps = _steps(out)
     assert [s["step"] for s in steps] == [1, 2] and all(len(set(s["keys"])) == len(s["keys"]) for s in steps)
-    from saferclip_data.training.trainer import samples_per_epoch
+    from saferclip_data.training.trainer import TrainConfig, resolve_split, samples_per_rank
 
-    easy = samples_per_epoch(built / "shards" / "quad", 0, [["easy"]])
-    assert len(steps[0]["keys"]) == min(32, easy // 2)  # rank 0's half of epoch 1 (easy only), one batch
+    shard_dir = built / "shards" / "quad"
+    urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    split = resolve_split("auto", len(urls), 2)  # the default: each rank its own tars where there are enough
+    per_rank = samples_per_rank(shard_dir, urls, 0, TrainConfig(schedule=[["easy"]], split=split), 2)
+    assert len(steps[0]["keys"]) == min(32, per_rank)  # rank 0's share of epoch 1 (easy only), one batch
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["step"] == 2 and any(float(v.abs().sum()) > 0 for n, v in state["trainable"].items() if "lora_B" in n)
 
