@@ -328,6 +328,10 @@ class RayExecutor:
                 kwargs.update(
                     address="local", include_dashboard=False, object_store_memory=self.object_store_mb * 2**20
                 )
+            if not self.address:  # before init: a kill during Ray's start-up must not leave its processes either
+                from . import ray_watchdog
+
+                self._watchdog = ray_watchdog.start("")
             try:
                 ray.init(**kwargs)
             except (ConnectionError, RuntimeError) as exc:
@@ -335,8 +339,6 @@ class RayExecutor:
                     raise UserError(f"cannot connect to the Ray cluster at {self.address}: {exc}") from None
                 raise
             self._we_started = True
-            if not self.address:
-                self._watchdog = _start_watchdog(ray)
         return ray
 
     def run_map(self, job: StageJob, pending: list[ShardSpec], on_records, on_shard) -> None:
@@ -435,19 +437,6 @@ class RayExecutor:
         if watchdog is not None:
             watchdog.terminate()
             watchdog.wait(timeout=10)
-
-
-def _start_watchdog(ray) -> Any:
-    """A watchdog that kills the embedded Ray's processes if this process dies without shutting it down (see
-    ``ray_watchdog``); None where Ray does not say where its session lives."""
-    from . import ray_watchdog
-
-    try:
-        session = ray._private.worker.global_worker.node.get_session_dir_path()
-    except AttributeError:  # a Ray release that moved it: the embedded cluster then outlives a killed build
-        log.debug("no Ray session dir: no watchdog")
-        return None
-    return ray_watchdog.start(session)
 
 
 def make_executor(kind: str, ray_address: str | None = None):

@@ -25,9 +25,12 @@ def start(session_dir: str) -> subprocess.Popen:
 
 
 def session_processes(session_dir: str) -> list:
-    """Processes of one Ray session: those naming its folder on their command line, and their descendants."""
+    """Processes of one Ray session: those naming its folder on their command line, and their descendants
+    (none for an empty name: the build's own descendants are what is watched then)."""
     import psutil
 
+    if not session_dir:
+        return []
     found = {}
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
