@@ -92,7 +92,7 @@ def test_agreement_counts_rows_in_order_and_pairs_found():
 
 
 def test_the_cli_and_the_stages_import_without_polars_or_faiss():
-    """The GPU host has neither (see ../shared/gpu-host): building source + embed there must not import them;
+    """A minimal GPU host may have neither: building source + embed there must not import them;
     the report stage and the faiss backend import them where they are used."""
     import subprocess
     import sys
