@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,18 +89,19 @@ def check_checkpoint(path: Path, arch: str) -> None:
     """Open a checkpoint file as weights only (no code runs: a pickle that would execute something is refused)
     and check that it fits ``arch`` by its embedding width, without building the model: ``validate`` catches
     an unreadable or mismatched file before a build spends minutes getting there."""
-    import open_clip
     import torch
 
-    from saferclip_data.training.models import register_toy_configs
+    from saferclip_data.training.models import model_config
 
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # mmap needs the zip format; an older file is read whole
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about old pickle protocols; the error below says it all
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # mmap needs the zip format; an older file is read whole
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file; each is the user's to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ValueError(
@@ -109,8 +111,7 @@ def check_checkpoint(path: Path, arch: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(hasattr(v, "shape") for v in state.values()):
         raise ValueError(f"model.pretrained: {path} holds no tensors (expected an open_clip state dict)")
-    register_toy_configs()
-    config = open_clip.get_model_config(arch) or {}
+    config = model_config(arch)
     projection = next((v for k, v in state.items() if k.removeprefix("module.") == "text_projection"), None)
     width = config.get("embed_dim")
     if projection is not None and width is not None and projection.shape[-1] != width:

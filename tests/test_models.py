@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.training.models import known_architectures, load_clip, weight_source_kind
+from saferclip_data.training.models import known_architectures, load_clip, model_config, weight_source_kind
 
 from conftest import recipe_dict, write_recipe
 from helpers import write_image_manifest
@@ -21,6 +21,19 @@ def test_weight_source_kinds():
     assert weight_source_kind("hf-hub:laion/CLIP-ViT-B-32", None) == "hub"
     assert weight_source_kind("local-dir:/models/clip", None) == "local-dir"
     assert "toy-vit-tiny" in known_architectures() and "ViT-L-14" in known_architectures()
+
+
+def test_architectures_read_from_config_files_are_open_clips_own_list():
+    """The recipe check reads the config files instead of importing open_clip: the two lists must agree."""
+    import open_clip
+
+    from saferclip_data.training.models import register_toy_configs
+
+    fast = known_architectures()
+    register_toy_configs()
+    assert fast == sorted(open_clip.list_models()) and len(fast) > 100
+    assert all(model_config(arch) == open_clip.get_model_config(arch) for arch in fast)
+    assert model_config("no-such-arch") == {}
 
 
 @pytest.mark.slow

@@ -41,17 +41,81 @@ def register_toy_configs() -> None:
     _registered = True
 
 
-def known_architectures() -> list[str]:
-    import open_clip
+def _config_files() -> dict[str, Path] | None:
+    """Architecture name -> its open_clip config file (open_clip's own and the toy ones), or None where
+    open_clip's layout is not the one this reader knows. Read from disk: importing open_clip takes seconds
+    (torch, timm, transformers), and a recipe check should not wait for that."""
+    import importlib.util
+    import json
 
-    register_toy_configs()
-    return open_clip.list_models()
+    spec = importlib.util.find_spec("open_clip")
+    folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])] if spec else []
+    if not any(folder.is_dir() for folder in folders):
+        return None
+    found = {}
+    for path in [p for folder in [*folders, MODEL_CONFIG_DIR] for p in folder.glob("*.json")]:
+        config = json.loads(path.read_text())
+        if all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")):  # open_clip's own test
+            found[path.stem] = path
+    return found
+
+
+def known_architectures() -> list[str]:
+    """open_clip's architectures and the toy ones."""
+    files = _config_files()
+    if files is None:
+        import open_clip
+
+        register_toy_configs()
+        return open_clip.list_models()
+    return sorted(files)
+
+
+def model_config(arch: str) -> dict[str, Any]:
+    """The open_clip config of ``arch`` (empty when unknown)."""
+    import json
+
+    files = _config_files()
+    if files is None:
+        import open_clip
+
+        register_toy_configs()
+        return open_clip.get_model_config(arch) or {}
+    return json.loads(files[arch].read_text()) if arch in files else {}
 
 
 def pretrained_tags(arch: str) -> list[str]:
+    """open_clip's pretrained tags of ``arch``. Read from its ``pretrained`` module alone where open_clip is not
+    imported yet (that module needs only the standard library; the package's ``__init__`` pulls in torch)."""
+    import sys
+
+    if "open_clip" not in sys.modules:
+        try:
+            return list(_standalone_pretrained().list_pretrained_tags_by_model(arch))
+        except Exception:  # an open_clip layout this reader does not know: import it as usual
+            pass
     import open_clip
 
     return list(open_clip.list_pretrained_tags_by_model(arch))
+
+
+def _standalone_pretrained() -> Any:
+    """``open_clip.pretrained`` loaded under a bare package stub, which is removed again afterwards so that a
+    later ``import open_clip`` runs the real package."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    spec = importlib.util.find_spec("open_clip")
+    stub = types.ModuleType("open_clip")
+    stub.__path__ = list(spec.submodule_search_locations)
+    sys.modules["open_clip"] = stub
+    try:
+        return importlib.import_module("open_clip.pretrained")
+    finally:
+        for name in [n for n in sys.modules if n == "open_clip" or n.startswith("open_clip.")]:
+            del sys.modules[name]
 
 
 def weight_source_kind(arch: str, pretrained: str | None) -> str:

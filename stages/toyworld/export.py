@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import webdataset as wds
 
 from saferclip_data.pipeline.workdir import atomic_write_bytes, atomic_write_parquet
 
@@ -40,6 +39,8 @@ def world_fingerprint(config: WorldConfig) -> str:
 
 def write_world(config: WorldConfig, out_dir: str | Path, on_record=None) -> dict:
     """Generate the world into ``out_dir``; returns the summary also written to ``world.json``."""
+    import webdataset as wds  # imported here: it pulls in torch, which commands that only read recipes skip
+
     out = Path(out_dir)
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
