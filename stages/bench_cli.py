@@ -306,7 +306,9 @@ def scale(
         versus = f", of exact pairs {exact:.4f}" if exact is not None else ""
         other = next((f" ({k.removeprefix('mining_precision_at_1_')}: {v:.4f})" for k, v in r.items()
                       if k.startswith("mining_precision_at_1_")), "")  # fmt: skip
-        console.print(f"{r['records']:,}: largest process {r['peak_rss_mb']:,.0f} MB; dedup recall of planted copies "
+        top = max(STAGES, key=lambda stage: r["stages"][stage]["peak_rss_mb"])
+        console.print(f"{r['records']:,}: largest process {r['peak_rss_mb']:,.0f} MB (during {top}: "
+                      f"{r['stages'][top]['peak_process'] or '?'}); dedup recall of planted copies "
                       f"{r['dedup_planted_recall']:.4f}{versus}; mining precision@1 {r['mining_precision_at_1']:.4f}"
                       f"{other} over {r['mining_queries']:,} queries")  # fmt: skip
     console.print(f"results: {folder / 'scale.json'}")

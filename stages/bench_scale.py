@@ -159,20 +159,23 @@ def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = N
     }
 
 
-def _monitor(proc: subprocess.Popen, every: float = 0.25) -> list[tuple[float, float]]:
-    """(time, RSS MB of the largest process in the tree) until ``proc`` ends."""
+def _monitor(proc: subprocess.Popen, every: float = 0.25) -> list[tuple[float, float, str]]:
+    """(time, RSS MB, name) of the largest process in the tree, sampled until ``proc`` ends. The name is the
+    process title (Ray sets ``ray::<task or actor method>``), so a peak can be traced to its stage's step."""
     import psutil
 
     samples = []
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
-        largest = 0.0
+        largest, name = 0.0, ""
         for p in [root, *root.children(recursive=True)]:
             try:
-                largest = max(largest, p.memory_info().rss / 2**20)
+                rss = p.memory_info().rss / 2**20
+                if rss > largest:
+                    largest, name = rss, " ".join(p.cmdline()[:1]) or p.name()
             except psutil.Error:
                 pass
-        samples.append((time.time(), largest))
+        samples.append((time.time(), largest, name))
         time.sleep(every)
     return samples
 
@@ -199,13 +202,14 @@ def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str
         raise RuntimeError(f"build of {size:,} records failed: {err.strip().splitlines()[-1:]}")
     wd = WorkDir(work)
     result = {"records": size, "dim": dim, "executor": executor, "stages": {},
-              "peak_rss_mb": max((m for _, m in samples), default=0)}  # fmt: skip
+              "peak_rss_mb": max((m for _, m, _ in samples), default=0)}  # fmt: skip
     for stage in STAGES:
         manifest = wd.manifest(stage)
         end = (wd.stage_dir(stage) / "_manifest.json").stat().st_mtime
         seconds = manifest["seconds"]
-        peak = max((m for t, m in samples if end - seconds - 0.5 <= t <= end + 0.5), default=0.0)
-        result["stages"][stage] = {"seconds": seconds, "peak_rss_mb": round(peak, 1),
+        during = [(m, name) for t, m, name in samples if end - seconds - 0.5 <= t <= end + 0.5]
+        peak, peak_process = max(during, default=(0.0, ""))
+        result["stages"][stage] = {"seconds": seconds, "peak_rss_mb": round(peak, 1), "peak_process": peak_process,
                                    "records_per_s": round(manifest["counts"]["in"] / max(seconds, 1e-9))}  # fmt: skip
     result |= truth_figures(wd, truth)
     if size <= exact_dedup_max:
