@@ -3,8 +3,10 @@
 This is the distributed half of mining. ``prepare`` writes the safe pool - every safe record that survived
 filter and dedup, minus benchmark splits - as one piece per shard (tasks on the build's executor; see
 :mod:`safe_pool`); each worker memory-maps the pieces once, and the unsafe queries of each shard are searched
-against them: exactly (see :mod:`knn`) up to ``exact_max_rows`` pool rows, through a faiss IVF index above
-(see :mod:`ivf`; its recall is measured by ``bench knn``). Exclusions that depend on the query (its own group,
+against them exactly (see :mod:`knn`) up to ``exact_max_rows`` pool rows. Above, ``ivf_flat`` (the default)
+searches inverted lists kept on disk in tasks that each hold a bounded share of pool and queries (see
+:mod:`ivf_partitioned`), and ``ivf_pq`` a faiss index of compact codes in every worker (see :mod:`ivf`; its
+recall is measured by ``bench knn``). Exclusions that depend on the query (its own group,
 category compatibility) are applied here, so the ``candidates`` kept per query are all admissible; the ``mine``
 stage then picks the final targets under the global reuse cap.
 
@@ -28,7 +30,8 @@ from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes
 
-from .ivf import IndexRows, build_ivf, default_nlist, search_ivf
+from . import ivf_partitioned as lists
+from .ivf import build_ivf, default_nlist, search_ivf
 from .knn import knn_search
 from .safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
 from .score import column_suffix, unit_rows
@@ -91,17 +94,25 @@ class NeighboursConfig(StageConfig):
     block_rows: int = Field(default=262_144, gt=0, description="pool rows per search block (bounds memory)")
     index: Literal["auto", "exact", "ivf_flat", "ivf_pq"] | None = Field(
         default=None,
-        description="exact = every query scans the pool; ivf_flat / ivf_pq = faiss inverted lists (fp16 rows / "
-        "product-quantised codes), candidates re-scored exactly; unset = auto: exact up to exact_max_rows",
+        description="exact = every query scans the pool; ivf_flat = inverted lists on disk searched by tasks, "
+        "exact cosines (no process holds the pool); ivf_pq = a faiss index of product-quantised codes in each "
+        "worker, candidates re-scored exactly; unset = auto: exact up to exact_max_rows, ivf_flat above",
     )
     exact_max_rows: int | None = Field(
         default=None, gt=0, description=f"auto's switch to ivf_flat (unset: {EXACT_MAX_ROWS:,} pool rows)"
     )
     nlist: int | None = Field(default=None, gt=0, description="IVF lists (unset: about 2 * sqrt(pool rows))")
-    nprobe: int | None = Field(default=None, gt=0, description=f"IVF lists searched per query (unset: {NPROBE})")
+    nprobe: int | None = Field(
+        default=None, gt=0, description=f"IVF lists searched per query (ivf_flat: the lists nearest the query's own "
+        f"list; unset: {NPROBE})"
+    )
     pq_bytes: int | None = Field(default=None, gt=0, description=f"ivf_pq: code bytes per vector (unset: {PQ_BYTES})")
+    task_queries: int = Field(default=20_000, gt=0, description="ivf_flat: queries per search task (bounds memory)")
+    task_pool_rows: int = Field(
+        default=100_000, gt=0, description="ivf_flat: pool rows a search task holds (the lists its queries probe)"
+    )
 
-    RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"backend", "block_rows"}
+    RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"backend", "block_rows", "task_queries", "task_pool_rows"}
 
 
 class NeighboursStage(Stage):
@@ -109,7 +120,7 @@ class NeighboursStage(Stage):
     Config = NeighboursConfig
     inputs = {"dedup": ("key", "role", "category"), "embed": ("key", "image_embedding", "text_embedding")}
     output_columns = ("key", "role", "category")
-    version = "1"
+    version = "2"
 
     config: NeighboursConfig
 
@@ -139,13 +150,9 @@ class NeighboursStage(Stage):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         kinds = self.pool_kinds()
-        advance = progress.subtask("write safe pool", len(shard_ids))
         settings = c.model_dump()
         items = [(str(workdir.root), self._inputs(), settings, kinds, s, i) for i, s in enumerate(shard_ids)]
-        pieces: list[dict] = []
-        for start in range(0, len(items), 64):  # in rounds, so that the progress bar moves
-            pieces += self.task_map(pool_piece, items[start : start + 64], 1.0)
-            advance(len(items[start : start + 64]))
+        pieces = self._rounds(progress, "write safe pool", pool_piece, items)
         if sum(p["rows"] for p in pieces) == 0:
             raise UserError("stage neighbours: the safe pool is empty (no safe record left after filter and dedup)")
         info = {"pieces": len(pieces), "rows": [p["rows"] for p in pieces], "dim": pieces[0]["dim"],
@@ -153,11 +160,72 @@ class NeighboursStage(Stage):
         for kind in kinds:
             rows = sum(info["valid"][kind])
             info["index"][kind] = self.index_kind(rows)
-            if info["index"][kind] != "exact" and rows:
-                built = progress.subtask(f"build {info['index'][kind]} index ({kind})", 1)
+            if info["index"][kind] == "ivf_flat" and rows:
+                self._assign_lists(progress, folder, kind, info)
+            elif info["index"][kind] == "ivf_pq" and rows:
+                built = progress.subtask(f"build ivf_pq index ({kind})", 1)
                 self._build_index(folder, kind, info["index"][kind], len(pieces), rows)
                 built(1)
+        for modality in c.modalities:
+            pool_kind = query_and_pool(modality)[1]
+            if info["index"][pool_kind] == "ivf_flat" and sum(info["valid"][pool_kind]):
+                self._search_lists(progress, workdir, folder, modality, shard_ids, sum(info["valid"][pool_kind]))
+        for sorted_copy in [*(folder / lists.LISTS_DIR / kind for kind in kinds), folder / lists.LISTS_DIR / "queries"]:
+            shutil.rmtree(sorted_copy, ignore_errors=True)  # the list-sorted copies of pool and queries: done with
         atomic_write_bytes(folder / "pool.json", json.dumps(info).encode())
+
+    def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:
+        """Every shard has its candidates: the list search's outputs are no longer needed."""
+        shutil.rmtree(workdir.stage_dir(self.name) / POOL_DIR / lists.LISTS_DIR / "results", ignore_errors=True)
+
+    def _assign_lists(self, progress, folder: Path, kind: str, info: dict) -> None:
+        """ivf_flat: train the lists on a sample (a task), then sort every pool piece by list (a task each)."""
+        c = self.config
+        rows = sum(info["valid"][kind])
+        nlist = min(c.nlist or default_nlist(rows), rows)
+        step = progress.subtask(f"train {nlist:,} IVF lists ({kind})", 1)
+        self.task_map(lists.train_lists, [(str(folder), kind, len(info["rows"]), rows, nlist, IVF_SAMPLE_PER_LIST)])
+        step(1)
+        first_rows = np.cumsum([0, *info["rows"]])
+        first_searchable = np.cumsum([0, *info["valid"][kind]])
+        items = [(str(folder), kind, i, int(first_rows[i]), int(first_searchable[i])) for i in range(len(info["rows"]))]
+        counts = self._rounds(progress, f"sort the pool by list ({kind})", lists.assign_pool_piece, items)
+        lists._save(folder / lists.LISTS_DIR / f"pool-counts-{kind}.npy", np.stack(counts))
+
+    def _search_lists(self, progress, workdir: WorkDir, folder: Path, modality: str, shard_ids: list[str],
+                      pool_rows: int) -> None:  # fmt: skip
+        """ivf_flat: assign every shard's queries to lists, then search runs of lists as tasks (bounded memory)."""
+        c = self.config
+        query_kind, pool_kind = query_and_pool(modality)
+        items = [(str(workdir.root), self._inputs(), c.group_column, modality, query_kind, pool_kind, i, s)
+                 for i, s in enumerate(shard_ids)]  # fmt: skip
+        homes = np.stack(self._rounds(progress, f"assign queries to lists ({modality})", lists.assign_query_shard,
+                                      items))  # fmt: skip
+        lists_dir = folder / lists.LISTS_DIR
+        lists._save(lists_dir / f"home-counts-{modality}.npy", homes)
+        centroids = np.load(lists_dir / f"centroids-{pool_kind}.npy")
+        near = lists.neighbourhoods(centroids, min(c.nprobe or NPROBE, len(centroids)))
+        lists._save(lists_dir / f"near-{modality}.npy", near)
+        pool_counts = np.load(lists_dir / f"pool-counts-{pool_kind}.npy").sum(axis=0)
+        plan = lists.plan_tasks(homes.sum(axis=0), pool_counts, near, c.task_queries, c.task_pool_rows)
+        settings = {"want": min(c.candidates + 8, pool_rows), "candidates": c.candidates,
+                    "allow_same_group": c.allow_same_group, "category_max_score": c.category_max_score}  # fmt: skip
+        tasks = [(str(folder), pool_kind, modality, t, lo, hi, probed, settings)
+                 for t, (lo, hi, probed) in enumerate(plan)]  # fmt: skip
+        results = self._rounds(progress, f"search lists ({modality})", lists.search_lists, tasks)
+        lists.write_result_index(folder, modality, results, shard_ids)
+        fields = ("path", "queries", "pool_rows", "lists", "seconds", "pid", "node")
+        workdir.write_table(self.name, f"search-{modality}", pa.Table.from_pylist([{k: r[k] for k in fields}
+                                                                                   for r in results]))  # fmt: skip
+
+    def _rounds(self, progress, what: str, fn, items: list[tuple]) -> list:
+        """``fn`` over ``items`` as tasks, in rounds of 64 so that the progress bar moves."""
+        advance = progress.subtask(what, len(items))
+        out: list = []
+        for start in range(0, len(items), 64):
+            out += self.task_map(fn, items[start : start + 64], 1.0)
+            advance(len(items[start : start + 64]))
+        return out
 
     def pool_kinds(self) -> list[str]:
         return sorted({query_and_pool(m)[1] for m in self.config.modalities})
@@ -178,19 +246,34 @@ class NeighboursStage(Stage):
 
     # ---- worker ------------------------------------------------------------------------------------------
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
-        if getattr(self, "pool", None) is None:
-            self.pool = SafePool.load(workdir.stage_dir(self.name) / POOL_DIR, self.pool_kinds())
-        return workdir.read_aligned(spec.shard_id, self._inputs())
+        """The shard's rows; for modalities searched by list (ivf_flat), the candidates found in ``prepare``
+        joined on as ``_listed_keys_<modality>`` and ``_listed_sims_<modality>``. The pool itself is loaded only
+        where a search or a given pair's similarity needs it."""
+        folder = workdir.stage_dir(self.name) / POOL_DIR
+        if getattr(self, "listed", None) is None:
+            info = json.loads((folder / "pool.json").read_text())
+            self.listed = {m for m in self.config.modalities if info["index"][query_and_pool(m)[1]] == "ivf_flat"
+                           and sum(info["valid"][query_and_pool(m)[1]])}  # fmt: skip
+            self.pool = None
+        if self.pool is None and (self.config.pair_column or len(self.listed) < len(self.config.modalities)):
+            self.pool = SafePool.load(folder, self.pool_kinds())
+        table = workdir.read_aligned(spec.shard_id, self._inputs())
+        for modality in sorted(self.listed):
+            found = lists.shard_candidates(folder, modality, spec.shard_id)
+            at = np.full(table.num_rows, -1, np.int64)
+            at[found["row"].to_numpy()] = np.arange(found.num_rows)
+            take = pa.array(at, pa.int64(), mask=at < 0)
+            table = table.append_column(f"_listed_keys_{modality}", found["candidates"].take(take))
+            table = table.append_column(f"_listed_sims_{modality}", found["similarities"].take(take))
+        return table
 
     def _search(self, kind: str, queries: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
         c = self.config
         pool = self.pool.kinds[kind]
         if pool.index is None:
             return knn_search(queries, pool.blocks(c.block_rows), want, backend=c.backend, block_rows=c.block_rows)
-        # ivf_flat keeps every row in fp16, as the pool stores it: re-score from the index's own copy (the mapped
-        # pieces would double the worker's memory); PQ codes are approximate: re-score from the pieces
-        rows = IndexRows(pool.index) if pool.index_kind == "ivf_flat" else RowView(pool)
-        return search_ivf(pool.index, rows, queries, want, c.nprobe or NPROBE, pool.index_kind)
+        # ivf_pq: PQ codes rank approximately; the candidates are re-scored from the mapped pieces
+        return search_ivf(pool.index, RowView(pool), queries, want, c.nprobe or NPROBE, pool.index_kind)
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
         c = self.config
@@ -210,12 +293,19 @@ class NeighboursStage(Stage):
         for modality in c.modalities:
             query_kind, pool_kind = query_and_pool(modality)
             vectors, valid = unit_rows(batch[f"{query_kind}_embedding"], dim)
-            pool = self.pool.kinds[pool_kind]
+            pool = self.pool.kinds[pool_kind] if self.pool is not None else None
             cand_keys: list[list[str] | None] = [None] * n
             cand_sims: list[list[float] | None] = [None] * n
             pair_sims: list[float | None] = [None] * n
             searchable = [i for i in queries if valid[i]]
-            if searchable and len(pool):
+            if modality in self.listed:
+                cand_keys = batch[f"_listed_keys_{modality}"].to_pylist()
+                cand_sims = batch[f"_listed_sims_{modality}"].to_pylist()
+                for row in searchable:
+                    pair = self._searchable_row(pool_kind, pairs[row]) if pool is not None else None
+                    if pair is not None:
+                        pair_sims[row] = float(vectors[row] @ np.asarray(pool.rows(np.array([pair]))[0], np.float32))
+            elif searchable and len(pool):
                 # a little slack for the exclusions applied after the search (own group, category)
                 sims, idx = self._search(pool_kind, vectors[searchable], min(c.candidates + 8, len(pool)))
                 for row, srow, irow in zip(searchable, sims, idx):

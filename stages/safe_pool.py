@@ -158,7 +158,8 @@ class SafePool:
             pieces = [np.load(folder / kind / f"{i:06d}.npy", mmap_mode="r") for i in range(count)]
             rows = [np.load(folder / kind / f"{i:06d}.rows.npy") + offsets[i] for i in range(count)]
             index_kind = info["index"].get(kind, "exact")
-            index = faiss.read_index(str(folder / f"{kind}.ivf")) if index_kind != "exact" else None
+            # ivf_flat is searched by list in tasks (see ivf_partitioned): only ivf_pq keeps an index in a worker
+            index = faiss.read_index(str(folder / f"{kind}.ivf")) if index_kind == "ivf_pq" else None
             loaded[kind] = PoolKind(pieces, np.concatenate(rows), index, index_kind)
         groups = table["group"].to_numpy()
         return cls(table["key"].combine_chunks(), groups, scores, loaded)
