@@ -25,6 +25,7 @@ from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageCo
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.training.models import encode_text, trim_tokens
 
+from .classifiers import ClassifierConfig
 from .embed import ModelConfig, load_worker_model
 
 #: the SaFeR-CLIP / ViSU taxonomy with plain-language prompts for real-world CLIP models
@@ -84,6 +85,20 @@ class ScoreConfig(StageConfig):
     )
     probe_folds: int = Field(default=2, ge=2, description="cross-fitting folds: labelled records get held-out scores")
     probe_c: float = Field(default=1.0, gt=0, description="inverse regularisation strength of the probe")
+    classifiers: list[ClassifierConfig] = Field(
+        default_factory=list,
+        description="dedicated image classifiers (ONNX) run on the source's images: <name>_<category> columns",
+    )
+
+    @field_validator("classifiers")
+    @classmethod
+    def _check_classifiers(cls, value: list[ClassifierConfig]) -> list[ClassifierConfig]:
+        seen: set[str] = set()
+        for i, classifier in enumerate(value):
+            if classifier.column() in seen:
+                raise ValueError(f"stages.score.classifiers[{i}]: a second '{classifier.column()}' column")
+            seen.add(classifier.column())
+        return value
 
     @field_validator("taxonomy")
     @classmethod
@@ -147,6 +162,8 @@ class ScoreStage(Stage):
     def __init__(self, config: StageConfig, sections):
         super().__init__(config, sections)
         extra = (self.config.role_column,) if self.config.role_column else ()
+        if self.config.classifiers:
+            extra += ("image",)
         self.inputs = {"embed": ("key", "image_embedding", "text_embedding"), "source": ("key", "category", *extra)}
 
     def prepare(self, progress, workdir: WorkDir) -> None:
@@ -204,6 +221,10 @@ class ScoreStage(Stage):
             self.category_matrix = np.stack([centroid(p) for p in self.config.categories().values()])
             self.neutral = centroid(self.config.neutral_prompts)
             self.scale = float(model.logit_scale.exp().float().item()) if hasattr(model, "logit_scale") else 100.0
+        if self.config.classifiers:
+            from .classifiers import ImageClassifier
+
+            self.classifiers = [ImageClassifier(c, torch.get_num_threads(), device) for c in self.config.classifiers]
 
     def output_metadata(self) -> dict[str, str]:
         meta = {
@@ -221,6 +242,9 @@ class ScoreStage(Stage):
             from .probe import Probes
 
             self.probes = Probes(workdir.stage_dir(self.name))
+        if self.config.classifiers and "image" not in workdir.shard_columns("source", spec.shard_id):
+            raise UserError("stages.score.classifiers: the source has no image bytes to classify (an embeddings "
+                            "source keeps image URLs only)")  # fmt: skip
         table = super().read_shard(spec, workdir)
         embedded_with = (workdir.manifest("embed") or {}).get("metadata", {}).get("model_identity")
         if embedded_with and embedded_with != self.clip.identity:
@@ -249,6 +273,13 @@ class ScoreStage(Stage):
             columns[f"{modality}_unsafe_score"] = pa.array(scores.max(1), mask=~valid)
             top = np.array(self.categories, dtype=object)[scores.argmax(1)]
             columns[f"{modality}_top_category"] = pa.array(top.tolist(), pa.string(), mask=~valid)
+        if self.config.classifiers:
+            from saferclip_data.training.decode import byte_views
+
+            blobs = byte_views(batch["image"])
+            for classifier in self.classifiers:
+                values = classifier.scores(blobs)
+                columns[classifier.config.column()] = pa.array(values, pa.float32(), mask=np.isnan(values))
         labels = self.labels(batch)
         columns.update(labels)
         if self.config.probe:
