@@ -162,6 +162,7 @@ def collect(root: Path) -> dict[str, Any]:
         "partial_by_reason": data.rejects_by_reason(root, "partial").to_dicts(),
         "mining": summary,
         "benchmark": data.benchmark(root),
+        "scorers": data.scorers(root),
         "mining_arrays": mining,
     }
 
@@ -249,6 +250,10 @@ def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], 
         parts += [f"<div><h3>by {html.escape(column)}</h3>", _table(rows), "</div>"]
     parts += ["</div></section><section><h2>Rejects by stage and reason</h2>", _table(stats["rejects_by_reason"])]
     parts += ["<h3>Kept, but part of their output is missing</h3>", _table(stats["partial_by_reason"])]
+    if stats["scorers"]:
+        parts += ["</section><section><h2>Image classifiers</h2><p class='note'>Scores by the records' labels, "
+                  "agreement with the zero-shot score of the same category, false positives on records labelled "
+                  "safe.</p>", _table(stats["scorers"])]  # fmt: skip
     parts += [
         "</section><section><h2>Mining</h2>",
         _table(
@@ -308,6 +313,11 @@ def render_markdown(stats: dict) -> str:
     if stats["partial_by_reason"]:
         lines += ["", "## Kept, but part of their output is missing", ""]
         lines += [f"- {r['stage']}: {r['reason']} — {r['records']:,}" for r in stats["partial_by_reason"]]
+    for c in stats["scorers"]:
+        fp = c["false-positive rate (labelled safe)"]
+        lines += ["", f"## Image classifier {c['classifier']}", "",
+                  f"- {c['scored']:,} images scored; threshold {c['threshold']}; false-positive rate on records "
+                  f"labelled safe: {'-' if fp is None else f'{fp:.1%}'} of {c['safe records']:,}"]  # fmt: skip
     for modality, m in stats["mining"].items():
         beats = m["mined_beats_given_pair"]
         lines += [

@@ -130,6 +130,37 @@ def scores_and_roles(root: Path) -> pl.DataFrame | None:
     )
 
 
+def scorers(root: Path) -> list[dict]:
+    """Per image classifier of the score stage: its scores by role, its agreement with the zero-shot image score
+    of the same category, and its false-positive rate on the records labelled safe."""
+    manifest = root / "score" / "_manifest.json"
+    declared = json.loads(json.loads(manifest.read_text()).get("metadata", {}).get("classifiers", "{}")) \
+        if manifest.is_file() else {}  # fmt: skip
+    rows = []
+    for column, spec in declared.items():
+        zero_shot = "image_score_" + column.split("_", 1)[1]
+        frame = stage_frame(root, "score", ["key", column, zero_shot, "label_role"])
+        if frame is None or column not in frame.columns:
+            continue
+        scored = frame.filter(pl.col(column).is_not_null())
+        threshold = spec["threshold"]
+        row = {"classifier": column, "category": spec["category"], "threshold": threshold, "scored": scored.height}
+        for role in ("safe", "unsafe"):
+            part = scored.filter(pl.col("label_role") == role)[column]
+            row[f"{role} records"] = part.len()
+            row[f"{role} median"] = part.median() if part.len() else None
+            row[f"{role} at or above threshold"] = float((part >= threshold).mean()) if part.len() else None
+        row["false-positive rate (labelled safe)"] = row.pop("safe at or above threshold")
+        if zero_shot in scored.columns:
+            both = scored.filter(pl.col(zero_shot).is_not_null())
+            row[f"rank correlation with {zero_shot}"] = both.select(
+                pl.corr(column, zero_shot, method="spearman")).item() if both.height > 2 else None  # fmt: skip
+            agree = (both[column] >= threshold) == (both[zero_shot] >= 0.5)
+            row["same verdict as zero-shot (0.5)"] = float(agree.mean()) if both.height else None
+        rows.append(row)
+    return rows
+
+
 def mining(root: Path) -> dict:
     """Per mined modality: top-1 similarities, similarity by rank, difficulty, margin over the given pair, reuse."""
     path = root / "mine" / "targets.parquet"

@@ -232,6 +232,9 @@ class ScoreStage(Stage):
             "categories": "|".join(self.categories),
             "logit_scale": f"{self.scale:.4f}",
         }
+        if self.config.classifiers:  # what the report needs to read their columns
+            meta["classifiers"] = json.dumps({c.column(): {"category": c.category, "threshold": c.threshold}
+                                              for c in self.config.classifiers}, sort_keys=True)  # fmt: skip
         if getattr(self, "probes", None) is not None:
             s = self.probes.summary
             meta["probe"] = json.dumps({k: s[k] for k in ("labelled", "folds", "accuracy")}, sort_keys=True)

@@ -39,6 +39,13 @@ def test_classifier_scores_are_columns_a_filter_rule_reads_and_only_score_on_rer
     values = [r["opennsfw_sexual"] for r in scores]
     assert len(values) == 200 and all(v is not None and 0.0 <= v <= 1.0 for v in values)
     assert len(set(values)) > 50  # scores of the images, not a constant
+    code, _, err = cli("report", str(work))
+    assert code == 0, err
+    report = json.loads((work / "report" / "report.json").read_text())
+    [row] = report["scorers"]
+    assert row["classifier"] == "opennsfw_sexual" and row["scored"] == 200
+    assert -1.0 <= row["rank correlation with image_score_sexual"] <= 1.0
+    assert "Image classifiers" in (work / "report" / "report.html").read_text()
 
     bound = sorted(values)[len(values) // 2]  # a bound on the stored values themselves: no float tie can move it
     data["stages"]["filter"] = {"rules": [{"column": "opennsfw_sexual", "max": bound}]}
