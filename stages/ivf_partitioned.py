@@ -42,6 +42,9 @@ from .semdedup import train_centroids
 LISTS_DIR = "lists"
 KMEANS_ITERATIONS = 20
 CHUNK = 4096  # queries per matrix product against one list (bounds the similarity block)
+#: candidates picked beyond ``want`` by the matrix product, then re-scored exactly: the top ``want`` change only if
+#: more than this many rows sit within the product's rounding (~1e-7) of the want-th best
+RESCORE_MARGIN = 16
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -90,8 +93,15 @@ def train_lists(folder: str, kind: str, count: int, rows: int, nlist: int, sampl
     share = min(1.0, sample_per_list * nlist / rows)
     pieces = (np.load(root / kind / f"{i:06d}.npy", mmap_mode="r") for i in range(count))
     sample = np.concatenate([np.asarray(p[rng.random(len(p)) < share], np.float32) for p in pieces])
-    centroids = train_centroids(sample, nlist, seed, KMEANS_ITERATIONS)
-    centroids = centroids[spatial_order(centroids, seed)]
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # k-means sums in one order: the same centroids in a Ray task and in-process
+    try:
+        centroids = train_centroids(sample, nlist, seed, KMEANS_ITERATIONS)
+        centroids = centroids[spatial_order(centroids, seed)]
+    finally:
+        faiss.omp_set_num_threads(threads)
     (root / LISTS_DIR).mkdir(exist_ok=True)
     _save(root / LISTS_DIR / f"centroids-{kind}.npy", centroids)
     return len(centroids)
@@ -220,9 +230,14 @@ def _queries(folder: Path, modality: str, lo: int, hi: int, homes: np.ndarray):
 def _top_entries(vectors: np.ndarray, home: np.ndarray, near: np.ndarray, lists: list[int], matrix: np.ndarray,
                  bounds: np.ndarray, searchable: np.ndarray, want: int) -> tuple[np.ndarray, ...]:  # fmt: skip
     """Each query's ``want`` best rows over its home's neighbourhood: (query, union row, similarity) sorted by
-    query, similarity descending, then searchable row (the exact search's tie rule)."""
+    query, similarity descending, then searchable row (the exact search's tie rule).
+
+    Candidates are picked with a matrix product, whose last bits depend on the shapes and threads of the BLAS call
+    (a Ray task and an in-process run differ), then re-scored one dot product at a time (``einsum``: the same sums
+    in the same order wherever it runs), so the similarities written are the same bytes on any executor."""
     slot = {li: j for j, li in enumerate(lists)}
-    qs, rs, ss = [], [], []
+    pick = want + RESCORE_MARGIN
+    qs, rs = [], []
     for h in np.unique(home).tolist():
         members = np.flatnonzero(home == h)
         rows = np.concatenate([np.arange(bounds[slot[li]], bounds[slot[li] + 1]) for li in near[h].tolist()])
@@ -232,17 +247,20 @@ def _top_entries(vectors: np.ndarray, home: np.ndarray, near: np.ndarray, lists:
         for start in range(0, len(members), CHUNK):
             q = members[start : start + CHUNK]
             sims = vectors[q] @ pool.T
-            if sims.shape[1] > want:  # everything tied with the want-th best stays: the final sort breaks ties
-                kth = np.partition(sims, sims.shape[1] - want, axis=1)[:, sims.shape[1] - want]
+            if sims.shape[1] > pick:  # everything tied with the pick-th best stays
+                kth = np.partition(sims, sims.shape[1] - pick, axis=1)[:, sims.shape[1] - pick]
                 hit_q, hit_r = np.nonzero(sims >= kth[:, None])
             else:
                 hit_q, hit_r = np.nonzero(np.ones(sims.shape, bool))
             qs.append(q[hit_q])
             rs.append(rows[hit_r])
-            ss.append(sims[hit_q, hit_r])
     if not qs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    q, r, s = np.concatenate(qs), np.concatenate(rs), np.concatenate(ss)
+    q, r = np.concatenate(qs), np.concatenate(rs)
+    s = np.empty(len(q), np.float32)
+    for start in range(0, len(q), 65_536):  # exact re-scoring, in pieces (bounded memory)
+        part = slice(start, start + 65_536)
+        s[part] = np.einsum("ij,ij->i", vectors[q[part]], matrix[r[part]].astype(np.float32))
     order = np.lexsort((searchable[r], -s, q))
     q, r, s = q[order], r[order], s[order]
     first = np.searchsorted(q, q)  # the rank of each entry within its query

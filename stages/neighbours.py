@@ -156,7 +156,8 @@ class NeighboursStage(Stage):
         if sum(p["rows"] for p in pieces) == 0:
             raise UserError("stage neighbours: the safe pool is empty (no safe record left after filter and dedup)")
         info = {"pieces": len(pieces), "rows": [p["rows"] for p in pieces], "dim": pieces[0]["dim"],
-                "valid": {kind: [p["valid"][kind] for p in pieces] for kind in kinds}, "index": {}}  # fmt: skip
+                "valid": {kind: [p["valid"][kind] for p in pieces] for kind in kinds}, "index": {},
+                "nodes": sorted({p["node"] for p in pieces})}  # fmt: skip
         for kind in kinds:
             rows = sum(info["valid"][kind])
             info["index"][kind] = self.index_kind(rows)

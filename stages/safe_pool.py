@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_parquet
 
 from .score import column_suffix, unit_rows
@@ -63,7 +64,7 @@ def pool_piece(root: str, inputs: dict, config: dict, kinds: list[str], shard_id
         _save(folder / kind / f"{index:06d}.npy", vectors[valid].astype(np.float16))
         _save(folder / kind / f"{index:06d}.rows.npy", np.flatnonzero(valid).astype(np.int64))
         valid_counts[kind] = int(valid.sum())
-    return {"rows": table.num_rows, "valid": valid_counts, "dim": dim}
+    return {"rows": table.num_rows, "valid": valid_counts, "dim": dim, **worker_identity()}
 
 
 def _category_scores(wd: WorkDir, shard_id: str, keys: pa.ChunkedArray) -> dict[str, pa.Array]:
