@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import UserError
-from .stage import (
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.stage import (
     BatchResult,
     GlobalContext,
     ShardSpec,
@@ -27,7 +27,7 @@ from .stage import (
     rejects_table,
     serial_map,
 )
-from .workdir import WorkDir
+from saferclip_data.pipeline.workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class RayExecutor:
                     address="local", include_dashboard=False, object_store_memory=self.object_store_mb * 2**20
                 )
             if not self.address:  # before init: a kill during Ray's start-up must not leave its processes either
-                from . import ray_watchdog
+                from saferclip_data.pipeline import ray_watchdog
 
                 self._watchdog = ray_watchdog.start("")
             try:

@@ -18,11 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import ModelIdentityError, UserError
-from .executors import StageJob
-from .progress import BuildProgress, StageOutcome
-from .stage import ENABLED_STAGES, ShardSpec, Stage
-from .workdir import WorkDir
+from saferclip_data.pipeline.errors import ModelIdentityError, UserError
+from saferclip_data.pipeline.executors import StageJob
+from saferclip_data.pipeline.progress import BuildProgress, StageOutcome
+from saferclip_data.pipeline.stage import ENABLED_STAGES, ShardSpec, Stage
+from saferclip_data.pipeline.workdir import WorkDir
 
 VERSIONED_PACKAGES = ("saferclip-data", "torch", "open_clip_torch", "pyarrow", "ray", "webdataset", "numpy")
 
@@ -150,68 +150,75 @@ class Pipeline:
         return outcomes
 
     def _run_stage(self, planned: PlannedStage, state: str, executor, progress: BuildProgress) -> StageOutcome:
-        name = planned.name
-        wd = self.workdir
+        """Open (or resume) the stage's manifest, run its prepare step, then its one global task or its shards."""
         started = time.perf_counter()
-        progress.begin(name)
+        progress.begin(planned.name)
         stage = planned.instance(self.sections)
+        manifest = self._open_manifest(planned, stage, state)
+        stage.task_map = executor.map  # a prepare step may fan out over the cluster too
+        stage.prepare(progress, self.workdir)
+        job = StageJob(planned.cls, planned.config, self.sections, str(self.workdir.root))
+        run = self._run_global if stage.mode == "global" else self._run_map
+        return run(planned, stage, job, manifest, executor, progress, started)
+
+    def _open_manifest(self, planned: PlannedStage, stage: Stage, state: str) -> dict:
+        """A partial stage keeps its manifest (and its finished shards); any other starts afresh with its shards
+        planned, so a resumed run works on exactly the shards the first one planned."""
+        name, wd = planned.name, self.workdir
         if state in ("stale", "done"):
             wd.reset_stage(name)
         manifest = wd.manifest(name) if state == "partial" else None
-        if manifest is None:
-            specs = stage.plan_shards(wd) if stage.mode == "map" else []
-            manifest = {
-                "stage": name,
-                "recipe": getattr(self.recipe, "name", None),
-                "fingerprint": planned.fingerprint,
-                "fingerprint_inputs": planned.fingerprint_inputs,
-                "complete": False,
-                "mode": stage.mode,
-                "shards": [s.shard_id for s in specs],
-                "specs": [s.payload for s in specs],
-            }
-            if stage.mode == "map" and not specs:
-                raise UserError(f"stage '{name}': no input shards (is the source empty?)")
-            wd.write_manifest(name, manifest)
-        else:
+        if manifest is not None:
             wd.clean_temp_files(name)
-        stage.task_map = executor.map  # a prepare step may fan out over the cluster too
-        stage.prepare(progress, wd)
-        job = StageJob(planned.cls, planned.config, self.sections, str(wd.root))
-        if stage.mode == "global":
-            progress.start_stage(name, None, 0, 1)
-            result = executor.run_global(job)
-            progress.global_done(result["counts"].get("in", 0))
-            progress.finish_stage()
-            reasons, partial = Counter(), Counter()
-            for shard in result.get("shards", []):
-                stats = wd.shard_stats(name, shard) or {}
-                reasons.update(stats.get("rejects_by_reason", {}))
-                partial.update(stats.get("partial_by_reason", {}))
-            manifest.update(
-                complete=True,
-                shards=result.get("shards", []),
-                specs=[{} for _ in result.get("shards", [])],
-                rejects_by_reason=dict(sorted(reasons.items())),
-                partial_by_reason=dict(sorted(partial.items())),
-                counts=result["counts"],
-                metadata=result["metadata"],
-                seconds=round(time.perf_counter() - started, 3),
-                packages=package_versions(),
-            )
-            wd.write_manifest(name, manifest)
-            counts = result["counts"]
-            return StageOutcome(
-                name,
-                "ran",
-                1,
-                1,
-                counts.get("in", 0),
-                counts.get("out", 0),
-                counts.get("rejected", 0),
-                manifest["seconds"],
-            )
+            return manifest
+        specs = stage.plan_shards(wd) if stage.mode == "map" else []
+        manifest = {
+            "stage": name,
+            "recipe": getattr(self.recipe, "name", None),
+            "fingerprint": planned.fingerprint,
+            "fingerprint_inputs": planned.fingerprint_inputs,
+            "complete": False,
+            "mode": stage.mode,
+            "shards": [s.shard_id for s in specs],
+            "specs": [s.payload for s in specs],
+        }
+        if stage.mode == "map" and not specs:
+            raise UserError(f"stage '{name}': no input shards (is the source empty?)")
+        wd.write_manifest(name, manifest)
+        return manifest
 
+    def _run_global(self, planned: PlannedStage, stage: Stage, job: StageJob, manifest: dict, executor,
+                    progress: BuildProgress, started: float) -> StageOutcome:  # fmt: skip
+        name, wd = planned.name, self.workdir
+        progress.start_stage(name, None, 0, 1)
+        result = executor.run_global(job)
+        progress.global_done(result["counts"].get("in", 0))
+        progress.finish_stage()
+        reasons, partial = Counter(), Counter()
+        for shard in result.get("shards", []):
+            stats = wd.shard_stats(name, shard) or {}
+            reasons.update(stats.get("rejects_by_reason", {}))
+            partial.update(stats.get("partial_by_reason", {}))
+        manifest.update(
+            complete=True,
+            shards=result.get("shards", []),
+            specs=[{} for _ in result.get("shards", [])],
+            rejects_by_reason=dict(sorted(reasons.items())),
+            partial_by_reason=dict(sorted(partial.items())),
+            counts=result["counts"],
+            metadata=result["metadata"],
+            seconds=round(time.perf_counter() - started, 3),
+            packages=package_versions(),
+        )
+        wd.write_manifest(name, manifest)
+        counts = result["counts"]
+        return StageOutcome(name, "ran", 1, 1, counts.get("in", 0), counts.get("out", 0), counts.get("rejected", 0),
+                            manifest["seconds"])  # fmt: skip
+
+    def _run_map(self, planned: PlannedStage, stage: Stage, job: StageJob, manifest: dict, executor,
+                 progress: BuildProgress, started: float) -> StageOutcome:  # fmt: skip
+        """The shards not yet done, then the stage's finalize step and its manifest from the shards' stats."""
+        name, wd = planned.name, self.workdir
         specs = [ShardSpec(s, p) for s, p in zip(manifest["shards"], manifest["specs"])]
         pending = [s for s in specs if not wd.shard_done(name, s.shard_id)]
         total_records = self._expected_records(planned, specs)
@@ -228,17 +235,15 @@ class Pipeline:
 
         stage.finalize(wd, [s.shard_id for s in specs])
         stats = [wd.shard_stats(name, s.shard_id) for s in specs]
-        metadata = _single_metadata(name, stats)
         counts = {k: sum(s[k] for s in stats) for k in ("in", "out", "rejected")}
-        reasons: dict[str, int] = {}
+        reasons: Counter = Counter()
         for s in stats:
-            for reason, n in s.get("rejects_by_reason", {}).items():
-                reasons[reason] = reasons.get(reason, 0) + n
+            reasons.update(s.get("rejects_by_reason", {}))
         manifest.update(
             complete=True,
             counts=counts,
             rejects_by_reason=dict(sorted(reasons.items())),
-            metadata=metadata,
+            metadata=_single_metadata(name, stats),
             seconds=round(time.perf_counter() - started, 3),
             shard_seconds=round(sum(s["seconds"] for s in stats), 3),
             executor=executor.name,

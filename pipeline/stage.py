@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-if TYPE_CHECKING:
-    from .workdir import WorkDir
+from saferclip_data.pipeline.workdir import REJECT_SCHEMA
 
-REJECT_SCHEMA = pa.schema(
-    [("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("error", pa.string())]
-)
+if TYPE_CHECKING:
+    from saferclip_data.pipeline.workdir import WorkDir
+
 
 
 class StageConfig(BaseModel):

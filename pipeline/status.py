@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from .workdir import WorkDir
+from saferclip_data.pipeline.workdir import WorkDir
 
 
 def stage_status(workdir: WorkDir, order: list[str]) -> list[dict[str, Any]]:

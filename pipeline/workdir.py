@@ -16,17 +16,23 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import UserError
-from .stage import REJECT_SCHEMA
+from saferclip_data.pipeline.errors import UserError
 
 MANIFEST = "_manifest.json"
+#: every stage's rejected records: the key, the stage, a short reason and the error text where one was raised
+REJECT_SCHEMA = pa.schema(
+    [("key", pa.string()), ("stage", pa.string()), ("reason", pa.string()), ("error", pa.string())]
+)
 
 
 def cache_root() -> Path:
@@ -34,18 +40,40 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAFERCLIP_CACHE") or Path.home() / ".cache" / "saferclip-data")
 
 
+@contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temp name beside ``path`` to write the file under; renamed onto ``path`` when the block ends, removed if
+    it raises. Every file a run writes goes through here, so a crash never leaves a half file under a real name
+    (and a stale temp file, ``.<name>.tmp-*``, is recognisable and cleaned by the next run). ``suffix``: for
+    writers that append one of their own (``np.savez`` adds ``.npz``)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_npy(path: Path, array: np.ndarray) -> None:
+    """One array as a .npy file (readable with ``np.load(..., mmap_mode="r")``)."""
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def atomic_write_parquet(path: Path, table: pa.Table, row_group_size: int | None = None) -> None:
-    """Parquet written under a temp name and renamed, so a crash never leaves a half file under the real name.
-    ``row_group_size``: rows per group, for files read back a batch at a time (a reader holds one group)."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, **_encodings(table.schema))
-    os.replace(tmp, path)
+    """``row_group_size``: rows per group, for files read back a batch at a time (a reader holds one group)."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size, **_encodings(table.schema))
 
 
 def _encodings(schema: pa.Schema) -> dict[str, list[str]]:

@@ -1,20 +1,18 @@
-"""Stages of the safety-data pipeline, in pipeline order, and the recipe sections they read."""
+"""Stages of the safety-data pipeline, in pipeline order."""
 
 from __future__ import annotations
 
 from saferclip_data.pipeline.stage import Stage
-from saferclip_data.training.train_cli import EvaluationSection, TrainingSection
-
-from .benchmark import BenchmarkStage
-from .dedup import DedupStage
-from .embed import EmbedStage, ModelConfig
-from .filter import FilterStage
-from .mine import MineStage
-from .neighbours import NeighboursStage
-from .report import ReportStage
-from .score import ScoreStage
-from .shards import ShardsStage
-from .source import SourceConfig, SourceStage
+from saferclip_data.stages.benchmark import BenchmarkStage
+from saferclip_data.stages.dedup import DedupStage
+from saferclip_data.stages.embed import EmbedStage, ModelConfig
+from saferclip_data.stages.filter import FilterStage
+from saferclip_data.stages.mine import MineStage
+from saferclip_data.stages.neighbours import NeighboursStage
+from saferclip_data.stages.report import ReportStage
+from saferclip_data.stages.score import ScoreStage
+from saferclip_data.stages.shards import ShardsStage
+from saferclip_data.stages.source import SourceConfig, SourceStage
 
 #: stage name -> class, in the order the runner executes them
 REGISTRY: dict[str, type[Stage]] = {
@@ -30,12 +28,4 @@ REGISTRY: dict[str, type[Stage]] = {
     "report": ReportStage,
 }
 
-#: top-level recipe sections besides ``stages``: name -> (model, required)
-SECTIONS = {
-    "source": (SourceConfig, True),
-    "model": (ModelConfig, True),
-    "training": (TrainingSection, False),
-    "evaluation": (EvaluationSection, False),
-}
-
-__all__ = ["REGISTRY", "SECTIONS", "EmbedStage", "SourceStage", "ModelConfig", "SourceConfig"]
+__all__ = ["REGISTRY", "EmbedStage", "SourceStage", "ModelConfig", "SourceConfig"]

@@ -25,9 +25,8 @@ from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
-
-from .knn import knn_search
-from .score import unit_rows
+from saferclip_data.stages.knn import knn_search
+from saferclip_data.stages.score import unit_rows
 
 #: auto's switch to the task-parallel benchmark (records in the mine stage)
 TASKS_MIN_ROWS = 200_000
@@ -128,7 +127,7 @@ class BenchmarkStage(Stage):
     config: BenchmarkConfig
 
     def run_global(self, ctx: GlobalContext) -> dict[str, int]:
-        from .benchmark_export import export_benchmark
+        from saferclip_data.stages.benchmark_export import export_benchmark
 
         c = self.config
         wd = ctx.workdir
@@ -141,7 +140,7 @@ class BenchmarkStage(Stage):
             )
         records = sum((wd.shard_stats("mine", s) or {}).get("out", 0) for s in shard_ids)
         if c.method == "tasks" or (c.method in (None, "auto") and records > TASKS_MIN_ROWS):
-            from .benchmark_tasks import run_tasks
+            from saferclip_data.stages.benchmark_tasks import run_tasks
 
             return run_tasks(ctx, self, shard_ids, {**self.inputs, "source": source_cols})
         tables = [wd.read_aligned(s, {**self.inputs, "source": source_cols}) for s in shard_ids]

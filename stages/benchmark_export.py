@@ -17,23 +17,15 @@ is ignored by it. Tars are written with fixed member times, so the same selectio
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from saferclip_data.pipeline.stage import GlobalContext
-from saferclip_data.pipeline.workdir import WorkDir
-
-if TYPE_CHECKING:
-    from .benchmark import BenchmarkStage
+from saferclip_data.pipeline.stage import GlobalContext, Stage
+from saferclip_data.pipeline.workdir import atomic_path
+from saferclip_data.stages.samples import image_extension, sha256_file, source_rows
 
 SAMPLES_PER_TAR = 1000
 LEAK_SCHEMA = pa.schema(
@@ -47,45 +39,6 @@ LEAK_SCHEMA = pa.schema(
 )
 
 
-EXTENSION_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-
-
-def image_extension(data: bytes) -> str:
-    """The member extension for encoded image bytes (clip_benchmark decodes webp, png, jpg); PIL reads only the
-    header to tell the format."""
-    from PIL import Image
-
-    fmt = Image.open(io.BytesIO(data)).format
-    if fmt not in EXTENSION_OF_FORMAT:
-        raise ValueError(f"image format {fmt} is not JPEG, PNG or WebP")
-    return EXTENSION_OF_FORMAT[fmt]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def source_tables(workdir: WorkDir, keys: set[str], columns: list[str]) -> Iterator[pa.Table]:
-    """The source rows of the given keys, one source shard at a time (only those rows leave the shard)."""
-    wanted = pa.array(sorted(keys), pa.string())
-    for shard in workdir.completed_shards("source"):
-        table = workdir.read_shard("source", shard, columns)
-        yield table.filter(pc.is_in(table["key"], value_set=wanted))
-
-
-def source_rows(workdir: WorkDir, keys: set[str]) -> dict[str, dict]:
-    """Caption and image bytes of the given keys, read shard by shard (only those rows are kept in memory)."""
-    return {
-        row["key"]: row
-        for table in source_tables(workdir, keys, ["key", "caption", "image"])
-        for row in table.to_pylist()
-    }
-
-
 def _write_retrieval_set(folder: Path, samples: list[tuple[str, bytes, str, dict]]) -> list[Path]:
     import webdataset as wds
 
@@ -95,11 +48,10 @@ def _write_retrieval_set(folder: Path, samples: list[tuple[str, bytes, str, dict
     shards = [samples[i : i + SAMPLES_PER_TAR] for i in range(0, len(samples), SAMPLES_PER_TAR)] or [[]]
     for n, chunk in enumerate(shards):
         final = test / f"{n}.tar"
-        tmp = test / f".{n}.tar.tmp-{os.getpid()}"
-        with wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip", mode=0o444) as writer:
+        with atomic_path(final) as tmp, wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip",
+                                                      mode=0o444) as writer:  # fmt: skip
             for key, image, caption, meta in chunk:
                 writer.write({"__key__": key, image_extension(image): image, "txt": caption, "json": meta})
-        os.replace(tmp, final)
         written.append(final)
     (test / "nshards.txt").write_text(f"{len(shards)}\n")
     (folder / "dataset_type.txt").write_text("retrieval\n")
@@ -108,7 +60,7 @@ def _write_retrieval_set(folder: Path, samples: list[tuple[str, bytes, str, dict
 
 def export_benchmark(
     ctx: GlobalContext,
-    stage: BenchmarkStage,
+    stage: Stage,
     rows: list[dict],
     leaks: list[dict],
     per_category: dict[str, dict],

@@ -21,9 +21,8 @@ import pyarrow.parquet as pq
 from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.stage import GlobalContext, write_global_shard
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
-
-from .knn import knn_search
-from .score import unit_rows
+from saferclip_data.stages.knn import knn_search
+from saferclip_data.stages.score import unit_rows
 
 WORK_DIR = "_tasks"
 
@@ -79,7 +78,7 @@ def output_shard(root: str, inputs: dict, shard_id: str, bench_id: dict[str, str
 
 
 def run_tasks(ctx: GlobalContext, stage: Any, shard_ids: list[str], inputs: dict) -> dict[str, int]:
-    from .benchmark_export import export_benchmark
+    from saferclip_data.stages.benchmark_export import export_benchmark
 
     c = stage.config
     root = str(ctx.workdir.root)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+
+from saferclip_data.pipeline.workdir import atomic_write_text
 
 UNSAFE_EDIT_PROMPT = (
     "Rewrite the image caption below by adding exactly one element of the category '{category}' so that it "
@@ -161,9 +162,7 @@ class CaptionEditor:
                 first = str(exc).splitlines()[0] if str(exc) else ""
                 return None, f"request failed after {self.options.retries} retries: {type(exc).__name__}: {first}"[:300]
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-            tmp.write_text(json.dumps({"caption": caption, "category": category, "answer": answer}))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps({"caption": caption, "category": category, "answer": answer}))
         text, why = validate(answer, caption, self.options)
         return (text, None) if text is not None else (None, f"{why}: {answer!r:.120}")
 

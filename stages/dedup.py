@@ -22,10 +22,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig
-
-from .knn import knn_search
-from .score import unit_rows
-from .semdedup import greedy_leaders, run_partitioned
+from saferclip_data.stages.knn import knn_search
+from saferclip_data.stages.score import unit_rows
+from saferclip_data.stages.semdedup import greedy_leaders, run_partitioned
 
 #: defaults of the partitioned path (unset recipe fields keep the stage's fingerprint as it was before they existed)
 EXACT_MAX_ROWS = 200_000

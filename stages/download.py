@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from saferclip_data.pipeline.workdir import atomic_path
+
 KEY_COLUMN = "saferclip_key"  # our record key, carried through img2dataset as an additional column
 INDEX_COLUMNS = ("key", "url", "status", "error", "attempt", "tar", "offset", "size")
 
@@ -168,9 +170,8 @@ def rebuild_index(folder: Path) -> pa.Table:
         "offset": pa.array([r["offset"] for r in rows], pa.int64()),
         "size": pa.array([r["size"] for r in rows], pa.int64()),
     })  # fmt: skip
-    tmp = folder / f".index.parquet.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / "index.parquet")
+    with atomic_path(folder / "index.parquet") as tmp:
+        pq.write_table(table, tmp)
     return table
 
 

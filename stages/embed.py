@@ -20,18 +20,17 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from saferclip_data.pipeline.errors import UserError
-from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
-from saferclip_data.training.decode import (
+from saferclip_data.models.clip import CompileMode, encode_text, trim_tokens
+from saferclip_data.models.decode import (
     byte_views,
     decode_pil,
     decode_tensors,
     normalization,
     tensor_path_mismatch,
 )
-from saferclip_data.training.models import CompileMode, encode_text, trim_tokens
-
-from .embedding_source import model_identity, precomputed_batch, to_fixed_list
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
+from saferclip_data.stages.embedding_source import model_identity, precomputed_batch, to_fixed_list
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class ModelConfig(BaseModel):
     @field_validator("pretrained")
     @classmethod
     def _resolve_path(cls, value: str | None, info: ValidationInfo) -> str | None:
-        from saferclip_data.training.models import weight_source_kind
+        from saferclip_data.models.clip import weight_source_kind
 
         if value and weight_source_kind("x", value) == "file":
             path = Path(value).expanduser()
@@ -66,7 +65,7 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_known(self):
-        from saferclip_data.training.models import TOY_TAG, known_architectures, pretrained_tags, weight_source_kind
+        from saferclip_data.models.clip import TOY_TAG, known_architectures, pretrained_tags, weight_source_kind
 
         kind = weight_source_kind(self.arch, self.pretrained)
         if kind in ("hub", "local-dir"):
@@ -91,7 +90,7 @@ def check_checkpoint(path: Path, arch: str) -> None:
     an unreadable or mismatched file before a build spends minutes getting there."""
     import torch
 
-    from saferclip_data.training.models import model_config
+    from saferclip_data.models.clip import model_config
 
     try:
         with warnings.catch_warnings():  # torch warns about old pickle protocols; the error below says it all
@@ -158,7 +157,7 @@ def load_worker_model(model_cfg: ModelConfig, device: str, precision: str, stage
     Returns (LoadedClip, model in eval mode on the device, device name, torch dtype)."""
     import torch
 
-    from saferclip_data.training.models import load_clip
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
 
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
@@ -167,7 +166,7 @@ def load_worker_model(model_cfg: ModelConfig, device: str, precision: str, stage
     if precision == "auto":
         precision = "bf16" if device == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    loaded = load_clip(
+    loaded = load_recipe_clip(
         model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed, cache_dir=model_cfg.cache_dir
     )
     model = loaded.model.to(device, dtype=dtype).eval()
@@ -202,8 +201,8 @@ class EmbedStage(Stage):
         """On the driver, before any worker starts: pretrain the toy CLIP once if the recipe asks for it, so
         that workers only load a cached checkpoint (and the user sees the training progress). For precomputed
         embeddings: load the model the recipe says made them, once, for its identity, and check its width."""
-        from saferclip_data.training.models import TOY_TAG
-        from saferclip_data.training.toy_pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
+        from saferclip_data.models.clip import TOY_TAG
+        from saferclip_data.toyworld.pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
 
         model_cfg: ModelConfig = self.sections["model"]
         if self.precomputed:
@@ -218,7 +217,7 @@ class EmbedStage(Stage):
         ensure_pretrained(config, on_step=lambda step, loss: advance(1))
 
     def _prepare_precomputed(self, model_cfg: ModelConfig) -> None:
-        from .embedding_source import find_parts, vector_width
+        from saferclip_data.stages.embedding_source import find_parts, vector_width
 
         source = self.sections["source"]
         # the model is loaded for its identity in a task (on a Ray worker when the build runs on Ray), so the
@@ -237,7 +236,7 @@ class EmbedStage(Stage):
         import torch
 
         if self.precomputed:
-            from .embedding_source import find_parts
+            from saferclip_data.stages.embedding_source import find_parts
 
             source = self.sections["source"]
             self.parts = find_parts(source.path, source.embeddings)

@@ -27,8 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from saferclip_data.pipeline.stage import BatchResult, Reject
-
-from . import readers
+from saferclip_data.stages import readers
 
 EMBEDDING_COLUMNS = ("url", "embedding_part", "embedding_row")
 _NUMBER = re.compile(r"(\d+)$")
@@ -174,9 +173,9 @@ def to_fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArr
 
 def model_identity(model_cfg: Any) -> tuple[str, int]:
     """(identity, embedding width) of the recipe's model: loaded once, on the CPU, then dropped."""
-    from saferclip_data.training.models import load_clip
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
 
-    loaded = load_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
+    loaded = load_recipe_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
                        cache_dir=model_cfg.cache_dir)  # fmt: skip
     return loaded.identity, loaded.embed_dim
 

@@ -34,10 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes
-
-from .score import unit_rows
-from .semdedup import train_centroids
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_npy
+from saferclip_data.stages.score import unit_rows
+from saferclip_data.stages.semdedup import train_centroids
 
 LISTS_DIR = "lists"
 KMEANS_ITERATIONS = 20
@@ -45,14 +44,6 @@ CHUNK = 4096  # queries per matrix product against one list (bounds the similari
 #: candidates picked beyond ``want`` by the matrix product, then re-scored exactly: the top ``want`` change only if
 #: more than this many rows sit within the product's rounding (~1e-7) of the want-th best
 RESCORE_MARGIN = 16
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _write_arrow(path: Path, table: pa.Table) -> None:
@@ -103,7 +94,7 @@ def train_lists(folder: str, kind: str, count: int, rows: int, nlist: int, sampl
     finally:
         faiss.omp_set_num_threads(threads)
     (root / LISTS_DIR).mkdir(exist_ok=True)
-    _save(root / LISTS_DIR / f"centroids-{kind}.npy", centroids)
+    atomic_write_npy(root / LISTS_DIR / f"centroids-{kind}.npy", centroids)
     return len(centroids)
 
 
@@ -118,7 +109,7 @@ def assign_pool_piece(folder: str, kind: str, index: int, first_row: int, first_
     local = np.load(root / kind / f"{index:06d}.rows.npy")
     home = _nearest(centroids, vectors.astype(np.float32), 1)[:, 0] if len(vectors) else np.zeros(0, np.int64)
     order = np.argsort(home, kind="stable")
-    _save(out / f"{index:06d}.npy", vectors[order])
+    atomic_write_npy(out / f"{index:06d}.npy", vectors[order])
     meta = pq.read_table(root / "keys" / f"{index:06d}.parquet").take(pa.array(local[order], pa.int64()))
     meta = meta.append_column("searchable", pa.array(first_searchable + order, pa.int64()))
     meta = meta.append_column("pool_row", pa.array(first_row + local[order], pa.int64()))
@@ -140,7 +131,7 @@ def assign_query_shard(root: str, inputs: dict, group_column: str, modality: str
                        shard_index: int, shard_id: str) -> np.ndarray:  # fmt: skip
     """Write this shard's searchable unsafe queries sorted by home list (nearest centroid); returns the query count
     per home list."""
-    from .safe_pool import group_hash
+    from saferclip_data.stages.safe_pool import group_hash
 
     wd = WorkDir(root)
     folder = wd.stage_dir("neighbours") / "_pool" / LISTS_DIR
@@ -153,7 +144,7 @@ def assign_query_shard(root: str, inputs: dict, group_column: str, modality: str
     rows, home = rows[order], home[order]
     out = folder / "queries" / modality
     out.mkdir(parents=True, exist_ok=True)
-    _save(out / f"{shard_index:06d}.npy", vectors[rows].astype(np.float16))
+    atomic_write_npy(out / f"{shard_index:06d}.npy", vectors[rows].astype(np.float16))
     picked = table.take(pa.array(rows, pa.int64()))
     meta = pa.table({"row": pa.array(rows, pa.int64()), "group": pa.array(group_hash(picked[group_column].to_pylist())),
                      "category": picked["category"]})  # fmt: skip
@@ -287,7 +278,7 @@ def search_lists(folder: str, pool_kind: str, modality: str, task: int, lo: int,
         admissible &= groups[r] != qmeta["group"].to_numpy()[q]
     bound = settings["category_max_score"]
     if bound is not None:  # a target scoring above the bound for the query's own category is excluded
-        from .score import column_suffix
+        from saferclip_data.stages.score import column_suffix
 
         categories = np.asarray(qmeta["category"].to_pylist(), dtype=object)[q]
         for category in {c for c in categories.tolist() if c}:

@@ -19,10 +19,9 @@ import pyarrow as pa
 from pydantic import Field
 
 from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig
-
-from .curriculum import difficulty
-from .mine_stream import partial_reason, run_streaming, target_columns
-from .score import column_suffix
+from saferclip_data.stages.curriculum import difficulty
+from saferclip_data.stages.mine_stream import partial_reason, run_streaming, target_columns
+from saferclip_data.stages.score import column_suffix
 
 #: auto's switch to the streaming reuse cap (records in the neighbours stage)
 STREAM_MIN_ROWS = 200_000

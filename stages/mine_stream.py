@@ -27,9 +27,8 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.stage import GlobalContext, Reject, write_global_shard
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
-
-from .curriculum import bucket_of, difficulty
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_parquet
+from saferclip_data.stages.curriculum import bucket_of, difficulty
 
 RUN_DIR = "_runs"
 PAIR_SCHEMA = pa.schema([("similarity", pa.float32()), ("key", pa.string()), ("target", pa.string())])
@@ -219,13 +218,11 @@ def first_similarities(root: str, shard_id: str, modality: str) -> list[float]:
 def _write_long_table(ctx: GlobalContext, modalities: list[str], shards: int, metadata: dict[str, str]) -> None:
     """``targets.parquet`` from the shards' pieces, modality by modality (the in-memory path's row order)."""
     path = ctx.workdir.stage_dir("mine") / "targets.parquet"
-    tmp = path.with_name(".targets.parquet.tmp")
     schema = LONG_SCHEMA.with_metadata({k.encode(): v.encode() for k, v in metadata.items()})
     pieces = _folder(str(ctx.workdir.root)) / "long"
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for m in modalities:
             for i in range(shards):
                 part = pq.read_table(pieces / f"{i:06d}.parquet", filters=[("modality", "=", m)])
                 if part.num_rows:
                     writer.write_table(part.cast(schema))
-    tmp.replace(path)

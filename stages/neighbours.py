@@ -17,7 +17,6 @@ cross-modal ``text-image`` (caption -> safe image) and ``image-text``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -28,13 +27,12 @@ from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes
-
-from . import ivf_partitioned as lists
-from .ivf import build_ivf, default_nlist, search_ivf
-from .knn import knn_search
-from .safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
-from .score import column_suffix, unit_rows
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_bytes, atomic_write_npy
+from saferclip_data.stages import ivf_partitioned as lists
+from saferclip_data.stages.ivf import build_ivf, default_nlist, search_ivf
+from saferclip_data.stages.knn import knn_search
+from saferclip_data.stages.safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
+from saferclip_data.stages.score import column_suffix, unit_rows
 
 Modality = Literal["text", "image", "text-image", "image-text"]
 POOL_DIR = "_pool"
@@ -56,9 +54,8 @@ def build_pool_index(folder: str, kind: str, index_kind: str, count: int, rows: 
     share = min(1.0, IVF_SAMPLE_PER_LIST * nlist / rows)
     sample = np.concatenate([np.asarray(p[rng.random(len(p)) < share], np.float32) for p in pieces])
     index = build_ivf(piece_blocks(pieces, 65_536), sample, index_kind, nlist, pq_bytes)
-    tmp = root / f".{kind}.ivf.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, root / f"{kind}.ivf")
+    with atomic_path(root / f"{kind}.ivf") as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def query_and_pool(modality: str) -> tuple[str, str]:
@@ -191,7 +188,7 @@ class NeighboursStage(Stage):
         first_searchable = np.cumsum([0, *info["valid"][kind]])
         items = [(str(folder), kind, i, int(first_rows[i]), int(first_searchable[i])) for i in range(len(info["rows"]))]
         counts = self._rounds(progress, f"sort the pool by list ({kind})", lists.assign_pool_piece, items)
-        lists._save(folder / lists.LISTS_DIR / f"pool-counts-{kind}.npy", np.stack(counts))
+        atomic_write_npy(folder / lists.LISTS_DIR / f"pool-counts-{kind}.npy", np.stack(counts))
 
     def _search_lists(self, progress, workdir: WorkDir, folder: Path, modality: str, shard_ids: list[str],
                       pool_rows: int) -> None:  # fmt: skip
@@ -203,10 +200,10 @@ class NeighboursStage(Stage):
         homes = np.stack(self._rounds(progress, f"assign queries to lists ({modality})", lists.assign_query_shard,
                                       items))  # fmt: skip
         lists_dir = folder / lists.LISTS_DIR
-        lists._save(lists_dir / f"home-counts-{modality}.npy", homes)
+        atomic_write_npy(lists_dir / f"home-counts-{modality}.npy", homes)
         centroids = np.load(lists_dir / f"centroids-{pool_kind}.npy")
         near = lists.neighbourhoods(centroids, min(c.nprobe or NPROBE, len(centroids)))
-        lists._save(lists_dir / f"near-{modality}.npy", near)
+        atomic_write_npy(lists_dir / f"near-{modality}.npy", near)
         pool_counts = np.load(lists_dir / f"pool-counts-{pool_kind}.npy").sum(axis=0)
         plan = lists.plan_tasks(homes.sum(axis=0), pool_counts, near, c.task_queries, c.task_pool_rows)
         settings = {"want": min(c.candidates + 8, pool_rows), "candidates": c.candidates,

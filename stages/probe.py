@@ -79,12 +79,11 @@ def fit_probes(
 
 
 def save_probes(folder: Path, arrays: dict[str, np.ndarray], summary: dict) -> None:
-    import os
+    from saferclip_data.pipeline.workdir import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{PROBE_FILE}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, summary=np.array(json.dumps(summary)), **arrays)
-    os.replace(tmp, folder / PROBE_FILE)
+    with atomic_path(folder / PROBE_FILE, suffix=".npz") as tmp:
+        np.savez(tmp, summary=np.array(json.dumps(summary)), **arrays)
 
 
 class Probes:

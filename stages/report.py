@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from saferclip_data.models.decode import to_rgb
 from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
-from saferclip_data.training.decode import to_rgb
 
 BLUR_RADIUS = 6
 #: a mined (safe) target whose unsafe score reaches this is blurred in the report like an unsafe image
@@ -68,7 +68,7 @@ def thumbnail(image: bytes | None, blur: bool) -> str | None:
 
 def _plots(root: Path, stats: dict) -> list[tuple[str, str]]:
     """(title, base64 PNG) of every plot the work dir supports."""
-    from . import report_data as data  # polars: imported only where a report is made
+    from saferclip_data.stages import report_data as data  # polars: imported only where a report is made
 
     plots = []
     scores = data.scores_and_roles(root)
@@ -134,7 +134,7 @@ def _plots(root: Path, stats: dict) -> list[tuple[str, str]]:
 
 def collect(root: Path) -> dict[str, Any]:
     """All report numbers as JSON-ready values (arrays summarised), plus the raw arrays under mining_arrays."""
-    from . import report_data as data  # polars: imported only where a report is made
+    from saferclip_data.stages import report_data as data  # polars: imported only where a report is made
 
     mining = data.mining(root)
     summary = {}
@@ -351,7 +351,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     stats = collect(root)
     plots = _plots(root, stats)
-    from . import report_data as data
+    from saferclip_data.stages import report_data as data
 
     rows = data.sample_pairs(root, modality, samples)
     for r in rows:

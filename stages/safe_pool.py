@@ -22,9 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_parquet
-
-from .score import column_suffix, unit_rows
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_npy, atomic_write_parquet
+from saferclip_data.stages.score import column_suffix, unit_rows
 
 
 def group_hash(groups: list[Any]) -> np.ndarray:
@@ -32,14 +31,6 @@ def group_hash(groups: list[Any]) -> np.ndarray:
     return np.array(
         [int.from_bytes(hashlib.blake2b(str(g).encode(), digest_size=8).digest(), "little", signed=True)
          for g in groups], np.int64)  # fmt: skip
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def pool_piece(root: str, inputs: dict, config: dict, kinds: list[str], shard_id: str, index: int) -> dict:
@@ -61,8 +52,8 @@ def pool_piece(root: str, inputs: dict, config: dict, kinds: list[str], shard_id
     for kind in kinds:
         vectors, valid = unit_rows(table[f"{kind}_embedding"], dim)
         (folder / kind).mkdir(parents=True, exist_ok=True)
-        _save(folder / kind / f"{index:06d}.npy", vectors[valid].astype(np.float16))
-        _save(folder / kind / f"{index:06d}.rows.npy", np.flatnonzero(valid).astype(np.int64))
+        atomic_write_npy(folder / kind / f"{index:06d}.npy", vectors[valid].astype(np.float16))
+        atomic_write_npy(folder / kind / f"{index:06d}.rows.npy", np.flatnonzero(valid).astype(np.int64))
         valid_counts[kind] = int(valid.sum())
     return {"rows": table.num_rows, "valid": valid_counts, "dim": dim, **worker_identity()}
 

@@ -20,13 +20,12 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from saferclip_data.models.clip import encode_text, trim_tokens
 from saferclip_data.pipeline.errors import ModelIdentityError, UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.training.models import encode_text, trim_tokens
-
-from .classifiers import ClassifierConfig
-from .embed import ModelConfig, load_worker_model
+from saferclip_data.stages.classifiers import ClassifierConfig
+from saferclip_data.stages.embed import ModelConfig, load_worker_model
 
 #: the SaFeR-CLIP / ViSU taxonomy with plain-language prompts for real-world CLIP models
 DEFAULT_TAXONOMY: dict[str, list[str]] = {
@@ -43,7 +42,7 @@ DEFAULT_NEUTRAL = ["a photo", "an ordinary everyday photo", "a picture of someth
 
 def toy_taxonomy() -> dict[str, list[str]]:
     """The toy world's categories with the words its captions use (``taxonomy: toy-world``)."""
-    from .toyworld.glyphs import UNSAFE
+    from saferclip_data.toyworld.glyphs import UNSAFE
 
     return {category: [f"a photo with {phrase}" for _, phrase in variants] for category, variants in UNSAFE.items()}
 
@@ -170,7 +169,7 @@ class ScoreStage(Stage):
         """With ``probe: true``: fit the cross-fitted probes on the driver, once, before the workers start."""
         if not self.config.probe:
             return
-        from .probe import fit_probes, probe_label, save_probes
+        from saferclip_data.stages.probe import fit_probes, probe_label, save_probes
 
         shard_ids = workdir.completed_shards("embed")
         advance = progress.subtask("fit safety probe", len(shard_ids) + 1)
@@ -222,7 +221,7 @@ class ScoreStage(Stage):
             self.neutral = centroid(self.config.neutral_prompts)
             self.scale = float(model.logit_scale.exp().float().item()) if hasattr(model, "logit_scale") else 100.0
         if self.config.classifiers:
-            from .classifiers import ImageClassifier
+            from saferclip_data.stages.classifiers import ImageClassifier
 
             self.classifiers = [ImageClassifier(c, torch.get_num_threads(), device) for c in self.config.classifiers]
 
@@ -242,7 +241,7 @@ class ScoreStage(Stage):
 
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         if self.config.probe and getattr(self, "probes", None) is None:
-            from .probe import Probes
+            from saferclip_data.stages.probe import Probes
 
             self.probes = Probes(workdir.stage_dir(self.name))
         if self.config.classifiers and "image" not in workdir.shard_columns("source", spec.shard_id):
@@ -277,7 +276,7 @@ class ScoreStage(Stage):
             top = np.array(self.categories, dtype=object)[scores.argmax(1)]
             columns[f"{modality}_top_category"] = pa.array(top.tolist(), pa.string(), mask=~valid)
         if self.config.classifiers:
-            from saferclip_data.training.decode import byte_views
+            from saferclip_data.models.decode import byte_views
 
             blobs = byte_views(batch["image"])
             for classifier in self.classifiers:
@@ -286,7 +285,7 @@ class ScoreStage(Stage):
         labels = self.labels(batch)
         columns.update(labels)
         if self.config.probe:
-            from .probe import probe_label
+            from saferclip_data.stages.probe import probe_label
 
             classes = ["safe", *self.categories]
             labelled = np.array(

@@ -36,9 +36,8 @@ import pyarrow.parquet as pq
 from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.stage import GlobalContext, Reject, write_global_shard
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
-
-from .knn import knn_search
-from .score import unit_rows
+from saferclip_data.stages.knn import knn_search
+from saferclip_data.stages.score import unit_rows
 
 PARTITION_DIR = "_partitions"
 Node = TypeVar("Node")

@@ -31,10 +31,9 @@ from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import ENABLED_STAGES, GlobalContext, Stage, StageConfig
-
-from .benchmark_export import image_extension, sha256_file, source_tables
-from .score import column_suffix, unit_rows
-from .tar_samples import quad_sample
+from saferclip_data.pipeline.workdir import atomic_path
+from saferclip_data.stages.samples import image_extension, quad_sample, sha256_file, source_tables
+from saferclip_data.stages.score import column_suffix, unit_rows
 
 #: auto's switch to the task-parallel writer (records in the stage's input)
 TASKS_MIN_ROWS = 200_000
@@ -205,8 +204,8 @@ class ShardsStage(Stage):
 
     def _run_tasks(self, ctx: GlobalContext, shard_ids: list[str], first: str, inputs: dict,
                    with_benchmark: bool) -> dict[str, int]:  # fmt: skip
-        from .download import DownloadOptions
-        from .shards_scaled import run_tasks
+        from saferclip_data.stages.download import DownloadOptions
+        from saferclip_data.stages.shards_scaled import run_tasks
 
         c = self.config
         records = sum((ctx.workdir.shard_stats(first, s) or {}).get("out", 0) for s in shard_ids)
@@ -260,10 +259,10 @@ class ShardsStage(Stage):
             kind = samples[0]["kind"]
             path = folder / tar
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             categories: Counter = Counter()
             difficulties: Counter = Counter()
-            with wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip", mode=0o444) as writer:
+            with atomic_path(path) as tmp, wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip",
+                                                         mode=0o444) as writer:  # fmt: skip
                 for s in samples:
                     i = row_of[s["key"]]
                     if kind == "plain":
@@ -274,7 +273,6 @@ class ShardsStage(Stage):
                     writer.write(sample)
                     categories[category] += 1
                     difficulties[difficulty] += 1
-            os.replace(tmp, path)
             stats[kind][path.name] = {
                 "samples": len(samples),
                 "bytes": path.stat().st_size,

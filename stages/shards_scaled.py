@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections import Counter, defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,10 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.stage import GlobalContext, write_global_shard
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
-
-from . import download
-from .benchmark_export import image_extension, sha256_file
-from .score import unit_rows
-from .tar_samples import quad_sample
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_parquet
+from saferclip_data.stages import download
+from saferclip_data.stages.samples import image_extension, quad_sample, sha256_file
+from saferclip_data.stages.score import unit_rows
 
 WORK_DIR = "_tasks"
 BUCKETS = 16  # hash buckets of the request join
@@ -225,15 +223,15 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
     statuses, stats, tar_index = [], {}, first_tar - 1
     out_dir = Path(root) / "shards" / kind
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = path = tmp = None
+    writer = path = None
+    open_tar = ExitStack()  # the tar being written: closing it closes the writer, then renames the file
     per_tar: Counter = Counter()
     categories: Counter = Counter()
     difficulties: Counter = Counter()
 
     def close() -> None:
         if writer is not None:
-            writer.close()
-            os.replace(tmp, path)
+            open_tar.close()
             entry = {"samples": per_tar["samples"], "bytes": path.stat().st_size, "sha256": sha256_file(path)}
             if kind == "quad":
                 entry |= {"categories": dict(sorted(categories.items())),
@@ -260,8 +258,10 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
             close()
             tar_index += 1
             path = out_dir / f"{kind}-{tar_index:06d}.tar"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            writer = wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip", mode=0o444)
+            tmp = open_tar.enter_context(atomic_path(path))
+            writer = open_tar.enter_context(
+                wds.TarWriter(str(tmp), mtime=0, user="saferclip", group="saferclip", mode=0o444)
+            )
             per_tar.clear(), categories.clear(), difficulties.clear()
         order = written
         written += 1
@@ -364,7 +364,7 @@ def _selection(ctx: GlobalContext, groups: list[tuple[str, int]]) -> None:
     path = ctx.workdir.stage_dir("shards") / "selection.parquet"
     schema = pa.schema([("key", pa.string()), ("kind", pa.string()), ("order", pa.int64()), ("tar", pa.string())])
     offsets = {"quad": 0, "plain": 0}
-    with pq.ParquetWriter(path.with_name(".selection.parquet.tmp"), schema, compression="zstd") as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for kind, g in groups:
             part = pq.read_table(_dir(str(ctx.workdir.root), "status", f"{kind}-{g:05d}.parquet"))
             part = part.filter(pc.is_valid(part["tar"]))
@@ -372,4 +372,3 @@ def _selection(ctx: GlobalContext, groups: list[tuple[str, int]]) -> None:
             offsets[kind] += part.num_rows
             writer.write_table(pa.table({"key": part["key"], "kind": pa.array([kind] * part.num_rows, pa.string()),
                                          "order": order, "tar": part["tar"]}, schema=schema))  # fmt: skip
-    path.with_name(".selection.parquet.tmp").replace(path)

@@ -20,15 +20,14 @@ import pyarrow.parquet as pq
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet, cache_root
-
-from . import download, layouts, readers
-from .blocklist import Blocklist, load_blocklist
-from .caption_edit import CaptionEditor, with_edit_rows
-from .download import is_url
-from .embedding_source import EmbeddingPart, find_parts
-from .embedding_source import records as embedding_records
-from .source_config import OUTPUT_COLUMNS, SourceConfig, SourcePart, ToyWorldOptions, tar_files
-from .toyworld import world_fingerprint, write_world
+from saferclip_data.stages import download, layouts, readers
+from saferclip_data.stages.blocklist import Blocklist, load_blocklist
+from saferclip_data.stages.caption_edit import CaptionEditor, with_edit_rows
+from saferclip_data.stages.download import is_url
+from saferclip_data.stages.embedding_source import EmbeddingPart, find_parts
+from saferclip_data.stages.embedding_source import records as embedding_records
+from saferclip_data.stages.source_config import OUTPUT_COLUMNS, SourceConfig, SourcePart, ToyWorldOptions, tar_files
+from saferclip_data.toyworld import world_fingerprint, write_world
 
 __all__ = ["OUTPUT_COLUMNS", "SourceConfig", "SourceStage", "ToyWorldOptions", "tar_files"]
 UNSAFE_LABELS = frozenset({"unsafe", "nsfw", "1", "true", "yes"})  # label values that mark an unsafe record

@@ -11,14 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import StageConfig
-
-from . import layouts, readers
-from .blocklist import load_blocklist
-from .caption_edit import CaptionEditOptions
-from .download import DownloadOptions
-from .embedding_source import EMBEDDING_COLUMNS, EmbeddingSourceOptions, find_parts
-from .layouts import COCO_URL
-from .toyworld import TOY_COLUMNS, WorldConfig
+from saferclip_data.stages import layouts, readers
+from saferclip_data.stages.blocklist import load_blocklist
+from saferclip_data.stages.caption_edit import CaptionEditOptions
+from saferclip_data.stages.download import DownloadOptions
+from saferclip_data.stages.embedding_source import EMBEDDING_COLUMNS, EmbeddingSourceOptions, find_parts
+from saferclip_data.stages.layouts import COCO_URL
+from saferclip_data.toyworld import TOY_COLUMNS, WorldConfig
 
 OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
 

@@ -19,7 +19,7 @@ if "SAFERCLIP_TEST_KEEP_CACHE" not in os.environ:
 from helpers import write_image_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "saferclip_data.pipeline.cli"]
+CLI = [sys.executable, "-m", "saferclip_data.cli.main"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,7 +65,7 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
 @pytest.fixture
 def cli(capsys):
     """The CLI in-process (fast): returns (exit code, stdout, stderr)."""
-    from saferclip_data.pipeline import cli as cli_module
+    from saferclip_data.cli import main as cli_module
 
     def call(*args: str):
         old = sys.argv
@@ -88,7 +88,7 @@ def _call_cli(*args: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from saferclip_data.pipeline import cli as cli_module
+    from saferclip_data.cli import main as cli_module
 
     old = sys.argv
     sys.argv = ["saferclip-data", *args]

@@ -6,7 +6,7 @@ import pytest
 
 
 def test_bench_train_counts_flops_per_step_and_mfu_against_the_given_peak():
-    from saferclip_data.training.bench_train import bench_train
+    from saferclip_data.bench.train import bench_train
 
     lora = bench_train("toy-vit-tiny", "lora", 8, 1, "fp32", "cpu", peak=1.0)
     full = bench_train("toy-vit-tiny", "full", 8, 1, "fp32", "cpu")
@@ -23,7 +23,7 @@ def test_bench_train_counts_flops_per_step_and_mfu_against_the_given_peak():
 
 @pytest.mark.slow
 def test_bench_embed_runs_the_real_stage_and_reports_its_ratio_to_the_encoder():
-    from saferclip_data.stages.bench_embed import EmbedRun, run_bench
+    from saferclip_data.bench.embed import EmbedRun, run_bench
 
     rows = run_bench("toy-vit-tiny", 96, 64, ["local"], EmbedRun(32, 1, 1.0, 0, "cpu", "fp32"))
     names = [r[0] for r in rows]
@@ -44,7 +44,7 @@ def test_bench_embed_makes_the_shards_and_the_source_stage_once_per_size(tmp_pat
     """The suite's embed parts share synthetic shards and the (untimed) source stage of one size."""
     import os
 
-    from saferclip_data.stages import bench_embed
+    from saferclip_data.bench import embed as bench_embed
 
     made, linked = [], []
     make, build = bench_embed.synthetic_shards, bench_embed.end_to_end
@@ -69,7 +69,7 @@ def test_bench_embed_makes_the_shards_and_the_source_stage_once_per_size(tmp_pat
 
 
 def test_bench_knn_times_each_backend_against_matmul_and_the_naive_loop_and_checks_exactness():
-    from saferclip_data.stages.bench_knn import run_knn_bench
+    from saferclip_data.bench.knn import run_knn_bench
 
     rows = run_knn_bench(3000, 200, 32, 5, ["torch", "nope"], repeats=1, sample=50)
     naive, torch_row, missing = rows
@@ -84,7 +84,7 @@ def test_bench_knn_times_each_backend_against_matmul_and_the_naive_loop_and_chec
 def test_agreement_counts_rows_in_order_and_pairs_found():
     import numpy as np
 
-    from saferclip_data.stages.bench_knn import agreement
+    from saferclip_data.bench.knn import agreement
 
     reference = np.array([[1, 2, 3], [4, 5, 6]])
     assert agreement(reference.copy(), reference) == (1.0, 1.0)
@@ -97,7 +97,7 @@ def test_the_cli_and_the_stages_import_without_polars_or_faiss():
     import subprocess
     import sys
 
-    code = ("import sys, saferclip_data.pipeline.cli, saferclip_data.stages, saferclip_data.training.trainer; "
+    code = ("import sys, saferclip_data.cli.main, saferclip_data.stages, saferclip_data.training.trainer; "
             "print(sorted(m for m in ('polars', 'faiss', 'matplotlib') if m in sys.modules))")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -107,12 +107,12 @@ def test_the_cli_and_the_stages_import_without_polars_or_faiss():
 def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, monkeypatch):
     import json
 
-    from saferclip_data.stages import bench_suite
+    from saferclip_data.bench import suite as bench_suite
 
     def broken(*args, **kwargs):
         raise RuntimeError("no trainer today")
 
-    monkeypatch.setattr("saferclip_data.training.bench_train.bench_train", broken)
+    monkeypatch.setattr("saferclip_data.bench.train.bench_train", broken)
     results = bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     lora = "train toy-vit-tiny lora batch 8"
@@ -127,14 +127,14 @@ def test_bench_suite_writes_every_part_and_keeps_going_past_a_failure(tmp_path, 
 
 
 def test_the_suite_judges_full_fine_tuning_by_its_best_batch_and_leaves_comparison_rows_out(tmp_path, monkeypatch):
-    from saferclip_data.stages import bench_suite
+    from saferclip_data.bench import suite as bench_suite
 
     mfu = {(48, "auto", None): 0.31, (128, "auto", None): 0.33, (128, "auto", "default"): 0.36, (48, "fp32", None): 0.4}
 
     def stand_in(arch, finetune, batch_size, steps, precision, device, peak, reference, compile_mode):
         return {"samples_per_s": 100.0, "mfu": mfu[batch_size, reference, compile_mode]}
 
-    monkeypatch.setattr("saferclip_data.training.bench_train.bench_train", stand_in)
+    monkeypatch.setattr("saferclip_data.bench.train.bench_train", stand_in)
     results = bench_suite.SuiteResults(tmp_path, {"cuda": "13.0"})
     for spec in [s for s in bench_suite.FULL if s["kind"] == "train" and s["finetune"] == "full"]:
         bench_suite._train(results, spec, bench_suite.part_name(spec))
@@ -148,8 +148,9 @@ def test_the_suite_judges_full_fine_tuning_by_its_best_batch_and_leaves_comparis
 def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_measure_it(tmp_path, monkeypatch):
     """The full suite only runs on a GPU; with stand-ins for the measurements, each target's figure name must
     match what its part records (a target left 'not measured' would waste the GPU session)."""
-    from saferclip_data.stages import bench_knn, bench_suite
-    from saferclip_data.stages.bench_knn import KnnRow
+    from saferclip_data.bench import knn as bench_knn
+    from saferclip_data.bench import suite as bench_suite
+    from saferclip_data.bench.knn import KnnRow
 
     def embed_rows(arch, images, image_px, executors, run, scratch=None):
         rows = [("image encoder only", "cuda", "1,000", "-", "1.00", "")]
@@ -162,13 +163,13 @@ def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_meas
         return [KnnRow("torch naive loop", "cuda", 4.0, 150.0, 1.0, 4.0, 1.0, 1.0),
                 KnnRow("torch (saferclip)", "cuda", 1.0, 600.0, 1.0, 4.0, 1.0, 1.0)]  # fmt: skip
 
-    monkeypatch.setattr("saferclip_data.stages.bench_embed.run_bench", embed_rows)
+    monkeypatch.setattr("saferclip_data.bench.embed.run_bench", embed_rows)
     monkeypatch.setattr(bench_knn, "run_knn_bench", knn_rows)
     monkeypatch.setattr(
-        "saferclip_data.training.bench_train.bench_train", lambda *a: {"samples_per_s": 9.0, "mfu": 0.4}
+        "saferclip_data.bench.train.bench_train", lambda *a: {"samples_per_s": 9.0, "mfu": 0.4}
     )
     stand_in_loader = lambda *a, **k: (99.0, "cuda (nvJPEG)", 5000.0)  # noqa: E731
-    monkeypatch.setattr("saferclip_data.training.bench_train.loader_rate", stand_in_loader)
+    monkeypatch.setattr("saferclip_data.bench.train.loader_rate", stand_in_loader)
     monkeypatch.setattr(bench_suite, "machine_facts", lambda: {"cuda": "13.0", "device": "stand-in"})
     results = bench_suite.run_suite(tmp_path, log=lambda line: None)
     assert results.errors == {}
@@ -185,7 +186,7 @@ def test_every_target_of_the_full_suite_gets_its_figure_from_the_parts_that_meas
 def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_failed_part(tmp_path, monkeypatch):
     import json
 
-    from saferclip_data.stages import bench_suite
+    from saferclip_data.bench import suite as bench_suite
 
     names = [bench_suite.part_name(s) for s in bench_suite.selected_parts(["embed ViT-B-32"])]
     assert names == ["embed ViT-B-32"]  # a whole name selects that part alone
@@ -197,7 +198,7 @@ def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_faile
         raise RuntimeError("no loader today")
 
     with monkeypatch.context() as patched:
-        patched.setattr("saferclip_data.training.bench_train.loader_rate", broken)
+        patched.setattr("saferclip_data.bench.train.loader_rate", broken)
         bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["knn", "loader"])
     first = json.loads((tmp_path / "results.json").read_text())
     assert "knn effective TFLOP/s" in first["figures"] and set(first["errors"]) == {"loader toy-vit-tiny batch 8"}

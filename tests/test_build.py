@@ -9,13 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from saferclip_data.cli.common import recipe_sections
 from saferclip_data.pipeline.executors import LocalExecutor
 from saferclip_data.pipeline.progress import BuildProgress
 from saferclip_data.pipeline.recipe import load_recipe
 from saferclip_data.pipeline.runner import Pipeline
 from saferclip_data.pipeline.stage import Stage
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages import REGISTRY, SECTIONS
+from saferclip_data.stages import REGISTRY
 
 from conftest import recipe_dict, run_cli, write_recipe
 from helpers import write_image_manifest, write_tar_shards
@@ -131,7 +132,7 @@ def test_global_stage_gets_column_access(tmp_path, manifest_200):
     registry = {**REGISTRY, "keycount": _KeyCount}
     data = recipe_dict(manifest_200)
     data["stages"]["keycount"] = {}
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data), SECTIONS, registry)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", data), recipe_sections(), registry)
     pipeline = Pipeline(recipe, registry, WorkDir(tmp_path / "w"))
     with BuildProgress(console=None, enabled=False) as bars:
         outcomes = pipeline.build(LocalExecutor(), bars)

@@ -70,8 +70,8 @@ def test_real_photographs_ingest_and_opennsfw_rarely_calls_them_unsafe(tmp_path,
     16-bit variant: every one is kept or rejected with a reason, and OpenNSFW's false-positive rate at its
     threshold stays at or under 5 %."""
     pytest.importorskip("skimage")
-    from saferclip_data.stages.bench_classifiers import false_positives, photo_recipe
-    from saferclip_data.stages.real_photos import write_photo_manifest
+    from saferclip_data.bench.classifiers import false_positives, photo_recipe
+    from saferclip_data.bench.real_photos import write_photo_manifest
 
     manifest = write_photo_manifest(tmp_path)
     recipe = write_recipe(tmp_path / "photos.yaml", photo_recipe(manifest, tmp_path / "work", "toy-vit-tiny"))

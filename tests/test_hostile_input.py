@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from saferclip_data.models.decode import to_rgb
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.training.decode import to_rgb
 
 from conftest import run_cli, write_recipe
 from helpers import scene, write_tar
@@ -189,7 +189,7 @@ def test_a_bad_checkpoint_is_refused_at_validate(tmp_path, manifest_200, cli):
 
     import torch
 
-    from saferclip_data.training.models import load_clip
+    from saferclip_data.models.clip import load_clip
 
     from conftest import recipe_dict
 

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from saferclip_data.models.clip import known_architectures, load_clip, model_config, weight_source_kind
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.training.models import known_architectures, load_clip, model_config, weight_source_kind
 
 from conftest import recipe_dict, write_recipe
 from helpers import write_image_manifest
@@ -27,7 +27,7 @@ def test_architectures_read_from_config_files_are_open_clips_own_list():
     """The recipe check reads the config files instead of importing open_clip: the two lists must agree."""
     import open_clip
 
-    from saferclip_data.training.models import register_toy_configs
+    from saferclip_data.models.clip import register_toy_configs
 
     fast = known_architectures()
     register_toy_configs()
@@ -75,7 +75,7 @@ def test_tags_and_hub_ids_fail_offline_with_one_clear_error(tmp_path):
 @pytest.mark.parametrize("arch", ["toy-vit-tiny", "ViT-B-32"])
 def test_trimmed_captions_give_the_full_width_features(arch):
     """The text tower run over only the columns the captions use: same features, narrower tokens."""
-    from saferclip_data.training.models import encode_text, text_trim
+    from saferclip_data.models.clip import encode_text, text_trim
 
     clip = load_clip(arch, None, init_seed=1)
     captions = ["a cat", "two dogs running on the grassy field next to a big red barn at noon", ""]
@@ -97,7 +97,7 @@ def test_trimmed_captions_give_the_full_width_features(arch):
 def test_models_that_need_their_full_context_are_never_trimmed():
     """Without the causal mask the padding is seen by every position: no trimming, and narrow tokens are refused
     with a clear error rather than silently giving other features."""
-    from saferclip_data.training.models import encode_text, text_trim, trim_tokens
+    from saferclip_data.models.clip import encode_text, text_trim, trim_tokens
 
     clip = load_clip("toy-vit-tiny", None)
     clip.model.attn_mask = None

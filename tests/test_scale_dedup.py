@@ -6,9 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from saferclip_data.bench.scale import SyntheticPool, write_pool
 from saferclip_data.pipeline.stage import GlobalContext
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.bench_scale import SyntheticPool, write_pool
 from saferclip_data.stages.dedup import DedupConfig, DedupStage, leader_clusters
 from saferclip_data.stages.semdedup import EDGE_SCHEMA, buckets, leader_over_edges
 

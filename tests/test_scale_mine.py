@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saferclip_data.pipeline.stage import REJECT_SCHEMA, GlobalContext
-from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.pipeline.stage import GlobalContext
+from saferclip_data.pipeline.workdir import REJECT_SCHEMA, WorkDir
 from saferclip_data.stages import mine_stream
 from saferclip_data.stages.mine import MineConfig, MineStage
 

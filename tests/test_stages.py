@@ -262,7 +262,7 @@ def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
     """The GPU path's arithmetic (batched decode, size groups, resize, crop, normalise), run on the CPU: the
     same pixels as PIL to within a quarter of a grey level on average, the same rejects, the same vectors."""
 
-    from saferclip_data.training.decode import decode_pil, decode_tensors, normalization
+    from saferclip_data.models.decode import decode_pil, decode_tensors, normalization
 
     sizes = [(64, 64), (100, 80), (80, 100), (100, 80), (37, 53), (300, 200)]
     blobs = [_noise_jpeg(w, h, i) for i, (w, h) in enumerate(sizes)] + [_noise_jpeg(50, 70, 9, "PNG")]
@@ -289,7 +289,7 @@ def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
 
 @pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
 def test_byte_views_are_the_rows_bytes_over_one_copy_per_chunk(kind):
-    from saferclip_data.training.decode import byte_views
+    from saferclip_data.models.decode import byte_views
 
     rows = [b"\xff\xd8\xffabc", None, b"", b"xyz", b"0123456789"]
     whole = pa.array(rows, kind)
@@ -326,7 +326,7 @@ def test_a_compiled_image_tower_gives_the_eager_vectors_for_full_and_short_batch
 def test_tensor_decoder_is_refused_for_preprocessing_it_cannot_reproduce():
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from saferclip_data.training.decode import tensor_path_mismatch
+    from saferclip_data.models.decode import tensor_path_mismatch
 
     assert tensor_path_mismatch(image_transform_v2(PreprocessCfg(size=224), is_train=False), 224) is None
     squash = image_transform_v2(PreprocessCfg(size=224, resize_mode="squash"), is_train=False)

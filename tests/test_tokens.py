@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import torch
 
-from saferclip_data.training.tokens import PLAIN_TEXT, CachedClipTokenizer, fast_tokenizer
+from saferclip_data.models.tokens import PLAIN_TEXT, CachedClipTokenizer, fast_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.toyworld.audit import mining_figures, scoring_auroc
+from saferclip_data.toyworld.audit import mining_figures, scoring_auroc
 
 from conftest import REPO, write_recipe
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from saferclip_data.stages.toyworld import CATEGORIES
-from saferclip_data.training.models import load_clip
-from saferclip_data.training.toy_pretrain import PretrainConfig, checkpoint_path
+from saferclip_data.models.clip import load_clip
+from saferclip_data.toyworld import CATEGORIES
+from saferclip_data.toyworld.pretrain import PretrainConfig, checkpoint_path
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,12 @@ def test_unsafe_captions_are_nearest_to_their_safe_twins(pretrained):
 
 @pytest.mark.slow
 def test_toy_checkpoint_loads_through_the_same_function(pretrained):
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
+
     path, _, _ = pretrained
-    by_tag = load_clip("toy-resnet-tiny", "toy-world")
+    by_tag = load_recipe_clip("toy-resnet-tiny", "toy-world")
     by_path = load_clip("toy-resnet-tiny", str(path))
     assert by_tag.identity == by_path.identity
     assert by_tag.identity != load_clip("toy-resnet-tiny", None).identity
+    with pytest.raises(ValueError, match="resolve_pretrained"):  # the model floor does not make toy weights itself
+        load_clip("toy-resnet-tiny", "toy-world")

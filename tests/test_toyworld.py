@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saferclip_data.stages.toyworld import (
+from saferclip_data.toyworld import (
     CATEGORIES,
     HELD_OUT_PLACES,
     TRAIN_PLACES,
@@ -17,8 +17,8 @@ from saferclip_data.stages.toyworld import (
     world_records,
     write_world,
 )
-from saferclip_data.stages.toyworld.glyphs import COLOURS, SHAPES
-from saferclip_data.stages.toyworld.world import PHRASINGS
+from saferclip_data.toyworld.glyphs import COLOURS, SHAPES
+from saferclip_data.toyworld.world import PHRASINGS
 
 from conftest import write_recipe
 

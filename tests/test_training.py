@@ -10,7 +10,6 @@ import math
 import subprocess
 import sys
 from collections import Counter
-from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -152,7 +151,7 @@ def test_with_a_tar_split_each_rank_reads_only_its_tars_and_ranks_stay_in_step(b
             assert {d for batch in batches for d in batch["difficulty"]} <= admitted
             shares.append(keys)
         assert len(shares[0]) == len(shares[1]) == per_rank > 0 and not set(shares[0]) & set(shares[1])
-        whole = samples_per_rank(shard_dir, urls, epoch, replace(config, split="samples"), 1)
+        whole = samples_per_rank(shard_dir, urls, epoch, config.model_copy(update={"split": "samples"}), 1)
         assert 2 * per_rank <= whole  # the larger rank's surplus waits for a later epoch
     assert data.epoch_shard_order(urls, 3, 0, 0, 1, "tars") == data.epoch_shard_order(urls, 3, 0)  # one process
     with pytest.raises(ValueError, match="at least one tar per process"):
@@ -174,8 +173,8 @@ def test_streamed_targets_are_the_frozen_top1_embeddings(built):
 
 @pytest.mark.parametrize("method", ["saferclip", "safeclip"])
 def test_reference_encoders_stay_unchanged_while_the_model_trains(built, method):
+    from saferclip_data.models.clip import load_clip
     from saferclip_data.training.data import quad_pipeline
-    from saferclip_data.training.models import load_clip
     from saferclip_data.training.reference import TrainedWithReference
 
     torch.manual_seed(0)
@@ -211,7 +210,7 @@ def test_reference_encoders_stay_unchanged_while_the_model_trains(built, method)
 TRAIN_SCRIPT = """
 import sys
 from pathlib import Path
-from saferclip_data.training.models import load_clip
+from saferclip_data.models.clip import load_clip
 from saferclip_data.training.trainer import TrainConfig, train
 clip = load_clip("toy-resnet-tiny", None, init_seed=0)
 config = TrainConfig(epochs=3, batch_size=8, lr=1e-3, warmup_steps=2, checkpoint_every=3, seed=1)
@@ -229,7 +228,7 @@ def test_training_killed_with_sigkill_resumes_to_the_same_steps_and_data_order(b
     import signal
     import time
 
-    from saferclip_data.training.models import load_clip
+    from saferclip_data.models.clip import load_clip
     from saferclip_data.training.trainer import TrainConfig, train
 
     shard_dir = built / "shards" / "quad"
@@ -301,7 +300,7 @@ def test_eval_command_compares_base_and_trained_models(built, cli_module):
 
 
 def _tiny(arch: str = "toy-vit-tiny"):
-    from saferclip_data.training.models import load_clip
+    from saferclip_data.models.clip import load_clip
 
     return load_clip(arch, None, init_seed=0)
 
@@ -415,14 +414,14 @@ def test_lora_checkpoint_holds_only_adapters_and_loads_back_merged(built, tmp_pa
         load_checkpoint(other, tmp_path / "out" / "last.pt")
     # the split among ranks sets the data order and the epoch's size: a resume must keep it
     with pytest.raises(ValueError, match="trained with split: samples"):
-        train(_tiny("toy-resnet-tiny"), shard_dir, tmp_path / "out", replace(config, split="tars"))
+        train(_tiny("toy-resnet-tiny"), shard_dir, tmp_path / "out", config.model_copy(update={"split": "tars"}))
 
 
 def test_a_bf16_reference_runs_outside_autocast_and_matches_the_model_it_copies(built):
     """On a GPU the frozen reference holds bf16 weights (auto): it must still be the trained model's start, so
     the preservation terms begin near zero, and it must stay frozen."""
+    from saferclip_data.models.clip import load_clip
     from saferclip_data.training.data import quad_pipeline
-    from saferclip_data.training.models import load_clip
     from saferclip_data.training.reference import TrainedWithReference
     from saferclip_data.training.trainer import reference_dtype
 
@@ -480,7 +479,7 @@ def test_compiled_towers_train_as_the_eager_ones_and_checkpoint_the_same_paramet
     for mode in (None, "default"):
         torch.manual_seed(0)  # the same LoRA init for both
         out = tmp_path / str(mode)
-        train(_tiny(), shard_dir, out, replace(config, compile=mode), stop_after=3)
+        train(_tiny(), shard_dir, out, config.model_copy(update={"compile": mode}), stop_after=3)
         runs[mode] = (_steps(out), torch.load(out / "last.pt", weights_only=False)["trainable"])
     (eager_log, eager_state), (compiled_log, compiled_state) = runs[None], runs["default"]
     assert [s["keys"] for s in compiled_log] == [s["keys"] for s in eager_log]
@@ -489,7 +488,7 @@ def test_compiled_towers_train_as_the_eager_ones_and_checkpoint_the_same_paramet
     for name, value in eager_state.items():
         assert torch.allclose(compiled_state[name], value, atol=1e-5), name
     with pytest.raises(ValueError, match="compile: 'fast'"):
-        train(_tiny(), shard_dir, tmp_path / "bad", replace(config, compile="fast"), stop_after=1)
+        train(_tiny(), shard_dir, tmp_path / "bad", config.model_copy(update={"compile": "fast"}), stop_after=1)
 
 
 @pytest.mark.slow
@@ -528,7 +527,7 @@ DDP_SCRIPT = """
 import sys
 from pathlib import Path
 import torch.distributed as dist
-from saferclip_data.training.models import load_clip, state_dict_digest
+from saferclip_data.models.clip import load_clip, state_dict_digest
 from saferclip_data.training.trainer import TrainConfig, train
 clip = load_clip("toy-resnet-tiny", None, init_seed=0)
 config = TrainConfig(epochs=1, batch_size=4, lr=1e-3, warmup_steps=1, lora_rank=4, schedule=[["easy", "hard"]],
@@ -554,7 +553,7 @@ def test_two_process_ddp_keeps_replicas_identical(built, tmp_path, split):
     digests = {p.name: p.read_text() for p in out.glob("rank*.digest")}
     assert len(digests) == 2 and len(set(digests.values())) == 1  # gradients were all-reduced
     single = _tiny("toy-resnet-tiny")
-    from saferclip_data.training.models import state_dict_digest
+    from saferclip_data.models.clip import state_dict_digest
 
     assert state_dict_digest(single.model) != next(iter(digests.values()))  # and they did train
     from saferclip_data.training.trainer import TrainConfig, samples_per_rank
@@ -570,11 +569,11 @@ def test_two_process_ddp_keeps_replicas_identical(built, tmp_path, split):
 def test_zero_shot_on_an_image_folder_matches_the_direct_computation(tmp_path):
     import random
 
-    from saferclip_data.stages.toyworld.world import TRAIN_PLACES, sample_scene
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.toyworld.world import TRAIN_PLACES, sample_scene
     from saferclip_data.training.evaluate import zero_shot_folder
-    from saferclip_data.training.models import load_clip
 
-    clip = load_clip("toy-resnet-tiny", "toy-world", init_seed=0)
+    clip = load_recipe_clip("toy-resnet-tiny", "toy-world", init_seed=0)
     rng = random.Random(7)
     places = sorted(TRAIN_PLACES)
     truth = []
@@ -640,8 +639,8 @@ def test_step_log_writes_every_n_steps_and_on_flush(tmp_path):
 def test_training_step_on_cuda_never_waits_for_the_device(finetune):
     """torch's sync debug mode turns any host synchronisation inside the step (a .item(), a mask-indexing, a
     device-to-host copy) into an error: the step as the trainer runs it has none."""
+    from saferclip_data.bench.train import synthetic_batch
     from saferclip_data.training.adapters import AdapterSettings
-    from saferclip_data.training.bench_train import synthetic_batch
     from saferclip_data.training.reference import TrainedWithReference
     from saferclip_data.training.trainer import StepLog, autocast_for, reference_dtype
 
@@ -670,8 +669,8 @@ def test_training_step_on_cuda_never_waits_for_the_device(finetune):
 def test_images_decoded_on_the_device_train_like_pil_decoded_ones(built, tmp_path):
     """decode: device (the GPU path, here on the CPU): the loader hands over encoded bytes, the trainer decodes
     them with the model's preprocessing; same pixels to rounding, same losses to ~1e-3, same data order."""
+    from saferclip_data.models.decode import DeviceDecoder
     from saferclip_data.training.data import quad_pipeline
-    from saferclip_data.training.decode import DeviceDecoder
     from saferclip_data.training.trainer import TrainConfig, train
 
     clip = _tiny("toy-resnet-tiny")

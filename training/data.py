@@ -23,12 +23,9 @@ from functools import partial
 import numpy as np
 import torch
 
+from saferclip_data.models.decode import to_rgb
 from saferclip_data.pipeline.tars import NotPlainTar, scan_tar
-
-from .decode import to_rgb
-
-#: epoch i trains on DEFAULT_SCHEDULE[min(i, len - 1)]
-DEFAULT_SCHEDULE: tuple[tuple[str, ...], ...] = (("easy",), ("easy", "medium"), ("easy", "medium", "hard"))
+from saferclip_data.training.config import DEFAULT_SCHEDULE
 
 
 def buckets_for_epoch(epoch: int, schedule: Sequence[Sequence[str]] = DEFAULT_SCHEDULE) -> frozenset[str]:

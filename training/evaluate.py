@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from .decode import to_rgb
-from .models import encode_text, trim_tokens
+from saferclip_data.models.clip import encode_text, trim_tokens
+from saferclip_data.models.decode import to_rgb
 
 KS = (1, 5, 10)
 
@@ -159,7 +159,7 @@ def evaluate(
         result["heldout_retrieval"] = retrieval_table(h["v"], h["t"], h["v_star"], h["t_star"])
     zero_shot: dict[str, float] = {}
     if toy:
-        from .toy_pretrain import ToyPixels, evaluate_toy_clip
+        from saferclip_data.toyworld.pretrain import ToyPixels, evaluate_toy_clip
 
         toy_figures = evaluate_toy_clip(clip.model, clip.tokenizer, ToyPixels(clip.preprocess, clip.image_size))
         zero_shot.update({"toy place": toy_figures["place_accuracy"], "toy object": toy_figures["object_accuracy"]})

@@ -1,10 +1,10 @@
 """Losses of SaFeR-CLIP and of the Safe-CLIP baseline, each a small function of embeddings.
 
-Notation (the SaFeR-CLIP paper's, arXiv 2511.16743): V, T are the encoders being trained, V0, T0 the frozen
-reference copy; v, t a safe image and caption; v*, t* their unsafe counterparts; v̂, t̂ the mined nearest safe
-target. Every
-function takes embeddings of shape (batch, dim), L2-normalises them itself, and returns a scalar tensor; rows
-that do not exist (a text-only record has no image) are left out by the caller.
+Notation (the SaFeR-CLIP paper's, arXiv 2511.16743; docs/method.md maps each term to its code): V, T are the
+encoders being trained, V0, T0 the frozen reference copy; v, t a safe image and caption; v*, t* their unsafe
+counterparts; v̂, t̂ the mined nearest safe target. Every function takes embeddings of shape (batch, dim),
+L2-normalises them itself, and returns a scalar tensor; rows that do not exist (a text-only record has no image)
+are left out by the caller.
 """
 
 from __future__ import annotations

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, replace
 from pathlib import Path
 
-from .trainer import TrainConfig
+from saferclip_data.training.config import TrainConfig
 
 
 def _worker_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .models import load_clip
-    from .trainer import train
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.training.trainer import train
 
-    config = replace(TrainConfig(**cfg["config"]), device=str(ray.train.torch.get_device()))
-    clip = load_clip(**cfg["model"])
+    config = TrainConfig(**cfg["config"]).model_copy(update={"device": str(ray.train.torch.get_device())})
+    clip = load_recipe_clip(**cfg["model"])
     out_dir = Path(cfg["out_dir"])
     result = train(clip, Path(cfg["shard_dir"]), out_dir, config, stop_after=cfg["stop_after"])
     if ray.train.get_context().get_world_rank() == 0:
@@ -55,7 +54,7 @@ def train_on_ray(
         ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
-    loop_config = {"config": asdict(config), "model": model, "shard_dir": str(shard_dir.resolve()),
+    loop_config = {"config": config.model_dump(), "model": model, "shard_dir": str(shard_dir.resolve()),
                    "out_dir": str(out_dir.resolve()), "stop_after": stop_after}  # fmt: skip
     trainer = TorchTrainer(
         _worker_loop,

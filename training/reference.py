@@ -13,9 +13,9 @@ import copy
 
 import torch
 
-from .adapters import AdapterSettings, attach, untraceable_layers
-from .losses import Embeddings, SaferWeights, safeclip_loss, saferclip_loss
-from .models import encode_text
+from saferclip_data.models.clip import encode_text
+from saferclip_data.training.adapters import AdapterSettings, attach, untraceable_layers
+from saferclip_data.training.losses import Embeddings, SaferWeights, safeclip_loss, saferclip_loss
 
 
 def compile_towers(model: torch.nn.Module, mode: str) -> list[str]:

@@ -20,49 +20,19 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import get_args
 
 import torch
 import torch.distributed as dist
 
-from .adapters import AdapterSettings, attach, load_trainable, merged, trainable_state
-from .data import DEFAULT_SCHEDULE, SPLITS, buckets_for_epoch, epoch_shard_order, quad_pipeline
-from .losses import SaferWeights
-from .models import CompileMode, text_trim
-from .reference import TrainedWithReference
-
-
-@dataclass
-class TrainConfig:
-    method: str = "saferclip"  # or "safeclip" (the baseline)
-    epochs: int = 3
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    grad_accum: int = 1
-    seed: int = 0
-    checkpoint_every: int = 50  # optimiser steps
-    log_every: int = 10  # optimiser steps between log writes: reading the loss off the GPU waits for it
-    schedule: list[list[str]] = field(default_factory=lambda: [list(b) for b in DEFAULT_SCHEDULE])
-    weights: dict[str, float] = field(default_factory=dict)
-    finetune: str = "lora"  # or "full"
-    towers: list[str] = field(default_factory=lambda: ["image", "text"])
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    device: str = "auto"  # auto: CUDA when available
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; or fp32, bf16
-    reference_precision: str = "auto"  # the frozen reference's weights: auto = bf16 when the step is bf16
-    num_workers: int | str = "auto"  # DataLoader processes decoding images; see loader_workers
-    decode: str = "auto"  # where images are decoded: cpu (workers, PIL), device (nvJPEG on CUDA), auto
-    compile: str | None = None  # torch.compile mode for the towers (reference; trained ones without LoRA); None: eager
-    split: str = "auto"  # DDP: every rank reads every tar (samples), only its own (tars), auto: see resolve_split
-
-    def adapter(self) -> AdapterSettings:
-        return AdapterSettings(self.finetune, tuple(self.towers), self.lora_rank, self.lora_alpha, self.lora_dropout)
+from saferclip_data.models.clip import CompileMode, text_trim
+from saferclip_data.pipeline.workdir import atomic_path
+from saferclip_data.training.adapters import attach, load_trainable, merged, trainable_state
+from saferclip_data.training.config import TrainConfig
+from saferclip_data.training.data import SPLITS, buckets_for_epoch, epoch_shard_order, quad_pipeline
+from saferclip_data.training.losses import SaferWeights
+from saferclip_data.training.reference import TrainedWithReference
 
 
 def samples_per_epoch(shard_dir: Path, epoch: int, schedule) -> int:
@@ -106,9 +76,8 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _process_group() -> tuple[int, int]:
@@ -136,7 +105,7 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
 def device_decoder(clip, setting: str, device: torch.device):
     """A ``DeviceDecoder`` when images are to be decoded on the training device: asked for ("device"), or
     "auto" on CUDA where the model's preprocessing can be reproduced there; None = PIL in the loader."""
-    from .decode import DeviceDecoder, tensor_path_mismatch
+    from saferclip_data.models.decode import DeviceDecoder, tensor_path_mismatch
 
     if setting not in ("auto", "cpu", "device"):
         raise ValueError(f"decode: '{setting}' is not auto, cpu or device")
@@ -182,7 +151,7 @@ def autocast_for(device: torch.device, precision: str):
 HOST_FIELDS = frozenset({"has_image", "has_safe_image"})
 
 
-def _to(batch: dict, device: torch.device, decoder=None) -> dict:
+def batch_to_device(batch: dict, device: torch.device, decoder=None) -> dict:
     """The batch on ``device`` (row flags stay on the host); encoded images decoded there by ``decoder``."""
     moved = {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_FIELDS else v
@@ -224,6 +193,73 @@ class StepLog:
             self.file.close()
 
 
+def _checked(config: TrainConfig) -> None:
+    if config.compile is not None and config.compile not in get_args(CompileMode):
+        raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
+    if config.split not in (*SPLITS, "auto"):
+        raise ValueError(f"split: '{config.split}' is not one of {', '.join(SPLITS)}, auto")
+
+
+def _trained_pair(clip, config: TrainConfig, device: torch.device, world: int) -> TrainedWithReference:
+    """The model to train (adapters attached, or all weights) beside its frozen reference; compiled and wrapped in
+    DistributedDataParallel as the configuration and the process group say."""
+    pair = TrainedWithReference(
+        clip.model.to(device), config.adapter(), reference_dtype(device, config.precision, config.reference_precision)
+    )
+    if config.compile is not None:
+        pair.compile(config.compile)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        pair.encoder = torch.nn.parallel.DistributedDataParallel(
+            pair.encoder,
+            device_ids=ids,
+            find_unused_parameters=True,  # text-only batches leave the image tower out
+        )
+    return pair
+
+
+def _cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, warmup_steps))
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _resume(checkpoint: Path, clip, pair, optimizer, scheduler, config: TrainConfig, device: torch.device):
+    """Load ``checkpoint`` into the trained weights, optimiser, scheduler and RNG; returns (epoch, batches done in
+    it, step, config with the run's data-order settings)."""
+    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    if state.get("base") != clip.identity:
+        raise ValueError(f"{checkpoint} was trained from {state.get('base')}, not {clip.identity}")
+    load_trainable(pair.wrapper, state["trainable"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"].cpu())
+    # workers split the stream among themselves, so their number is part of the data order: keep the run's
+    resumed_workers = state.get("config", {}).get("num_workers")
+    if isinstance(resumed_workers, int):
+        config = config.model_copy(update={"num_workers": resumed_workers})
+    saved_split = state.get("config", {}).get("split", "samples")
+    if saved_split != config.split:  # the split among ranks is too, and it sets the epoch's sample count
+        raise ValueError(f"{checkpoint} was trained with split: {saved_split}; resume with it, or use a new --out")
+    return state["epoch"], state["batches_done"], state["step"], config
+
+
+def _epoch_batches(urls: list[str], clip, decoder, config: TrainConfig, epoch: int, rank: int, world: int,
+                   limit: int, device: torch.device):  # fmt: skip
+    """The epoch's batches for this rank, decoded by DataLoader workers when there are any."""
+    preprocess = None if decoder is not None else clip.preprocess  # None: images reach the step encoded
+    stream = quad_pipeline(urls, preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
+                           batch_size=config.batch_size, seed=config.seed, schedule=config.schedule,
+                           rank=rank, world_size=world, limit=limit, text_trim=text_trim(clip.model),
+                           split=config.split)  # fmt: skip
+    if config.num_workers:
+        stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
+                                             pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
+    return stream
+
+
 def train(
     clip,
     shard_dir: Path,
@@ -239,67 +275,33 @@ def train(
     (adapters merged), loadable as ``model.pretrained``. ``stop_after`` ends the run after that many optimiser
     steps (for tests and budgets). ``on_step(step, total_steps, last_logged_loss)`` follows progress.
     """
-    from .losses import weights_from
+    from saferclip_data.training.losses import weights_from
 
-    if config.compile is not None and config.compile not in get_args(CompileMode):
-        raise ValueError(f"compile: '{config.compile}' is not one of {', '.join(get_args(CompileMode))}")
-    if config.split not in (*SPLITS, "auto"):
-        raise ValueError(f"split: '{config.split}' is not one of {', '.join(SPLITS)}, auto")
+    _checked(config)
     rank, world = _process_group()
     device = _device(config)
-    config = replace(config, num_workers=loader_workers(config.num_workers, device))
+    config = config.model_copy(update={"num_workers": loader_workers(config.num_workers, device)})
     decoder = device_decoder(clip, config.decode, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"no training tars in {shard_dir}")
-    config = replace(config, split=resolve_split(config.split, len(urls), world))
+    config = config.model_copy(update={"split": resolve_split(config.split, len(urls), world)})
     weights: SaferWeights = weights_from(config.weights)
-    pair = TrainedWithReference(
-        clip.model.to(device), config.adapter(), reference_dtype(device, config.precision, config.reference_precision)
-    )
-    if config.compile is not None:
-        pair.compile(config.compile)
-    if world > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        pair.encoder = torch.nn.parallel.DistributedDataParallel(
-            pair.encoder,
-            device_ids=ids,
-            find_unused_parameters=True,  # text-only batches leave the image tower out
-        )
+    pair = _trained_pair(clip, config, device, world)
     optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")  # fmt: skip
     per_rank = [samples_per_rank(shard_dir, urls, e, config, world) for e in range(config.epochs)]
     total_steps = max(1, sum(math.ceil(n / config.batch_size / config.grad_accum) for n in per_rank))
-
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
-        return warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, total_steps)
     start_epoch, skip_batches, step = 0, 0, 0
     checkpoint = out_dir / "last.pt"
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state.get("base") != clip.identity:
-            raise ValueError(f"{checkpoint} was trained from {state.get('base')}, not {clip.identity}")
-        load_trainable(pair.wrapper, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, skip_batches, step = state["epoch"], state["batches_done"], state["step"]
-        torch.set_rng_state(state["rng"].cpu())
-        # workers split the stream among themselves, so their number is part of the data order: keep the run's
-        resumed_workers = state.get("config", {}).get("num_workers")
-        if isinstance(resumed_workers, int):
-            config = replace(config, num_workers=resumed_workers)
-        saved_split = state.get("config", {}).get("split", "samples")
-        if saved_split != config.split:  # the split among ranks is too, and it sets the epoch's sample count
-            raise ValueError(f"{checkpoint} was trained with split: {saved_split}; resume with it, or use a new --out")
+        start_epoch, skip_batches, step, config = _resume(checkpoint, clip, pair, optimizer, scheduler, config, device)
     if rank == 0:
         _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
     log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, config.log_every)
-    trim = text_trim(clip.model)
     autocast = autocast_for(device, config.precision)
 
     def save(epoch: int, batches_done: int) -> None:
@@ -308,7 +310,7 @@ def train(
             _save(checkpoint, {"trainable": trainable_state(pair.wrapper), "base": clip.identity,
                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                "epoch": epoch, "batches_done": batches_done, "step": step,
-                               "rng": torch.get_rng_state(), "config": asdict(config)})  # fmt: skip
+                               "rng": torch.get_rng_state(), "config": config.model_dump()})  # fmt: skip
 
     def optimiser_step(epoch: int, loss: torch.Tensor, parts: dict, keys: list[str]) -> None:
         nonlocal step
@@ -322,14 +324,7 @@ def train(
 
     stopped = False
     for epoch in range(start_epoch, config.epochs):
-        preprocess = None if decoder is not None else clip.preprocess  # None: images reach the step encoded
-        stream = quad_pipeline(urls, preprocess, clip.tokenizer, clip.image_size, epoch=epoch,
-                               batch_size=config.batch_size, seed=config.seed, schedule=config.schedule,
-                               rank=rank, world_size=world, limit=per_rank[epoch], text_trim=trim,
-                               split=config.split)  # fmt: skip
-        if config.num_workers:
-            stream = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_workers,
-                                                 pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
+        stream = _epoch_batches(urls, clip, decoder, config, epoch, rank, world, per_rank[epoch], device)
         done, pending = 0, 0
         keys: list[str] = []
         loss, parts = torch.zeros(()), {}
@@ -337,7 +332,8 @@ def train(
             done += 1
             if epoch == start_epoch and done <= skip_batches:
                 continue  # consumed before the checkpoint: same stream, same order
-            on_device = _to(batch, device, decoder)  # decoded outside autocast: pixels stay fp32 as the PIL path's
+            # decoded outside autocast: pixels stay fp32 as the PIL path's
+            on_device = batch_to_device(batch, device, decoder)
             with autocast:
                 loss, parts = pair.loss(on_device, config.method, weights)
             (loss / config.grad_accum).backward()
@@ -374,7 +370,7 @@ def load_checkpoint(clip, path: Path):
         return clip
     if state.get("base") != clip.identity:
         raise ValueError(f"{path} was trained from {state.get('base')}, not {clip.identity}")
-    wrapper = attach(clip.model, TrainConfig(**state["config"]).adapter())
+    wrapper = attach(clip.model, TrainConfig.model_validate(state["config"]).adapter())
     load_trainable(wrapper, state["trainable"])
     clip.model = merged(wrapper).eval()
     return clip

@@ -108,7 +108,7 @@ def run_knn_bench(pool_rows: int, query_rows: int, dim: int, k: int, backends: l
                   sample: int = 256, block_rows: int | None = None) -> list[KnnRow]:  # fmt: skip
     import torch
 
-    from .knn import knn_search, resolve_backend
+    from saferclip_data.stages.knn import knn_search, resolve_backend
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"

@@ -11,7 +11,6 @@ import json
 import logging
 import sys
 from enum import Enum
-from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
@@ -20,12 +19,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .errors import UserError
-from .progress import build_progress, summary_table
-from .recipe import load_recipe
-from .runner import Pipeline
-from .status import stage_status
-from .workdir import WorkDir
+from saferclip_data.cli.common import open_pipeline
+from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.progress import build_progress, summary_table
+from saferclip_data.pipeline.runner import Pipeline
+from saferclip_data.pipeline.status import stage_status
+from saferclip_data.pipeline.workdir import WorkDir
 
 app = typer.Typer(
     add_completion=False,
@@ -35,7 +34,6 @@ app = typer.Typer(
     help="Build safety datasets for CLIP: embed, filter and pair unsafe/safe image-caption data into a work dir.",
 )
 console = Console(stderr=True)
-DEFAULT_RECIPE = "demo.yaml"
 
 
 class ExecutorKind(str, Enum):
@@ -82,35 +80,11 @@ WorkdirOpt = Annotated[
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 
 
-def _default_recipe() -> Path:
-    return Path(str(resources.files("saferclip_data.recipes") / DEFAULT_RECIPE))
-
-
 def _setup_logging(level: str) -> None:
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
         raise UserError(f"--log-level: unknown level '{level}' (use debug, info, warning or error)")
     logging.basicConfig(level=numeric, handlers=[RichHandler(console=console, show_path=False)], force=True)
-
-
-def _pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
-    from saferclip_data.stages import REGISTRY, SECTIONS
-
-    path = recipe_path or _default_recipe()
-    recipe = load_recipe(path, SECTIONS, REGISTRY)
-    if workdir is not None:
-        root = workdir
-    elif recipe.workdir:  # relative to the recipe's folder, like every other path in it
-        root = Path(recipe.workdir).expanduser()
-        root = root if root.is_absolute() else path.parent / root
-    else:
-        root = Path("work") / recipe.name
-    if root.exists() and not root.is_dir():
-        raise UserError(f"{path}: workdir: {root} is a file, not a folder: choose another work dir (or -w)")
-    try:
-        return Pipeline(recipe, REGISTRY, WorkDir(root))
-    except UserError as exc:  # a stage needing one the recipe does not enable: name the recipe file
-        raise UserError(f"{path}: {exc}") from None
 
 
 def _user_error_of(exc: BaseException) -> UserError | None:
@@ -147,10 +121,10 @@ def build(
     log_level: LogLevelOpt = "warning",
 ) -> None:
     """Run every stage of RECIPE that is not up to date; resume unfinished shards after a crash."""
-    from .executors import make_executor
+    from saferclip_data.pipeline.executors import make_executor
 
     _setup_logging(log_level)
-    pipeline = _pipeline(recipe, workdir)
+    pipeline = open_pipeline(recipe, workdir)
     runner = make_executor(executor.value, ray_address)
     try:
         with build_progress(console, progress, progress_style.value) as bars:
@@ -168,7 +142,7 @@ def build(
 def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
     """Check RECIPE (keys, types, paths, model) without running anything."""
     _setup_logging(log_level)
-    pipeline = _pipeline(recipe, workdir)
+    pipeline = open_pipeline(recipe, workdir)
     names = " -> ".join(p.name for p in pipeline.stages)
     typer.echo(f"recipe ok: {pipeline.recipe.name}: {names}; work dir {pipeline.workdir.root}")
 
@@ -177,7 +151,7 @@ def validate(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: Lo
 def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLevelOpt = "warning") -> None:
     """Show the stage graph, each stage's resources and what is already done."""
     _setup_logging(log_level)
-    pipeline = _pipeline(recipe, workdir)
+    pipeline = open_pipeline(recipe, workdir)
     table = Table(title=f"plan: {pipeline.recipe.name} (work dir {pipeline.workdir.root})")
     rows = pipeline.plan_rows()
     for column in rows[0]:
@@ -205,7 +179,7 @@ def status(
         if not any((target / name / "_manifest.json").is_file() for name in REGISTRY):
             raise UserError(f"status: {target} is not a work dir (no stage has run there); give a work dir or a recipe")
     else:
-        root = _pipeline(target, workdir).workdir.root
+        root = open_pipeline(target, workdir).workdir.root
     if not root.is_dir():
         raise UserError(f"status: no work dir at {root}: run build first")
     rows = stage_status(WorkDir(root), list(REGISTRY))
@@ -250,10 +224,10 @@ _plain_flags_in_help()
 
 
 def _add_subapps() -> None:
-    from saferclip_data.stages.bench_cli import bench_app
-    from saferclip_data.stages.report_cli import report_command
-    from saferclip_data.training.toy_cli import toy_app
-    from saferclip_data.training.train_cli import eval_command, train_command
+    from saferclip_data.cli.bench import bench_app
+    from saferclip_data.cli.report import report_command
+    from saferclip_data.cli.toy import toy_app
+    from saferclip_data.cli.train import eval_command, train_command
 
     app.add_typer(toy_app, name="toy")
     app.add_typer(bench_app, name="bench")

@@ -3,91 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
 
+from saferclip_data.models.clip import CompileMode
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.training.models import CompileMode
-
-
-class TrainingSection(BaseModel):
-    """The recipe's optional top-level ``training:`` section (the command's options override it)."""
-
-    model_config = ConfigDict(extra="forbid")
-    method: Literal["saferclip", "safeclip"] = "saferclip"
-    epochs: int = Field(default=3, gt=0, description="epochs; the progressive schedule reaches 'all' at epoch 3")
-    batch_size: int = Field(default=32, gt=0)
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=10, ge=0)
-    grad_accum: int = Field(default=1, gt=0)
-    seed: int = 0
-    checkpoint_every: int = Field(default=50, gt=0, description="optimiser steps between checkpoints")
-    decode: Literal["auto", "cpu", "device"] = Field(
-        default="auto",
-        description="where training images are decoded: cpu (PIL in the DataLoader workers), device (batched "
-        "nvJPEG + resize on the GPU), auto = device on CUDA where the model's preprocessing allows",
-    )
-    log_every: int = Field(
-        default=10, gt=0, description="optimiser steps between log.jsonl writes (reading a loss waits for the GPU)"
-    )
-    schedule: list[list[Literal["easy", "medium", "hard"]]] = Field(
-        default_factory=lambda: [["easy"], ["easy", "medium"], ["easy", "medium", "hard"]],
-        min_length=1,
-        description="difficulty buckets admitted per epoch; the last entry holds for later epochs",
-    )
-    weights: dict[str, float] = Field(default_factory=dict, description="SaFeR-CLIP loss weights by term name")
-    finetune: Literal["lora", "full"] = Field(default="lora", description="LoRA adapters (the paper) or all weights")
-    towers: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"], min_length=1)
-    lora_rank: int = Field(default=16, gt=0)
-    lora_alpha: float = Field(default=32.0, gt=0)
-    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    precision: Literal["auto", "fp32", "bf16"] = Field(default="auto", description="auto: bf16 autocast on CUDA")
-    reference_precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto",
-        description="weights of the frozen reference (T0, V0): auto = bf16 when the step runs in bf16 (it is never "
-        "trained, and bf16 weights run faster than autocast over fp32 ones), fp32 = as the trained model",
-    )
-    compile: CompileMode | None = Field(
-        default=None,
-        description="torch.compile the towers of the frozen reference and of the trained model with this mode "
-        "(fuses the layer norms, activations and casts around the matmuls; compiling takes the first steps, "
-        "minutes for ViT-L/14); towers with LoRA attention layers stay eager; unset = eager",
-    )
-    split: Literal["auto", "samples", "tars"] = Field(
-        default="auto",
-        description="how DDP ranks share an epoch: samples = every rank reads every tar and keeps every N-th "
-        "sample (all samples, any number of tars); tars = each rank reads only its own tars, so reading scales "
-        "with the ranks (needs a tar per rank, and ranks train on as many samples as the one whose tars hold the "
-        "fewest); auto = tars wherever there are more tars than ranks, else samples",
-    )
-    num_workers: int | Literal["auto"] = Field(
-        default="auto",
-        description="DataLoader processes decoding images; auto = one per CPU core up to 8 (one spared) on CUDA, "
-        "none on a CPU, where they would take cores from the step",
-    )
-
-
-class ZeroShotSet(BaseModel):
-    """An image-folder data set (one sub-folder per class) for zero-shot accuracy in ``eval``."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    path: str
-    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
-
-
-class EvaluationSection(BaseModel):
-    """The recipe's optional top-level ``evaluation:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
-    heldout_splits: list[str] | None = Field(
-        default=None, description="splits to evaluate as a second retrieval table (default: shards.exclude_splits)"
-    )
-    zero_shot: list[ZeroShotSet] = Field(default_factory=list)
+from saferclip_data.training.config import EvaluationConfig, TrainConfig
 
 
 def train_command(
@@ -117,17 +39,17 @@ def train_command(
     by difficulty bucket; bf16 autocast on CUDA. Writes last.pt (adapters, optimiser, scheduler, data position:
     rerunning resumes), log.jsonl (loss terms per step) and, when finished, model.pt (a plain open_clip state
     dict). Multi-GPU: run it under `torchrun --nproc_per_node N`, or on a Ray cluster with --ray-workers N."""
-    from saferclip_data.pipeline.cli import _pipeline
+    from saferclip_data.cli.common import open_pipeline
     from saferclip_data.pipeline.progress import step_progress
-    from saferclip_data.training.models import load_clip
-    from saferclip_data.training.trainer import TrainConfig, train
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.training.trainer import train
 
-    pipeline = _pipeline(recipe, workdir)
+    pipeline = open_pipeline(recipe, workdir)
     wd = pipeline.workdir
     shard_dir = wd.stage_dir("shards") / "quad"
     if not (wd.manifest("shards") or {}).get("complete") or not shard_dir.is_dir():
         raise UserError(f"{wd.root}: no finished shards stage; add stages.shards to the recipe and run build first")
-    section: TrainingSection = getattr(pipeline.recipe, "training", None) or TrainingSection()
+    section: TrainConfig = getattr(pipeline.recipe, "training", None) or TrainConfig()
     settings = section.model_dump()
     overrides = {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr, "seed": seed,
                  "compile": compile_mode}  # fmt: skip
@@ -136,11 +58,12 @@ def train_command(
         raise UserError(f"--method: '{settings['method']}' is not saferclip or safeclip")
     if settings["finetune"] not in ("lora", "full"):
         raise UserError(f"--finetune: '{settings['finetune']}' is not lora or full")
+    config = TrainConfig(**settings)
     model = pipeline.recipe.model
     if ray_workers < 0:
         raise UserError(f"--ray-workers: {ray_workers} is negative")
     if not ray_workers:
-        clip = load_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
+        clip = load_recipe_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
     out_dir = out or wd.root / "train" / settings["method"]
     try:
         if ray_workers:
@@ -148,11 +71,11 @@ def train_command(
 
             source = {"arch": model.arch, "pretrained": model.pretrained, "init_seed": model.init_seed,
                       "cache_dir": model.cache_dir}  # fmt: skip
-            result = train_on_ray(source, shard_dir, out_dir, TrainConfig(**settings), ray_workers,
+            result = train_on_ray(source, shard_dir, out_dir, config, ray_workers,
                                   address=ray_address, stop_after=max_steps)  # fmt: skip
         else:
             with step_progress(f"train {settings['method']}", enabled=progress) as on_step:
-                result = train(clip, shard_dir, out_dir, TrainConfig(**settings), stop_after=max_steps,
+                result = train(clip, shard_dir, out_dir, config, stop_after=max_steps,
                                on_step=on_step)  # fmt: skip
     except ValueError as exc:  # a checkpoint from another model or adapter, a bad loss-weight name
         raise UserError(f"train: {exc}") from None
@@ -177,13 +100,13 @@ def eval_command(
     """Compare the recipe's base model with fine-tuned checkpoints on the build's benchmark: R@1/5/10 for T->V,
     V->T, T*->V, V*->T on safe-only and safe+unsafe galleries, zero-shot accuracy (toy models), weight and
     embedding drift. Writes WORKDIR/eval/eval.md and eval.json and prints the table."""
-    from saferclip_data.pipeline.cli import _pipeline
-    from saferclip_data.stages.benchmark_export import source_rows
+    from saferclip_data.cli.common import open_pipeline
+    from saferclip_data.stages.samples import source_rows
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
     from saferclip_data.training.evaluate import benchmark_rows, embed_benchmark, evaluate, heldout_rows, write_results
-    from saferclip_data.training.models import load_clip
     from saferclip_data.training.trainer import load_checkpoint
 
-    pipeline = _pipeline(recipe, workdir)
+    pipeline = open_pipeline(recipe, workdir)
     wd = pipeline.workdir
     bench = wd.stage_dir("benchmark")
     if not (wd.manifest("benchmark") or {}).get("complete"):
@@ -195,9 +118,9 @@ def eval_command(
     model = pipeline.recipe.model
 
     def fresh():
-        return load_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
+        return load_recipe_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
 
-    section: EvaluationSection = getattr(pipeline.recipe, "evaluation", None) or EvaluationSection()
+    section: EvaluationConfig = getattr(pipeline.recipe, "evaluation", None) or EvaluationConfig()
     sets = {z.name: (Path(z.path), z.templates) for z in section.zero_shot}
     sets.update({p.name: (p, ["a photo of a {}."]) for p in zero_shot or []})
     for name, (folder, _) in sets.items():

@@ -73,7 +73,7 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
 def scoring_auroc(workdir: WorkDir, min_records: int = 50) -> list[dict]:
     """Per category and modality: AUROC of the category's score, its unsafe records against all safe ones."""
     from saferclip_data.stages.score import column_suffix
-    from saferclip_data.training.toy_pretrain import auroc
+    from saferclip_data.toyworld.pretrain import auroc
 
     truth = _source(workdir)
     manifest = workdir.manifest("score") or {}

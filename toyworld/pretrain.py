@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from saferclip_data.pipeline.workdir import cache_root
-from saferclip_data.stages.toyworld.glyphs import COLOURS, SHAPES, UNSAFE
-from saferclip_data.stages.toyworld.world import TRAIN_PLACES, WORLD_VERSION, Scene, encode_jpeg, sample_scene
+from saferclip_data.pipeline.workdir import atomic_path, atomic_write_text, cache_root
+from saferclip_data.toyworld.glyphs import COLOURS, SHAPES, UNSAFE
+from saferclip_data.toyworld.world import TRAIN_PLACES, WORLD_VERSION, Scene, encode_jpeg, sample_scene
 
 PRETRAIN_VERSION = "3"
 
@@ -44,7 +43,7 @@ class PretrainConfig:
 def checkpoint_key(config: PretrainConfig) -> str:
     import open_clip
 
-    from .models import register_toy_configs
+    from saferclip_data.models.clip import register_toy_configs
 
     register_toy_configs()
     arch_cfg = open_clip.get_model_config(config.arch)
@@ -75,7 +74,7 @@ class ToyPixels:
     """PIL scenes -> normalised tensors, through a JPEG round trip as the embed stage sees them."""
 
     def __init__(self, preprocess, size: int):
-        from .decode import normalization
+        from saferclip_data.models.decode import normalization
 
         self.mean, self.std = normalization(preprocess)
         self.size = size
@@ -264,7 +263,7 @@ def pretrain(config: PretrainConfig, on_step: Callable[[int, float], None] | Non
     import torch
     import torch.nn.functional as F
 
-    from .models import load_clip
+    from saferclip_data.models.clip import load_clip
 
     torch.manual_seed(config.seed)
     clip = load_clip(config.arch, None, init_seed=config.seed)
@@ -326,8 +325,25 @@ def ensure_pretrained(config: PretrainConfig, on_step=None, force: bool = False)
             return path, json.loads(metrics_path.read_text())
         clip, metrics = pretrain(config, on_step)
         metrics["config"] = asdict(config)
-        tmp = path.with_name(f".model.pt.tmp-{os.getpid()}")
-        torch.save({"state_dict": clip.model.state_dict()}, tmp)
-        os.replace(tmp, path)
-        metrics_path.write_text(json.dumps(metrics, indent=2))
+        with atomic_path(path) as tmp:
+            torch.save({"state_dict": clip.model.state_dict()}, tmp)
+        atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
         return path, metrics
+
+
+def resolve_pretrained(arch: str, pretrained: str | None, seed: int = 0) -> str | None:
+    """``pretrained`` as :func:`load_clip` takes it: the ``toy-world`` tag becomes the cached checkpoint's path
+    (pretrained first if absent); anything else is returned as it is."""
+    from saferclip_data.models.clip import TOY_TAG
+
+    if pretrained != TOY_TAG:
+        return pretrained
+    return str(ensure_pretrained(PretrainConfig(arch=arch, seed=seed))[0])
+
+
+def load_recipe_clip(arch: str, pretrained: str | None = None, *, init_seed: int = 0, cache_dir: str | None = None):
+    """:func:`load_clip` for every weight source a recipe may name, the toy world's pretrained tiny CLIP included."""
+    from saferclip_data.models.clip import load_clip
+
+    resolved = resolve_pretrained(arch, pretrained, init_seed)
+    return load_clip(arch, resolved, init_seed=init_seed, cache_dir=cache_dir)

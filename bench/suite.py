@@ -163,7 +163,7 @@ def _part(results: SuiteResults, name: str, run: Callable[[], None], log: Callab
 
 
 def _knn(results: SuiteResults, spec: dict) -> None:
-    from .bench_knn import run_knn_bench
+    from saferclip_data.bench.knn import run_knn_bench
 
     rows = run_knn_bench(spec["pool_rows"], spec["query_rows"], spec["dim"], spec["k"], ["torch"], spec["repeats"])
     results.tables["knn"] = [asdict(r) for r in rows]
@@ -181,7 +181,7 @@ def _knn(results: SuiteResults, spec: dict) -> None:
 
 
 def _embed(results: SuiteResults, spec: dict, name: str, scratch: Path) -> None:
-    from .bench_embed import EmbedRun, run_bench
+    from saferclip_data.bench.embed import EmbedRun, run_bench
 
     run = EmbedRun(spec["batch_size"], spec["concurrency"], spec["cpus"], spec["gpus"], compile=spec.get("compile"))
     executors = spec.get("executors", ["local", "ray"])
@@ -202,7 +202,7 @@ def _embed(results: SuiteResults, spec: dict, name: str, scratch: Path) -> None:
 
 
 def _train(results: SuiteResults, spec: dict, name: str) -> None:
-    from saferclip_data.training.bench_train import bench_train
+    from saferclip_data.bench.train import bench_train
 
     reference = spec.get("reference", "auto")
     r = bench_train(spec["arch"], spec["finetune"], spec["batch_size"], spec["steps"], "auto", "auto", None, reference,
@@ -220,7 +220,7 @@ def _train(results: SuiteResults, spec: dict, name: str) -> None:
 def _loader(results: SuiteResults, spec: dict, name: str) -> None:
     import torch
 
-    from saferclip_data.training.bench_train import loader_rate
+    from saferclip_data.bench.train import loader_rate
     from saferclip_data.training.trainer import loader_workers
 
     workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -56,10 +56,9 @@ def cost_per_image(images: list[Path], arch: str, repeats: int = 3) -> dict[str,
     import torch
     from PIL import Image
 
-    from saferclip_data.training.decode import to_rgb
-    from saferclip_data.training.models import load_clip
-
-    from .classifiers import ClassifierConfig, ImageClassifier
+    from saferclip_data.models.clip import load_clip
+    from saferclip_data.models.decode import to_rgb
+    from saferclip_data.stages.classifiers import ClassifierConfig, ImageClassifier
 
     blobs = [p.read_bytes() for p in images]
     threads = torch.get_num_threads()

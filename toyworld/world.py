@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
-from .glyphs import COLOURS, PLACES, SHAPES, UNSAFE, Box, draw_place, draw_shape, draw_unsafe
+from saferclip_data.toyworld.glyphs import COLOURS, PLACES, SHAPES, UNSAFE, Box, draw_place, draw_shape, draw_unsafe
 
 WORLD_VERSION = "1"  # bump when rendering or captions change: cached worlds and models are keyed on it
 HELD_OUT_PLACES = ("reef", "night street")

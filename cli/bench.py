@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from saferclip_data.models.clip import CompileMode
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.training.models import CompileMode
 
 bench_app = typer.Typer(help="Benchmarks that print measured throughput and ratios to a measured ceiling.")
 console = Console(stderr=True)
@@ -38,7 +38,7 @@ def knn(
     """Exact top-k search on a synthetic pool: seconds, queries/s, effective TFLOP/s (2*Q*P*D per search), the
     time relative to the bare matrix product of the same shapes (1.0 = top-k and merging cost nothing), the
     speed-up over a naive torch loop, and agreement with an exact fp32 reference on a sample of queries."""
-    from saferclip_data.stages.bench_knn import run_knn_bench
+    from saferclip_data.bench.knn import run_knn_bench
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
     rows = run_knn_bench(pool, queries, dim, k, names, repeats, sample, block_rows)
@@ -108,7 +108,7 @@ def embed(
     set-up (Ray actors, model loading, compiling), which a long build pays once. The "per batch" rows time the
     worker's other per-batch work, one batch at a time: the text tower on trimmed captions, tokenising, JPEG
     bytes to pixels. The device work adds to the image tower's; host work below 1 cannot hide behind it."""
-    from saferclip_data.stages.bench_embed import EmbedRun, run_bench
+    from saferclip_data.bench.embed import EmbedRun, run_bench
 
     names = [e.strip() for e in executors.split(",") if e.strip()]
     run = EmbedRun(batch_size, concurrency, cpus, gpus if gpus == "auto" else float(gpus), device, precision, decoder,
@@ -155,7 +155,7 @@ def train(
     does, keeping its share; under DDP a rank gets at most that divided by the number of ranks)."""
     import torch
 
-    from saferclip_data.training.bench_train import bench_train, loader_rate
+    from saferclip_data.bench.train import bench_train, loader_rate
     from saferclip_data.training.trainer import loader_workers as auto_workers
 
     r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision,
@@ -205,7 +205,7 @@ def suite(
     ViT-B/32 (in-process, through Ray, two actors per GPU), the trainer (ViT-B/32 and ViT-L/14, LoRA and full).
     Writes results.json and results.md after every part, each figure marked against its target; a part
     that fails is recorded and the others still run."""
-    from saferclip_data.stages.bench_suite import default_out, part_name, run_suite, selected_parts
+    from saferclip_data.bench.suite import default_out, part_name, run_suite, selected_parts
 
     try:
         chosen = selected_parts(part, quick)
@@ -267,7 +267,7 @@ def scale(
     import shutil
     import tempfile
 
-    from saferclip_data.stages.bench_scale import STAGES, growth, measure, save
+    from saferclip_data.bench.scale import STAGES, growth, measure, save
 
     try:
         counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
@@ -335,21 +335,21 @@ def classifiers(
 
     import yaml
 
-    from saferclip_data.stages.bench_classifiers import (
+    from saferclip_data.bench.classifiers import (
         cost_per_image,
         false_positives,
         photo_paths,
         photo_recipe,
         score_summary,
     )
-    from saferclip_data.stages.real_photos import write_photo_manifest
+    from saferclip_data.bench.real_photos import write_photo_manifest
 
     folder = out or Path(tempfile.mkdtemp(prefix="saferclip-photos-"))
     folder.mkdir(parents=True, exist_ok=True)
     manifest = write_photo_manifest(folder)
     recipe = folder / "photos.yaml"
     recipe.write_text(yaml.safe_dump(photo_recipe(manifest, folder / "work", "toy-vit-tiny")))
-    command = [sys.executable, "-m", "saferclip_data.pipeline.cli", "build", str(recipe), "--executor", "local",
+    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(recipe), "--executor", "local",
                "--no-progress"]  # fmt: skip
     built = subprocess.run(command, capture_output=True, text=True)
     if built.returncode != 0:

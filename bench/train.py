@@ -27,8 +27,8 @@ def peak_tflops(device: torch.device) -> float | None:
 def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
     """Random pixels, real tokens of varied captions, unit target embeddings: a batch as ``collate`` makes it
     and the trainer moves it (row flags stay on the host)."""
-    from .models import text_trim
-    from .trainer import _to
+    from saferclip_data.models.clip import text_trim
+    from saferclip_data.training.trainer import batch_to_device
 
     size, dim = clip.image_size, clip.embed_dim
     g = torch.Generator().manual_seed(0)
@@ -51,7 +51,7 @@ def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
     trim = text_trim(clip.model)
     if trim is not None:  # as the trainer's collate does
         batch["unsafe_text"], batch["safe_text"] = trim(batch["unsafe_text"], batch["safe_text"])
-    return _to(batch, device)
+    return batch_to_device(batch, device)
 
 
 def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision: str, device_name: str,
@@ -60,10 +60,10 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
     """One step counted (FLOPs, eagerly), warm-up steps (compiling, with ``compile_mode``), ``steps`` timed."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .adapters import AdapterSettings
-    from .models import load_clip
-    from .reference import TrainedWithReference
-    from .trainer import autocast_for, reference_dtype
+    from saferclip_data.models.clip import load_clip
+    from saferclip_data.training.adapters import AdapterSettings
+    from saferclip_data.training.reference import TrainedWithReference
+    from saferclip_data.training.trainer import autocast_for, reference_dtype
 
     device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     clip = load_clip(arch, None, init_seed=0)
@@ -201,9 +201,9 @@ def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, i
     import tempfile
     from pathlib import Path
 
-    from .data import quad_pipeline
-    from .models import load_clip, text_trim
-    from .trainer import _to, device_decoder
+    from saferclip_data.models.clip import load_clip, text_trim
+    from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.trainer import batch_to_device, device_decoder
 
     clip = load_clip(arch, None, init_seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -219,7 +219,7 @@ def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, i
                                                  pin_memory=device.type == "cuda", prefetch_factor=4)  # fmt: skip
 
         def deliver(batch: dict) -> int:
-            _to(batch, device, decoder)
+            batch_to_device(batch, device, decoder)
             return len(batch["key"])
 
         iterator = iter(stream)
@@ -243,8 +243,8 @@ def _stream_rate(clip, urls: list[str], samples: int, share: int = 8) -> float:
     whole stream (headers, captions, metadata) and keeps every ``share``-th sample, whose images it leaves encoded
     for the device and whose captions it tokenises. Under DDP a rank gets at most this divided by the number of
     ranks, whatever its worker count, so this bounds how far the trainer's data path scales."""
-    from .data import quad_pipeline
-    from .models import text_trim
+    from saferclip_data.models.clip import text_trim
+    from saferclip_data.training.data import quad_pipeline
 
     def read() -> None:
         stream = quad_pipeline(urls, None, clip.tokenizer, clip.image_size, epoch=2, batch_size=64, rank=0,

@@ -31,7 +31,7 @@ def synthetic_shards(folder: Path, images: int, size: int, per_tar: int = 8192, 
     batches of 512."""
     import webdataset as wds
 
-    from saferclip_data.training.bench_train import noise_jpegs, synthetic_captions
+    from saferclip_data.bench.train import noise_jpegs, synthetic_captions
 
     folder.mkdir(parents=True, exist_ok=True)
     jpegs = noise_jpegs(min(images, distinct), size, seed)
@@ -50,9 +50,9 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
     ``compile_mode`` when the stage is, so that the ratio compares like with like."""
     import torch
 
+    from saferclip_data.bench.train import synthetic_captions
+    from saferclip_data.models.clip import encode_text, trim_tokens
     from saferclip_data.stages.embed import ModelConfig, image_encoder, load_worker_model
-    from saferclip_data.training.bench_train import synthetic_captions
-    from saferclip_data.training.models import encode_text, trim_tokens
 
     clip, model, dev, dtype = load_worker_model(ModelConfig(arch=arch), device, precision, "bench")
     size = model.visual.image_size
@@ -82,7 +82,7 @@ def encoder_ceiling(arch: str, batch_size: int, images: int, device: str, precis
 
 def _rate(work, items: int, sync=lambda: None, repeats: int = 3) -> float:
     """Items/s of the best of ``repeats`` timed calls, after one warm-up call."""
-    from .bench_knn import best_seconds
+    from saferclip_data.bench.knn import best_seconds
 
     work()
     sync()
@@ -99,10 +99,10 @@ def host_work_rates(arch: str, image_size: int, batch_size: int, image_px: int,
     import pyarrow as pa
     import torch
 
-    from saferclip_data.training.bench_train import noise_jpegs, synthetic_captions
-    from saferclip_data.training.decode import byte_views, decode_tensors
-    from saferclip_data.training.models import register_toy_configs
-    from saferclip_data.training.tokens import fast_tokenizer
+    from saferclip_data.bench.train import noise_jpegs, synthetic_captions
+    from saferclip_data.models.clip import register_toy_configs
+    from saferclip_data.models.decode import byte_views, decode_tensors
+    from saferclip_data.models.tokens import fast_tokenizer
 
     register_toy_configs()
     captions = synthetic_captions(batch_size, seed=1)
@@ -155,7 +155,7 @@ def end_to_end(shards: Path, work: Path, arch: str, executor: str, run: EmbedRun
     work.mkdir(parents=True, exist_ok=True)
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "saferclip_data.pipeline.cli", "build", str(path), "-w", str(work / "w"),
+    cmd = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(path), "-w", str(work / "w"),
            "--executor", executor, "--no-progress"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:

@@ -29,7 +29,7 @@ def generate(
     shard_size: Annotated[int, typer.Option(min=1, help="Records per tar shard.")] = 1000,
 ) -> None:
     """Write the world as an ordinary source (WebDataset shards + parquet manifest) that `build` reads."""
-    from saferclip_data.stages.toyworld import WorldConfig, write_world
+    from saferclip_data.toyworld import WorldConfig, write_world
 
     config = WorldConfig(
         seed=seed,
@@ -61,9 +61,9 @@ def pretrain(
     force: Annotated[bool, typer.Option(help="Retrain even if a cached checkpoint exists.")] = False,
 ) -> None:
     """Pretrain (or load from the cache) the tiny CLIP and print its zero-shot figures."""
+    from saferclip_data.models.clip import known_architectures
     from saferclip_data.pipeline.errors import UserError
-    from saferclip_data.training.models import known_architectures
-    from saferclip_data.training.toy_pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
+    from saferclip_data.toyworld.pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
 
     if not arch.startswith("toy-") or arch not in known_architectures():
         raise UserError(f"--arch: '{arch}' is not a toy architecture (toy-resnet-tiny, toy-vit-tiny)")
@@ -111,11 +111,11 @@ def audit(
     """Check a finished toy-world build against the world's ground truth: scoring AUROC per category, mining
     precision@1 (the mined top-1 is the scene the unsafe record was edited from, or one with the same content)
     and how often the mined target beats a deliberately wrong given pair."""
-    from saferclip_data.pipeline.cli import _pipeline
+    from saferclip_data.cli.common import open_pipeline
     from saferclip_data.pipeline.errors import UserError
-    from saferclip_data.stages.toyworld.audit import mining_figures, scoring_auroc
+    from saferclip_data.toyworld.audit import mining_figures, scoring_auroc
 
-    wd = _pipeline(recipe, workdir).workdir
+    wd = open_pipeline(recipe, workdir).workdir
     for stage in ("source", "score", "neighbours", "mine"):
         if not (wd.manifest(stage) or {}).get("complete"):
             raise UserError(

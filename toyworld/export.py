@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow as pa
 
-from saferclip_data.pipeline.workdir import atomic_write_bytes, atomic_write_parquet
-
-from .world import SPLITS, WorldConfig, config_dict, world_records
+from saferclip_data.pipeline.workdir import atomic_path, atomic_write_bytes, atomic_write_parquet
+from saferclip_data.toyworld.world import SPLITS, WorldConfig, config_dict, world_records
 
 #: metadata columns of every toy record (beside key, caption and the image)
 TOY_COLUMNS = (
@@ -44,14 +43,13 @@ def write_world(config: WorldConfig, out_dir: str | Path, on_record=None) -> dic
     out = Path(out_dir)
     shards_dir = out / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
-    writers: dict[str, tuple[wds.TarWriter, Path, Path, int, int]] = {}
+    # per split: the open tar (closing it closes the writer, then renames the file), writer, path, index, count
+    writers: dict[str, tuple[ExitStack, wds.TarWriter, Path, int, int]] = {}
     shard_counts: Counter = Counter()
     rows: list[dict] = []
 
     def close(split: str) -> None:
-        writer, tmp, final, _, _ = writers.pop(split)
-        writer.close()
-        os.replace(tmp, final)
+        writers.pop(split)[0].close()
 
     for record in world_records(config):
         split = record["split"]
@@ -63,10 +61,11 @@ def write_world(config: WorldConfig, out_dir: str | Path, on_record=None) -> dic
             index = shard_counts[split]
             shard_counts[split] += 1
             final = shards_dir / f"{split}-{index:05d}.tar"
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            writer = wds.TarWriter(str(tmp), mtime=0, user="toy", group="toy", mode=0o444)
-            state = (writer, tmp, final, index, 0)
-        writer, tmp, final, index, count = state
+            open_tar = ExitStack()
+            tmp = open_tar.enter_context(atomic_path(final))
+            writer = open_tar.enter_context(wds.TarWriter(str(tmp), mtime=0, user="toy", group="toy", mode=0o444))
+            state = (open_tar, writer, final, index, 0)
+        open_tar, writer, final, index, count = state
         meta = {k: record[k] for k in ("group", "label", "category", *TOY_COLUMNS)}
         writer.write(
             {
@@ -76,7 +75,7 @@ def write_world(config: WorldConfig, out_dir: str | Path, on_record=None) -> dic
                 "json": json.dumps(meta, sort_keys=True).encode(),
             }
         )
-        writers[split] = (writer, tmp, final, index, count + 1)
+        writers[split] = (open_tar, writer, final, index, count + 1)
         rows.append({"key": record["key"], "caption": record["caption"], "shard": final.name, **meta})
         if on_record:
             on_record()

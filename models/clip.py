@@ -172,13 +172,11 @@ def load_clip(
     import open_clip
     import torch
 
-    from .tokens import fast_tokenizer
+    from saferclip_data.models.tokens import fast_tokenizer
 
     register_toy_configs()
-    if pretrained == TOY_TAG:
-        from .toy_pretrain import PretrainConfig, ensure_pretrained
-
-        pretrained = str(ensure_pretrained(PretrainConfig(arch=arch, seed=init_seed))[0])
+    if pretrained == TOY_TAG:  # made by the toy world, which builds on this module, not the other way round
+        raise ValueError(f"'{TOY_TAG}' weights: pass toyworld.pretrain.resolve_pretrained(arch, '{TOY_TAG}') instead")
     kind = weight_source_kind(arch, pretrained)
     if kind == "file" and not Path(pretrained).is_file():
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")

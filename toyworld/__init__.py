@@ -1,7 +1,14 @@
 """The toy safety world: generated safe/unsafe image-caption quadruplets with ground truth."""
 
-from .export import TOY_COLUMNS, world_fingerprint, write_world
-from .world import CATEGORIES, HELD_OUT_PLACES, TRAIN_PLACES, WorldConfig, sample_scene, world_records
+from saferclip_data.toyworld.export import TOY_COLUMNS, world_fingerprint, write_world
+from saferclip_data.toyworld.world import (
+    CATEGORIES,
+    HELD_OUT_PLACES,
+    TRAIN_PLACES,
+    WorldConfig,
+    sample_scene,
+    world_records,
+)
 
 __all__ = [
     "CATEGORIES",

@@ -25,8 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saferclip_data.pipeline.stage import REJECT_SCHEMA
-from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.pipeline.workdir import REJECT_SCHEMA, WorkDir
 
 #: the noise of a planted duplicate (cosine ~0.99 to its original), of an unsafe edit (~0.8 to its safe source),
 #: and of a record around its cluster centre (~0.5 between two records of one cluster)
@@ -193,7 +192,7 @@ def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str
     # the exact one at that size)
     dedup = {"method": "partitioned"} if size <= exact_dedup_max else None
     path.write_text(yaml.safe_dump(recipe(folder, work, pool, dedup)))
-    command = [sys.executable, "-m", "saferclip_data.pipeline.cli", "build", str(path), "--executor", executor,
+    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(path), "--executor", executor,
                "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples = _monitor(proc)

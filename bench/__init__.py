@@ -1,0 +1,1 @@
+"""Throughput and quality benchmarks (``saferclip-data bench ...``): measured figures, never tests."""

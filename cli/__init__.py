@@ -1,0 +1,1 @@
+"""Commands: the one place where the package meets its users (``saferclip-data ...``)."""

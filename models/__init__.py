@@ -1,0 +1,1 @@
+"""The shared model floor: open_clip loading and identities, image decoding, tokenizing."""
