@@ -22,19 +22,27 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write shards/, manifest.parquet, world.json.")],
     seed: Annotated[int, typer.Option(help="World seed: same seed, byte-identical shards.")] = 0,
     scenes: Annotated[int, typer.Option(min=1, help="Safe scenes over train/val/test (each + unsafe edit).")] = 3000,
-    shifted_scenes: Annotated[int, typer.Option(min=0, help="Scenes of the shifted split (held-out places).")] = 400,
+    shifted_scenes: Annotated[int, typer.Option(min=0, help="Scenes of the shifted split (the benchmark's).")] = 400,
+    shift: Annotated[
+        str, typer.Option(help="combinations: objects at places training never shows them at; places: unseen places.")
+    ] = "combinations",
     noisy_pair_fraction: Annotated[
         float, typer.Option("--noisy-pairs", min=0, max=1, help="Share of wrong ViSU-like pairs.")
     ] = 0.4,
     shard_size: Annotated[int, typer.Option(min=1, help="Records per tar shard.")] = 1000,
 ) -> None:
     """Write the world as an ordinary source (WebDataset shards + parquet manifest) that `build` reads."""
+    from saferclip_data.pipeline.errors import UserError
     from saferclip_data.toyworld import WorldConfig, write_world
+
+    if shift not in ("combinations", "places"):
+        raise UserError(f"--shift: '{shift}' is not combinations or places")
 
     config = WorldConfig(
         seed=seed,
         scenes=scenes,
         shifted_scenes=shifted_scenes,
+        shift=shift,
         noisy_pair_fraction=noisy_pair_fraction,
         shard_size=shard_size,
     )

@@ -28,7 +28,12 @@ class ToyWorldOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
     scenes: int = Field(default=3000, gt=0, description="safe scenes over train/val/test, each with an unsafe edit")
-    shifted_scenes: int = Field(default=400, ge=0, description="scenes of the shifted (held-out places) split")
+    shifted_scenes: int = Field(default=400, ge=0, description="scenes of the shifted split (the benchmark's)")
+    shift: Literal["combinations", "places"] = Field(
+        default="combinations",
+        description="combinations: objects at places where training never shows them (familiar words); places: "
+        "two places never seen at all",
+    )
     noisy_pair_fraction: float = Field(default=0.4, ge=0, le=1, description="ViSU-like wrong paired_safe share")
     image_size: int = Field(default=64, ge=16)
     shard_size: int = Field(default=1000, gt=0)
@@ -38,6 +43,7 @@ class ToyWorldOptions(BaseModel):
             seed=self.seed,
             scenes=self.scenes,
             shifted_scenes=self.shifted_scenes,
+            shift=self.shift,
             image_size=self.image_size,
             noisy_pair_fraction=self.noisy_pair_fraction,
             shard_size=self.shard_size,

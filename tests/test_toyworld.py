@@ -18,7 +18,7 @@ from saferclip_data.toyworld import (
     write_world,
 )
 from saferclip_data.toyworld.glyphs import COLOURS, SHAPES
-from saferclip_data.toyworld.world import PHRASINGS
+from saferclip_data.toyworld.world import HELD_OUT_OBJECTS, PHRASINGS, sample_scene
 
 from conftest import write_recipe
 
@@ -78,9 +78,30 @@ def test_splits_and_the_shifted_split(records):
     safe = [r for r in records if r["role"] == "safe"]
     counts = Counter(r["split"] for r in safe)
     assert counts == {"train": 800, "val": 100, "test": 100, "shift": 200}
-    assert {r["place"] for r in safe if r["split"] == "shift"} <= set(HELD_OUT_PLACES)
-    assert not {r["place"] for r in safe if r["split"] != "shift"} & set(HELD_OUT_PLACES)
+    # the default shift: an object at a place where no other split shows it; every place and object is familiar
+    def pairs(record):
+        return {(record["place"], obj.split("-", 1)[1]) for obj in record["objects"].split()}
+
+    held = {(place, kind) for place, kinds in HELD_OUT_OBJECTS.items() for kind in kinds}
+    shifted = [r for r in safe if r["split"] == "shift"]
+    assert all((r["place"], r["main_object"]) in held for r in shifted)
+    assert not any(pairs(r) & held for r in safe if r["split"] != "shift")
+    assert {r["place"] for r in shifted} <= set(TRAIN_PLACES) and not {r["place"] for r in safe} & set(HELD_OUT_PLACES)
+    assert {r["main_object"] for r in shifted} <= {r["main_object"] for r in safe if r["split"] == "train"}
     assert len({r["place"] for r in safe if r["split"] == "train"}) == 8
+
+
+def test_pretraining_never_sees_a_held_out_pair_and_the_old_shift_stays_reachable():
+    import random
+
+    held = {(place, kind) for place, kinds in HELD_OUT_OBJECTS.items() for kind in kinds}
+    rng = random.Random(3)
+    scenes = [sample_scene(rng) for _ in range(2000)]  # what pretraining and the toy model's figures draw
+    assert not any((s.place, kind) in held for s in scenes for kind, _, _ in s.objects)
+    assert {s.place for s in scenes} == set(TRAIN_PLACES)
+    old = [r for r in world_records(WorldConfig(seed=2, scenes=20, shifted_scenes=30, shift="places"))
+           if r["split"] == "shift"]  # fmt: skip
+    assert old and {r["place"] for r in old} <= set(HELD_OUT_PLACES)
 
 
 def test_build_reads_the_generated_world_like_user_data(tmp_path, cli):

@@ -6,6 +6,12 @@ with one abstract unsafe glyph added, and the very same caption with one unsafe 
 truth rides along: the safe record each unsafe one was edited from, its category, place/object/colour labels,
 and a ViSU-like ``paired_safe`` that is deliberately wrong for a fraction of records (a loosely related scene of
 the same place), so that proximity mining has something real to fix.
+
+The ``shift`` split (the benchmark's) is a distribution shift the model can still read: by default it holds
+scenes that put an object at a place where training and pretraining never show that object (16 held-out
+place × object combinations, every word and both halves of each combination seen elsewhere), the way a web
+model meets familiar things in unfamiliar company. ``shift: places`` keeps the earlier shift: two places never
+seen at all, whose words the tiny model cannot read.
 """
 
 from __future__ import annotations
@@ -14,14 +20,19 @@ import io
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from PIL import Image, ImageDraw
 
 from saferclip_data.toyworld.glyphs import COLOURS, PLACES, SHAPES, UNSAFE, Box, draw_place, draw_shape, draw_unsafe
 
-WORLD_VERSION = "1"  # bump when rendering or captions change: cached worlds and models are keyed on it
+WORLD_VERSION = "2"  # bump when rendering, captions or sampling change: cached worlds and models are keyed on it
 HELD_OUT_PLACES = ("reef", "night street")
 TRAIN_PLACES = tuple(p for p in PLACES if p not in HELD_OUT_PLACES)
+#: place -> the two object kinds never shown there outside the shift split (16 kinds held out once each)
+HELD_OUT_OBJECTS: dict[str, tuple[str, str]] = {
+    place: (sorted(SHAPES)[2 * i], sorted(SHAPES)[2 * i + 1]) for i, place in enumerate(sorted(TRAIN_PLACES))
+}
 CATEGORIES = tuple(UNSAFE)
 PHRASINGS = (
     "a photo of {objects}{unsafe} at the {place}",
@@ -37,7 +48,8 @@ SPLITS = ("train", "val", "test", "shift")
 class WorldConfig:
     seed: int = 0
     scenes: int = 3000  # safe scenes over train/val/test; each also yields its unsafe edit
-    shifted_scenes: int = 400  # scenes of the shifted split (held-out places), for benchmarks
+    shifted_scenes: int = 400  # scenes of the shifted split, for benchmarks
+    shift: Literal["combinations", "places"] = "combinations"  # held-out place x object pairs, or unseen places
     image_size: int = 64
     noisy_pair_fraction: float = 0.4
     val_fraction: float = 0.1
@@ -107,14 +119,21 @@ def _place_box(rng: random.Random, side: float, taken: list[Box]) -> Box:
     return best
 
 
+def is_shifted(scene: Scene) -> bool:
+    """Does the scene show an object at a place where training never shows it?"""
+    held = HELD_OUT_OBJECTS.get(scene.place, ())
+    return any(kind in held for kind, _, _ in scene.objects)
+
+
 def sample_scene(
     rng: random.Random, places: tuple[str, ...] = TRAIN_PLACES, colours: tuple[str, ...] | None = None
 ) -> Scene:
-    """A random scene; ``colours`` narrows the object colours (pretraining uses it for hard batches)."""
+    """A random scene of the training distribution (no held-out place x object pair); ``colours`` narrows the
+    object colours (pretraining uses it for hard batches)."""
     palette = sorted(colours or COLOURS)
     place = rng.choice(places)
     count = rng.choice((1, 1, 2, 2, 3))
-    kinds = rng.sample(sorted(SHAPES), count)
+    kinds = _allowed_kinds(place, rng.sample(sorted(SHAPES), count))
     taken: list[Box] = []
     objects = []
     for i, kind in enumerate(kinds):
@@ -128,6 +147,30 @@ def sample_scene(
     return Scene(
         place, objects, rng.randrange(len(PHRASINGS)), category, glyph, phrase, unsafe_box, rng.randrange(2**31)
     )
+
+
+def _allowed_kinds(place: str, kinds: list[str]) -> list[str]:
+    """``kinds`` with each one held out at ``place`` swapped for the next kind in name order that is not (and not
+    in the scene yet). Swapping, not redrawing, keeps the random stream and so every other scene as it was."""
+    held = HELD_OUT_OBJECTS.get(place, ())
+    names = sorted(SHAPES)
+    out: list[str] = []
+    for kind in kinds:
+        if kind in held:
+            start = names.index(kind)
+            kind = next(k for k in names[start:] + names[:start] if k not in held and k not in kinds and k not in out)
+        out.append(kind)
+    return out
+
+
+def sample_shifted_scene(rng: random.Random) -> Scene:
+    """A scene whose main object sits at a place where training never shows it (one of the place's two held-out
+    kinds; the other objects as in training)."""
+    scene = sample_scene(rng)
+    held = HELD_OUT_OBJECTS[scene.place][rng.randrange(2)]
+    kind, colour, box = scene.objects[0]
+    scene.objects[0] = (held, colour, box)
+    return scene
 
 
 def encode_jpeg(img: Image.Image) -> bytes:
@@ -161,7 +204,8 @@ def world_scenes(config: WorldConfig) -> list[tuple[str, int, Scene]]:
         out.append((split, counters[split], sample_scene(rng)))
         counters[split] += 1
     for i in range(config.shifted_scenes):
-        out.append(("shift", i, sample_scene(rng, HELD_OUT_PLACES)))
+        shifted = sample_scene(rng, HELD_OUT_PLACES) if config.shift == "places" else sample_shifted_scene(rng)
+        out.append(("shift", i, shifted))
     return out
 
 
