@@ -16,6 +16,7 @@ record of a benchmark split is marked ``held_out`` (the shards stage never train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +52,11 @@ class BenchmarkConfig(StageConfig):
         default=0.95, ge=-1, le=1, description="a training record this close to a benchmark member is a leak"
     )
     leak_neighbours: int = Field(default=4, gt=0, description="training neighbours examined per benchmark member")
+    avoid_leaks: bool | None = Field(
+        default=None,
+        description="true: a candidate with a member within leak_threshold of a training record (image or text) "
+        "is not selected, the next one takes its place (counted per category); unset: select, then list leaks",
+    )
     backend: str = Field(default="auto", pattern="^(auto|faiss|torch)$")
     method: Literal["auto", "memory", "tasks"] | None = Field(
         default=None,
@@ -146,7 +152,8 @@ class BenchmarkStage(Stage):
         tables = [wd.read_aligned(s, {**self.inputs, "source": source_cols}) for s in shard_ids]
         table = pa.concat_tables(tables)
         vectors = self.vectors(table)
-        selected, rows, per_category, cuts = self.choose(table, vectors)
+        selected, rows, per_category, cuts = self.choose(table, vectors, lambda cands: self._near_training(
+            table, vectors, cands))  # fmt: skip
         leaks = self._leaks(table, vectors, selected, [r["benchmark_id"] for r in rows])
         self.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
         export_benchmark(ctx, self, rows, leaks, per_category, cuts)
@@ -171,9 +178,12 @@ class BenchmarkStage(Stage):
         dim = table.schema.field("text_embedding").type.list_size
         return {m: unit_rows(table[f"{m}_embedding"], dim)[0] for m in ("image", "text")}
 
-    def choose(self, table: pa.Table, vectors: dict[str, np.ndarray]) -> tuple[list[Candidate], list[dict], dict, dict]:
+    def choose(self, table: pa.Table, vectors: dict[str, np.ndarray],
+               near_training: Callable[[list[Candidate]], set[str]] | None = None,
+               ) -> tuple[list[Candidate], list[dict], dict, dict]:  # fmt: skip
         """The quadruplets drawn from ``table``'s rows of the benchmark splits: (selected, their rows with ids
-        and keys, per-category counts, thresholds)."""
+        and keys, per-category counts, thresholds). With ``avoid_leaks``, ``near_training`` names the groups of the
+        eligible candidates that have a member within ``leak_threshold`` of a training record: those are skipped."""
         c = self.config
         candidates = self._candidates(table, vectors)
         if not candidates:
@@ -182,6 +192,10 @@ class BenchmarkStage(Stage):
                 "left after filtering"
             )
         eligible, cuts = self._thresholds(candidates)
+        near: set[str] = set()
+        if c.avoid_leaks and near_training is not None:
+            near = near_training([candidates[i] for i in eligible])
+            eligible = [i for i in eligible if candidates[i].group not in near]
         categories = sorted({cand.category for cand in candidates})
         quota = quotas(c.size, categories)
         picked, skipped = select([candidates[i] for i in eligible], quota, vectors, c.duplicate_threshold)
@@ -197,6 +211,8 @@ class BenchmarkStage(Stage):
                 "quota": quota[cat],
                 "selected": sum(cand.category == cat for cand in selected),
                 "near_duplicates_skipped": skipped[cat],
+                **({"near_training_skipped": sum(cand.category == cat and cand.group in near for cand in candidates)}
+                   if c.avoid_leaks else {}),  # fmt: skip
             }
             for cat in categories
         }
@@ -251,6 +267,21 @@ class BenchmarkStage(Stage):
         ]
         cuts = {"safe_alignment": safe_cut, "unsafe_alignment": unsafe_cut, "caption_similarity": sim_cut}
         return eligible, {k: round(v, 6) for k, v in cuts.items()}
+
+    def _near_training(self, table: pa.Table, vectors: dict[str, np.ndarray], candidates: list[Candidate]) -> set[str]:
+        """Groups of ``candidates`` with a member within leak_threshold of a training record (image or text)."""
+        c = self.config
+        wanted = set(c.splits)
+        train_rows = np.flatnonzero([s not in wanted for s in table[c.split_column].to_pylist()])
+        if not candidates or not len(train_rows):
+            return set()
+        rows = [r for cand in candidates for r in (cand.safe_row, cand.unsafe_row)]
+        closest = np.full(len(rows), -np.inf)
+        for matrix in vectors.values():
+            scores, _ = knn_search(matrix[rows], matrix[train_rows], 1, backend=c.backend)
+            closest = np.maximum(closest, scores[:, 0])
+        near = np.maximum(closest[0::2], closest[1::2]) >= c.leak_threshold  # either member of a candidate
+        return {cand.group for cand, too_close in zip(candidates, near) if too_close}
 
     def _leaks(self, table: pa.Table, vectors, selected: list[Candidate], ids: list[str]) -> list[dict]:
         """Training records sharing a group with, or within leak_threshold of, a selected quadruplet's member."""

@@ -153,13 +153,15 @@ def datasheet_markdown(sheet: dict) -> str:
         f"- thresholds: {', '.join(f'{k} ≥ {v:.4f}' for k, v in sheet['thresholds'].items())}",
         f"- leakage findings: {sheet['leakage']['findings']} ({sheet['leakage']['by_modality']})",
         "",
-        "| category | candidates | eligible | quota | selected | shortfall | near-duplicates skipped |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    avoided = any("near_training_skipped" in c for c in sheet["per_category"].values())
+    lines += ["| category | candidates | eligible | quota | selected | shortfall | near-duplicates skipped |"
+              + (" near training, skipped |" if avoided else ""), "|---|---:|---:|---:|---:|---:|---:|"
+              + ("---:|" if avoided else "")]  # fmt: skip
     for cat, c in sheet["per_category"].items():
         lines.append(
             f"| {cat} | {c['candidates']} | {c['eligible']} | {c['quota']} | {c['selected']} | {c['shortfall']} "
-            f"| {c['near_duplicates_skipped']} |"
+            f"| {c['near_duplicates_skipped']} |" + (f" {c.get('near_training_skipped', 0)} |" if avoided else "")
         )
     lines += ["", "| similarity | mean | min | median | max |", "|---|---:|---:|---:|---:|"]
     for name, s in sheet["similarity"].items():

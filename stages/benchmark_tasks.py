@@ -88,15 +88,26 @@ def run_tasks(ctx: GlobalContext, stage: Any, shard_ids: list[str], inputs: dict
     pieces = [pq.read_table(_dir(root) / f"split-{i:06d}.parquet") for i in range(len(shard_ids))]
     table = pa.concat_tables(pieces)
     vectors = stage.vectors(table)
-    selected, rows, per_category, cuts = stage.choose(table, vectors)
-    members = [(r["benchmark_id"], row) for r in rows for row in (r["safe_row"], r["unsafe_row"])]
-    np.savez(_dir(root) / "members.npz", **{m: vectors[m][[row for _, row in members]] for m in vectors})
-    keys = table["key"].to_pylist()
-    settings = {"split_column": c.split_column, "splits": list(c.splits), "group_column": c.group_column,
-                "groups": {r["group"]: r["benchmark_id"] for r in rows}, "members": str(_dir(root) / "members.npz"),
-                "k": c.leak_neighbours, "threshold": c.leak_threshold, "backend": c.backend}  # fmt: skip
     light = {**inputs, "source": (*inputs["source"],)}
-    found = ctx.map(shard_leaks, [(root, light, s, i, settings) for i, s in enumerate(shard_ids)])
+
+    def search(member_rows: list[int], groups: dict[str, str], k: int, name: str) -> list[dict]:
+        """The leak map: every training shard against these members (rows of ``table``)."""
+        np.savez(_dir(root) / f"{name}.npz", **{m: vectors[m][member_rows] for m in vectors})
+        settings = {"split_column": c.split_column, "splits": list(c.splits), "group_column": c.group_column,
+                    "groups": groups, "members": str(_dir(root) / f"{name}.npz"), "k": k,
+                    "threshold": c.leak_threshold, "backend": c.backend}  # fmt: skip
+        return ctx.map(shard_leaks, [(root, light, s, i, settings) for i, s in enumerate(shard_ids)])
+
+    def near_training(candidates: list) -> set[str]:
+        found = search([r for cand in candidates for r in (cand.safe_row, cand.unsafe_row)], {}, 1, "candidates")
+        hit = {member // 2 for part in found for near in part["near"].values() for member, *_ in near}
+        return {candidates[n].group for n in hit}
+
+    selected, rows, per_category, cuts = stage.choose(table, vectors, near_training)
+    members = [(r["benchmark_id"], row) for r in rows for row in (r["safe_row"], r["unsafe_row"])]
+    keys = table["key"].to_pylist()
+    found = search([row for _, row in members], {r["group"]: r["benchmark_id"] for r in rows}, c.leak_neighbours,
+                   "members")  # fmt: skip
     leaks = [{"benchmark_id": qid, "benchmark_key": None, "modality": "group", "training_key": key, "cosine": None}
              for part in found for qid, key in part["groups"]]  # fmt: skip
     for modality in ("image", "text"):

@@ -95,6 +95,9 @@ def test_planted_near_duplicates_in_training_are_each_reported():
     by_key = {x["training_key"]: x for x in leaks}
     assert by_key["k09"]["benchmark_key"] == "k00" and by_key["k09"]["benchmark_id"] == "bench-00000"
     assert by_key["k13"]["benchmark_id"] == "bench-00002" and by_key["k13"]["cosine"] >= 0.95
+    # avoid_leaks: the same plants make their candidates ineligible before selection (a shared group does not:
+    # the whole split stays out of training, and the group check still lists it)
+    assert stage._near_training(table, {"image": image, "text": text}, selected) == {"b0", "b2", "b3"}
 
 
 def test_every_record_passes_through_and_selected_ones_carry_their_id(built):
