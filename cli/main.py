@@ -225,6 +225,7 @@ _plain_flags_in_help()
 
 def _add_subapps() -> None:
     from saferclip_data.cli.bench import bench_app
+    from saferclip_data.cli.compare import compare_command
     from saferclip_data.cli.report import report_command
     from saferclip_data.cli.toy import toy_app
     from saferclip_data.cli.train import eval_command, train_command
@@ -234,6 +235,7 @@ def _add_subapps() -> None:
     app.command(name="report", epilog="Example: saferclip-data report work/demo --out audit/")(report_command)
     app.command(name="train", epilog="Example: saferclip-data train recipes/demo.yaml --method safeclip")(train_command)
     app.command(name="eval", epilog="Example: saferclip-data eval recipes/demo.yaml")(eval_command)
+    app.command(name="compare", epilog="Example: saferclip-data compare recipes/demo.yaml --seeds 3")(compare_command)
 
 
 _add_subapps()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,19 +47,10 @@ def train_command(
 
     pipeline = open_pipeline(recipe, workdir)
     wd = pipeline.workdir
-    shard_dir = wd.stage_dir("shards") / "quad"
-    if not (wd.manifest("shards") or {}).get("complete") or not shard_dir.is_dir():
-        raise UserError(f"{wd.root}: no finished shards stage; add stages.shards to the recipe and run build first")
-    section: TrainConfig = getattr(pipeline.recipe, "training", None) or TrainConfig()
-    settings = section.model_dump()
-    overrides = {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr, "seed": seed,
-                 "compile": compile_mode}  # fmt: skip
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    if settings["method"] not in ("saferclip", "safeclip"):
-        raise UserError(f"--method: '{settings['method']}' is not saferclip or safeclip")
-    if settings["finetune"] not in ("lora", "full"):
-        raise UserError(f"--finetune: '{settings['finetune']}' is not lora or full")
-    config = TrainConfig(**settings)
+    shard_dir = finished_shards(pipeline)
+    config = training_config(pipeline, {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr,
+                                        "seed": seed, "compile": compile_mode})  # fmt: skip
+    settings = config.model_dump()
     model = pipeline.recipe.model
     if ray_workers < 0:
         raise UserError(f"--ray-workers: {ray_workers} is negative")
@@ -98,28 +90,87 @@ def eval_command(
     ] = None,
 ) -> None:
     """Compare the recipe's base model with fine-tuned checkpoints on the build's benchmark: R@1/5/10 for T->V,
-    V->T, T*->V, V*->T on safe-only and safe+unsafe galleries, zero-shot accuracy (toy models), weight and
-    embedding drift. Writes WORKDIR/eval/eval.md and eval.json and prints the table."""
+    V->T, T*->V, V*->T on safe-only and safe+unsafe galleries, Safe-CLIP's protocol (eight text/image pairings,
+    R@1/5/10/20), zero-shot accuracy (toy models), weight and embedding drift, and a Table-1-style summary line per
+    model. Writes WORKDIR/eval/eval.md and eval.json and prints the tables."""
     from saferclip_data.cli.common import open_pipeline
-    from saferclip_data.stages.samples import source_rows
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
-    from saferclip_data.training.evaluate import benchmark_rows, embed_benchmark, evaluate, heldout_rows, write_results
+    from saferclip_data.training.evaluate import write_results
     from saferclip_data.training.trainer import load_checkpoint
 
     pipeline = open_pipeline(recipe, workdir)
     wd = pipeline.workdir
-    bench = wd.stage_dir("benchmark")
-    if not (wd.manifest("benchmark") or {}).get("complete"):
-        raise UserError(f"{wd.root}: no finished benchmark stage; add stages.benchmark to the recipe and build")
     checkpoints = checkpoint or sorted(wd.root.glob("train/*/last.pt"))
     for path in checkpoints:
         if not path.is_file():
             raise UserError(f"--checkpoint: no file {path}")
-    model = pipeline.recipe.model
+    inputs = evaluation_inputs(pipeline, zero_shot)
+    results = {"base": inputs.figures(inputs.fresh())}
+    for path in checkpoints:
+        try:
+            results[path.parent.name] = inputs.figures(load_checkpoint(inputs.fresh(), path))
+        except ValueError as exc:
+            raise UserError(f"--checkpoint {path}: {exc}") from None
+    md = write_results(results, wd.root / "eval")
+    typer.echo(md.read_text())
+    typer.echo(f"written: {md} and eval.json")
 
-    def fresh():
-        return load_recipe_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
 
+def finished_shards(pipeline) -> Path:
+    """The build's quadruplet tars, or a one-line error when its shards stage has not finished."""
+    wd = pipeline.workdir
+    shard_dir = wd.stage_dir("shards") / "quad"
+    if not (wd.manifest("shards") or {}).get("complete") or not shard_dir.is_dir():
+        raise UserError(f"{wd.root}: no finished shards stage; add stages.shards to the recipe and run build first")
+    return shard_dir
+
+
+def training_config(pipeline, overrides: dict) -> TrainConfig:
+    """The recipe's ``training:`` section with the command line's overrides (None = not given) applied."""
+    section: TrainConfig = getattr(pipeline.recipe, "training", None) or TrainConfig()
+    settings = section.model_dump()
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if settings["method"] not in ("saferclip", "safeclip"):
+        raise UserError(f"--method: '{settings['method']}' is not saferclip or safeclip")
+    if settings["finetune"] not in ("lora", "full"):
+        raise UserError(f"--finetune: '{settings['finetune']}' is not lora or full")
+    return TrainConfig(**settings)
+
+
+@dataclass
+class EvaluationInputs:
+    """What every model of a comparison is measured on, read and embedded once."""
+
+    model: Any  # the recipe's model section
+    rows: list[dict]
+    heldout: list[dict]
+    images: dict[str, bytes]
+    sets: dict[str, tuple[Path, list[str]]]
+    original: Any = None
+    base: dict = field(default_factory=dict)
+
+    def fresh(self):
+        """The recipe's model as loaded before any fine-tuning."""
+        from saferclip_data.toyworld.pretrain import load_recipe_clip
+
+        m = self.model
+        return load_recipe_clip(m.arch, m.pretrained, init_seed=m.init_seed, cache_dir=m.cache_dir)
+
+    def figures(self, clip) -> dict:
+        from saferclip_data.training.evaluate import evaluate
+
+        toy = self.model.arch.startswith("toy-")
+        return evaluate(clip, self.original, self.rows, self.images, self.base, toy, self.heldout, self.sets)
+
+
+def evaluation_inputs(pipeline, zero_shot: list[Path] | None = None) -> EvaluationInputs:
+    """The benchmark export, the held-out split's quadruplets, their images and the zero-shot sets of a finished
+    build (one-line errors for what is missing), with the base model's benchmark embeddings for drift."""
+    from saferclip_data.stages.samples import source_rows
+    from saferclip_data.training.evaluate import benchmark_rows, embed_benchmark, heldout_rows
+
+    wd = pipeline.workdir
+    if not (wd.manifest("benchmark") or {}).get("complete"):
+        raise UserError(f"{wd.root}: no finished benchmark stage; add stages.benchmark to the recipe and build")
     section: EvaluationConfig = getattr(pipeline.recipe, "evaluation", None) or EvaluationConfig()
     sets = {z.name: (Path(z.path), z.templates) for z in section.zero_shot}
     sets.update({p.name: (p, ["a photo of a {}."]) for p in zero_shot or []})
@@ -130,24 +181,12 @@ def eval_command(
     if splits is None:
         shards = pipeline.recipe.stages.shards
         splits = list(shards.exclude_splits) if shards else []
-    rows = benchmark_rows(bench)
+    rows = benchmark_rows(wd.stage_dir("benchmark"))
     heldout = heldout_rows(wd, splits) if splits else []
     keys = {r[k] for r in rows + heldout for k in ("safe_key", "unsafe_key")}
     images = {k: r["image"] for k, r in source_rows(wd, keys).items() if r["image"]}
     heldout = [r for r in heldout if r["safe_key"] in images and r["unsafe_key"] in images]
-    original = fresh()
-    base = embed_benchmark(original, rows, images)
-    toy = model.arch.startswith("toy-")
-
-    def figures(clip):
-        return evaluate(clip, original, rows, images, base, toy, heldout, sets)
-
-    results = {"base": figures(fresh())}
-    for path in checkpoints:
-        try:
-            results[path.parent.name] = figures(load_checkpoint(fresh(), path))
-        except ValueError as exc:
-            raise UserError(f"--checkpoint {path}: {exc}") from None
-    md = write_results(results, wd.root / "eval")
-    typer.echo(md.read_text())
-    typer.echo(f"written: {md} and eval.json")
+    inputs = EvaluationInputs(pipeline.recipe.model, rows, heldout, images, sets)
+    inputs.original = inputs.fresh()
+    inputs.base = embed_benchmark(inputs.original, rows, images)
+    return inputs

@@ -1,4 +1,4 @@
-"""The demo recipe with the pretrained toy CLIP, checked against the toy world's ground truth (issue 4, a and c).
+"""The demo recipe with the pretrained toy CLIP, checked against the toy world's ground truth.
 
 This is the quality test of the safety stages: scoring must flag every category's unsafe records, and the mined
 top-1 safe target must be the scene the unsafe record was edited from (or one with the same content), beating

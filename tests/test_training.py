@@ -486,7 +486,9 @@ def test_compiled_towers_train_as_the_eager_ones_and_checkpoint_the_same_paramet
     assert [s["loss"] for s in compiled_log] == pytest.approx([s["loss"] for s in eager_log], rel=1e-4)
     assert list(compiled_state) == list(eager_state) and all("lora_" in n for n in compiled_state)
     for name, value in eager_state.items():
-        assert torch.allclose(compiled_state[name], value, atol=1e-5), name
+        # Adam turns float-noise-sized gradient differences on near-zero gradients into steps of up to lr (5e-3):
+        # a tolerance of 4 % of one step tells that noise (measured up to 3.6e-5) from a real divergence
+        assert torch.allclose(compiled_state[name], value, atol=2e-4), name
     with pytest.raises(ValueError, match="compile: 'fast'"):
         train(_tiny(), shard_dir, tmp_path / "bad", config.model_copy(update={"compile": "fast"}), stop_after=1)
 
