@@ -42,7 +42,6 @@ def train_command(
     dict). Multi-GPU: run it under `torchrun --nproc_per_node N`, or on a Ray cluster with --ray-workers N."""
     from saferclip_data.cli.common import open_pipeline
     from saferclip_data.pipeline.progress import step_progress
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
     from saferclip_data.training.trainer import train
 
     pipeline = open_pipeline(recipe, workdir)
@@ -50,32 +49,30 @@ def train_command(
     shard_dir = finished_shards(pipeline)
     config = training_config(pipeline, {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr,
                                         "seed": seed, "compile": compile_mode})  # fmt: skip
-    settings = config.model_dump()
-    model = pipeline.recipe.model
     if ray_workers < 0:
         raise UserError(f"--ray-workers: {ray_workers} is negative")
-    if not ray_workers:
-        clip = load_recipe_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
-    out_dir = out or wd.root / "train" / settings["method"]
+    clip = None if ray_workers else recipe_clip(pipeline.recipe.model)
+    out_dir = out or wd.root / "train" / config.method
     try:
         if ray_workers:
             from saferclip_data.training.ray_train import train_on_ray
 
+            model = pipeline.recipe.model
             source = {"arch": model.arch, "pretrained": model.pretrained, "init_seed": model.init_seed,
                       "cache_dir": model.cache_dir}  # fmt: skip
             result = train_on_ray(source, shard_dir, out_dir, config, ray_workers,
                                   address=ray_address, stop_after=max_steps)  # fmt: skip
         else:
-            with step_progress(f"train {settings['method']}", enabled=progress) as on_step:
+            with step_progress(f"train {config.method}", enabled=progress) as on_step:
                 result = train(clip, shard_dir, out_dir, config, stop_after=max_steps,
                                on_step=on_step)  # fmt: skip
     except ValueError as exc:  # a checkpoint from another model or adapter, a bad loss-weight name
         raise UserError(f"train: {exc}") from None
     if result["stopped"]:
-        typer.echo(f"{settings['method']}: stopped at --max-steps after {result['step']} steps; "
+        typer.echo(f"{config.method}: stopped at --max-steps after {result['step']} steps; "
                    f"rerun to resume from {out_dir / 'last.pt'}")  # fmt: skip
     else:
-        typer.echo(f"{settings['method']}: finished after {result['step']} steps; model {out_dir / 'model.pt'}")
+        typer.echo(f"{config.method}: finished after {result['step']} steps; model {out_dir / 'model.pt'}")
 
 
 def eval_command(
@@ -115,6 +112,13 @@ def eval_command(
     typer.echo(f"written: {md} and eval.json")
 
 
+def recipe_clip(model):
+    """The model a recipe's ``model:`` section names, freshly loaded (the toy world's weights included)."""
+    from saferclip_data.toyworld.pretrain import load_recipe_clip
+
+    return load_recipe_clip(model.arch, model.pretrained, init_seed=model.init_seed, cache_dir=model.cache_dir)
+
+
 def finished_shards(pipeline) -> Path:
     """The build's quadruplet tars, or a one-line error when its shards stage has not finished."""
     wd = pipeline.workdir
@@ -150,10 +154,7 @@ class EvaluationInputs:
 
     def fresh(self):
         """The recipe's model as loaded before any fine-tuning."""
-        from saferclip_data.toyworld.pretrain import load_recipe_clip
-
-        m = self.model
-        return load_recipe_clip(m.arch, m.pretrained, init_seed=m.init_seed, cache_dir=m.cache_dir)
+        return recipe_clip(self.model)
 
     def figures(self, clip) -> dict:
         from saferclip_data.training.evaluate import evaluate
