@@ -162,14 +162,17 @@ def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(t
             break
         time.sleep(0.2)
     assert build.poll() is None, f"the build ended before the node could be lost: {build.stderr.read()[-2000:]}"
+    assert len(nodes) == 2, "the worker node never embedded a shard before the deadline"
     killed_at = len(list((cluster_work / "embed").glob("*.done.json")))
     assert killed_at < 20 and _kill_tree(worker_node) >= 2
     out, err = build.communicate(timeout=400)
     assert build.returncode == 0, err[-3000:]
 
     _assert_same_as_local(recipe, cluster_work, local_work, parts=80)  # 2 stages x 20 shards x (output, rejects)
+    # every shard is done; one the worker node finished just before the loss may carry the head node's marker
+    # (its result never reached the driver, so it ran again there): which node ends up named is a race
     after = [json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")]
-    assert len(after) == 20 and len(set(after)) == 2  # shards before the loss on both nodes, the rest survived
+    assert len(after) == 20 and set(after) <= nodes
 
 
 @pytest.mark.ray
