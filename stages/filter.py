@@ -100,6 +100,10 @@ class FilterStage(Stage):
         super().__init__(config, sections)
         self.rule_columns = sorted({r.column for r in self.config.rules})
 
+    def output_metadata(self) -> dict[str, str]:
+        """The threshold that turns a score into a role, so the report can hold the labels against it."""
+        return {"unsafe_threshold": f"{self.config.unsafe_threshold:g}", "role_from": self.config.role_from}
+
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         score_names = set(workdir.shard_columns("score", spec.shard_id))
         source_names = set(workdir.shard_columns("source", spec.shard_id))

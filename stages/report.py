@@ -163,6 +163,8 @@ def collect(root: Path) -> dict[str, Any]:
         "mining": summary,
         "benchmark": data.benchmark(root),
         "scorers": data.scorers(root),
+        "label_agreement": data.label_agreement(root),
+        "target_search": data.target_search(root),
         "mining_arrays": mining,
     }
 
@@ -250,6 +252,10 @@ def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], 
         parts += [f"<div><h3>by {html.escape(column)}</h3>", _table(rows), "</div>"]
     parts += ["</div></section><section><h2>Rejects by stage and reason</h2>", _table(stats["rejects_by_reason"])]
     parts += ["<h3>Kept, but part of their output is missing</h3>", _table(stats["partial_by_reason"])]
+    if stats["label_agreement"]:
+        parts += ["</section><section><h2>Labels vs scores</h2><p class='note'>Records the source labelled, and "
+                  "how many the zero-shot scores alone would give the same role.</p>",
+                  _table(stats["label_agreement"])]  # fmt: skip
     if stats["scorers"]:
         parts += ["</section><section><h2>Image classifiers</h2><p class='note'>Scores by the records' labels, "
                   "agreement with the zero-shot score of the same category, false positives on records labelled "
@@ -262,6 +268,9 @@ def render_html(stats: dict, plots: list[tuple[str, str]], samples: list[dict], 
                 for k, v in stats["mining"].items()
             ]
         ),
+        "<h3>Nearest-target search</h3><p class='note'>Recall@1 against the exact search, measured by the build "
+        "on sampled queries; an approximate search probes lists until it reaches the recipe's min_recall.</p>",
+        _table(stats["target_search"]),
         "</section><section><h2>Plots</h2>",
     ]
     for title, png in plots:
@@ -313,6 +322,11 @@ def render_markdown(stats: dict) -> str:
     if stats["partial_by_reason"]:
         lines += ["", "## Kept, but part of their output is missing", ""]
         lines += [f"- {r['stage']}: {r['reason']} — {r['records']:,}" for r in stats["partial_by_reason"]]
+    if stats["label_agreement"]:
+        lines += ["", "## Labels vs scores", ""]
+        lines += [f"- labelled {r['label']}: {r['records']:,} records, the scores agree on {r['agreement']:.1%} "
+                  f"({r['scored unsafe']:,} score unsafe at {r['score threshold']:g})"
+                  for r in stats["label_agreement"]]  # fmt: skip
     for c in stats["scorers"]:
         fp = c["false-positive rate (labelled safe)"]
         lines += ["", f"## Image classifier {c['classifier']}", "",
@@ -332,6 +346,11 @@ def render_markdown(stats: dict) -> str:
                 f"- mined top-1 more similar than the given pair in {beats:.1%}; it is the given pair itself in "
                 f"{m['mined_is_given_pair']:.1%}"
             )
+    for s in stats["target_search"]:
+        recall = s["recall@1 (measured)"]
+        lines.append(f"- nearest-target search ({s['modality']}): {s['index']}"
+                     + (f", {s['lists probed']} of {s['lists']} lists probed" if s["lists probed"] else "")
+                     + (f", recall@1 {recall:.4f} on {s['sampled queries']:,} sampled queries" if recall else ""))
     if stats["benchmark"]:
         b = stats["benchmark"]
         lines += [

@@ -130,6 +130,43 @@ def scores_and_roles(root: Path) -> pl.DataFrame | None:
     )
 
 
+def target_search(root: Path) -> list[dict]:
+    """Per mined modality how the nearest safe targets were searched (exact, or lists with the probe count) and
+    the recall@1 against the exact search that the build measured on sampled queries."""
+    manifest = root / "neighbours" / "_manifest.json"
+    meta = json.loads(manifest.read_text()).get("metadata", {}) if manifest.is_file() else {}
+    search = json.loads(meta.get("search", "{}"))
+    return [{"modality": m, "index": s["index"], "lists probed": s.get("nprobe"), "lists": s.get("lists"),
+             "recall@1 (measured)": s.get("recall_at_1"), "sampled queries": s.get("recall_queries")}
+            for m, s in sorted(search.items())]  # fmt: skip
+
+
+def label_agreement(root: Path) -> list[dict]:
+    """Per label (safe/unsafe) the records the source labelled, and how many the zero-shot scores alone would
+    have given the same role (top unsafe score at or above the filter's ``unsafe_threshold``): a low agreement
+    says the labels and the model disagree, whichever the filter followed."""
+    score = stage_frame(root, "score", ["key", "label_role", "image_unsafe_score", "text_unsafe_score"])
+    if score is None or "label_role" not in score.columns or score["label_role"].null_count() == score.height:
+        return []
+    manifest = root / "filter" / "_manifest.json"
+    meta = json.loads(manifest.read_text()).get("metadata", {}) if manifest.is_file() else {}
+    threshold = float(meta.get("unsafe_threshold", 0.5))
+    names = [c for c in ("image_unsafe_score", "text_unsafe_score") if c in score.columns]
+    scored = score.filter(pl.col("label_role").is_not_null()).with_columns(
+        pl.max_horizontal(names).alias("top")).filter(pl.col("top").is_not_null())  # fmt: skip
+    rows = []
+    for role in ("safe", "unsafe"):
+        part = scored.filter(pl.col("label_role") == role)
+        if part.is_empty():
+            continue
+        scored_unsafe = int((part["top"] >= threshold).sum())
+        same = scored_unsafe if role == "unsafe" else part.height - scored_unsafe
+        rows.append({"label": role, "records": part.height, "scored unsafe": scored_unsafe,
+                     "scored safe": part.height - scored_unsafe, "score threshold": threshold,
+                     "agreement": same / part.height})  # fmt: skip
+    return rows
+
+
 def scorers(root: Path) -> list[dict]:
     """Per image classifier of the score stage: its scores by role, its agreement with the zero-shot image score
     of the same category, and its false-positive rate on the records labelled safe."""

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 
 from saferclip_data.models.clip import encode_text, trim_tokens
 from saferclip_data.pipeline.errors import ModelIdentityError, UserError
-from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
+from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.classifiers import ClassifierConfig
 from saferclip_data.stages.embed import ModelConfig, load_worker_model
@@ -56,6 +56,16 @@ def score_columns(categories: list[str]) -> list[str]:
     return [f"{m}_score_{column_suffix(c)}" for m in ("image", "text") for c in categories]
 
 
+def resolve_role_column(role_column: str | None, source) -> str | None:
+    """``auto``: the column the source writes its safe/unsafe labels to. Every reader puts a source's own label
+    (LAION's punsafe and NSFW tag, the ViSU / NSFW-Caps / LAION layouts' roles, a manifest's or tar's label, an
+    image folder's subfolder) into ``label``; the toy world keeps its roles in ``role``. Labels a user has are
+    thus never ignored in favour of the zero-shot scores unless the recipe says so (``role_column: null``)."""
+    if role_column != "auto":
+        return role_column
+    return "role" if getattr(source, "kind", None) == "toy" else "label"
+
+
 class ScoreConfig(StageConfig):
     batch_size: int = Field(default=1024, gt=0, le=1 << 24)
     gpus: float | Literal["auto"] = "auto"
@@ -70,11 +80,19 @@ class ScoreConfig(StageConfig):
         default_factory=lambda: list(DEFAULT_NEUTRAL), min_length=1, description="what 'not unsafe' looks like"
     )
     role_column: str | None = Field(
-        default=None, description="source column that labels records safe/unsafe (toy world: role); null: none"
+        default="auto",
+        description="source column whose values say safe/unsafe, deciding each labelled record's role; auto: the "
+        "source's label column (punsafe, NSFW tag, layouts' roles, manifest label), the toy world's role; null: "
+        "roles from the scores alone",
     )
     unsafe_values: list[str] = Field(
         default_factory=lambda: ["unsafe", "nsfw", "1", "true", "yes"],
-        description="values of role_column meaning unsafe (case-insensitive); any other non-empty value = safe",
+        description="values of role_column meaning unsafe (case-insensitive)",
+    )
+    safe_values: list[str] = Field(
+        default_factory=lambda: ["safe", "sfw", "unlikely", "0", "false", "no"],
+        description="values of role_column meaning safe (case-insensitive); any other non-empty value stops the "
+        "build naming it",
     )
     category_labels: bool = Field(
         default=True, description="carry the source's category column as the unsafe category label"
@@ -160,7 +178,8 @@ class ScoreStage(Stage):
 
     def __init__(self, config: StageConfig, sections):
         super().__init__(config, sections)
-        extra = (self.config.role_column,) if self.config.role_column else ()
+        self.role_column = resolve_role_column(self.config.role_column, sections.get("source"))
+        extra = (self.role_column,) if self.role_column else ()
         if self.config.classifiers:
             extra += ("image",)
         self.inputs = {"embed": ("key", "image_embedding", "text_embedding"), "source": ("key", "category", *extra)}
@@ -232,7 +251,8 @@ class ScoreStage(Stage):
             "logit_scale": f"{self.scale:.4f}",
         }
         if self.config.classifiers:  # what the report needs to read their columns
-            meta["classifiers"] = json.dumps({c.column(): {"category": c.category, "threshold": c.threshold}
+            meta["classifiers"] = json.dumps({c.column(): {"category": c.category, "threshold": c.threshold,
+                                                           "decoder": "pil"}
                                               for c in self.config.classifiers}, sort_keys=True)  # fmt: skip
         if getattr(self, "probes", None) is not None:
             s = self.probes.summary
@@ -266,6 +286,7 @@ class ScoreStage(Stage):
         images, has_image = unit_rows(batch["image_embedding"], dim)
         texts, has_text = unit_rows(batch["text_embedding"], dim)
         columns: dict[str, pa.Array] = {"key": batch["key"]}
+        partial: list[Reject] = []
         alignment = np.einsum("ij,ij->i", images, texts)
         columns["alignment"] = pa.array(alignment.astype(np.float32), mask=~(has_image & has_text))
         for modality, vectors, valid in (("image", images, has_image), ("text", texts, has_text)):
@@ -279,9 +300,13 @@ class ScoreStage(Stage):
             from saferclip_data.models.decode import byte_views
 
             blobs = byte_views(batch["image"])
+            keys = batch["key"].to_pylist()
             for classifier in self.classifiers:
-                values = classifier.scores(blobs)
-                columns[classifier.config.column()] = pa.array(values, pa.float32(), mask=np.isnan(values))
+                values, unscored = classifier.scores(blobs)
+                name = classifier.config.column()
+                columns[name] = pa.array(values, pa.float32(), mask=np.isnan(values))
+                partial += [Reject(keys[i], f"{name} not scored (image does not decode)", error)
+                            for i, error in sorted(unscored.items())]  # fmt: skip
         labels = self.labels(batch)
         columns.update(labels)
         if self.config.probe:
@@ -299,21 +324,33 @@ class ScoreStage(Stage):
                 p = self.probes.probabilities(modality, vectors, keys, labelled & valid)
                 for c, category in enumerate(self.categories):
                     columns[f"probe_{modality}_score_{column_suffix(category)}"] = pa.array(p[:, c + 1], mask=~valid)
-        return BatchResult(pa.table(columns))
+        return BatchResult(pa.table(columns), partial=partial)
 
     def labels(self, batch: pa.Table) -> dict[str, pa.Array]:
         """The user's own labels, normalised: role (safe/unsafe/null), category, and where they came from."""
         n = batch.num_rows
         roles: list[str | None] = [None] * n
         sources: list[str | None] = [None] * n
-        role_column = self.config.role_column
-        unsafe_values = {v.lower() for v in self.config.unsafe_values}
+        role_column = self.role_column
+        unsafe_values = {v.strip().lower() for v in self.config.unsafe_values}
+        safe_values = {v.strip().lower() for v in self.config.safe_values}
         if role_column:
+            keys = batch["key"].to_pylist() if "key" in batch.column_names else [None] * n
             for i, value in enumerate(batch[role_column].to_pylist()):
                 text = "" if value is None else str(value).strip().lower()
-                if text:
-                    roles[i] = "unsafe" if text in unsafe_values else "safe"
-                    sources[i] = f"source.{role_column}"
+                if not text:
+                    continue
+                if text in unsafe_values:
+                    roles[i] = "unsafe"
+                elif text in safe_values:
+                    roles[i] = "safe"
+                else:  # a label we cannot read must not become "safe" (or be ignored) behind the user's back
+                    raise UserError(
+                        f"stages.score.role_column: source column '{role_column}' holds {str(value)!r} (record "
+                        f"{keys[i]}), neither a safe nor an unsafe value: list it in stages.score.safe_values or "
+                        "unsafe_values, or set role_column: null to take roles from the scores"
+                    )
+                sources[i] = f"source.{role_column}"
         categories: list[str | None] = [None] * n
         if self.config.category_labels:
             for i, value in enumerate(batch["category"].to_pylist()):
