@@ -33,6 +33,8 @@ DUPLICATE_NOISE = 0.15
 EDIT_NOISE = 0.6
 CLUSTER_NOISE = 1.0
 STAGES = ("source", "embed", "score", "filter", "dedup", "neighbours", "mine", "shards")
+#: a random-init model of each width the bench can name (only its identity and prompt towers are used)
+ARCH_OF_DIM = {128: "toy-vit-tiny", 384: "ViT-S-32", 512: "ViT-B-32"}
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,7 @@ def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = N
         "name": "scale",
         "workdir": str(work),
         "source": {"kind": "embeddings", "path": str(folder), "shard_size": pool.shard_rows},
-        "model": {"arch": "ViT-B-32" if pool.dim == 512 else "toy-vit-tiny", "pretrained": None},
+        "model": {"arch": ARCH_OF_DIM[pool.dim], "pretrained": None},
         "stages": {
             "embed": {},
             "score": {"role_column": "label"},
@@ -179,7 +181,8 @@ def _monitor(proc: subprocess.Popen, every: float = 0.25) -> list[tuple[float, f
     return samples
 
 
-def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str = "ray") -> dict:
+def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str = "ray",
+            exact_sample: int = 0) -> dict:  # fmt: skip
     """Build one size; per stage seconds, peak RSS (MB) and records/s, plus the planted-truth figures."""
     import yaml
 
@@ -211,6 +214,9 @@ def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str
         result["stages"][stage] = {"seconds": seconds, "peak_rss_mb": round(peak, 1), "peak_process": peak_process,
                                    "records_per_s": round(manifest["counts"]["in"] / max(seconds, 1e-9))}  # fmt: skip
     result |= truth_figures(wd, truth)
+    result["target_search"] = json.loads(wd.manifest("neighbours")["metadata"].get("search", "null"))
+    if exact_sample:
+        result |= exact_sample_precision(wd, truth, exact_sample)
     if size <= exact_dedup_max:
         result["dedup_recall_vs_exact"] = exact_recall(wd, path)
         result |= other_index_precision(wd, path, truth, command)
@@ -222,7 +228,7 @@ def other_index_precision(wd: WorkDir, path: Path, truth: dict, command: list[st
     the reverse): the same work dir rebuilt from neighbours on."""
     import yaml
 
-    used = json.loads((wd.stage_dir("neighbours") / "_pool" / "pool.json").read_text())["index"]["text"]
+    used = json.loads((wd.stage_dir("neighbours") / "_pool" / "pool.json").read_text())["search"]["text"]["index"]
     other = "ivf_flat" if used == "exact" else "exact"
     data = yaml.safe_load(path.read_text())
     data["stages"]["neighbours"]["index"] = other
@@ -231,6 +237,40 @@ def other_index_precision(wd: WorkDir, path: Path, truth: dict, command: list[st
                    capture_output=True)  # fmt: skip
     figures = truth_figures(wd, truth)
     return {"index": used, f"mining_precision_at_1_{other}": figures["mining_precision_at_1"]}
+
+
+def exact_sample_precision(wd: WorkDir, truth: dict, sample: int, seed: int = 0) -> dict:
+    """Mining precision@1 of an exact search over the build's own safe pool, on ``sample`` unsafe queries drawn
+    from those the build mined (the planted source kept): the ceiling the build's search is held to, affordable
+    at any size since the pool is read piece by piece."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from saferclip_data.stages.score import unit_rows
+
+    rejected = {r["key"] for r in wd.rejects("dedup").to_pylist()}
+    mined = wd.read_stage_columns("mine", ["key", "text_targets"]).to_pylist()
+    queries = sorted(r["key"] for r in mined if r["text_targets"] and truth["source_of"].get(r["key"]) is not None
+                     and truth["source_of"][r["key"]] not in rejected)  # fmt: skip
+    picked = sorted(np.random.default_rng(seed).choice(queries, min(sample, len(queries)), replace=False).tolist())
+    files = sorted(str(p) for p in wd.stage_dir("embed").glob("part-[0-9]*.parquet"))
+    table = ds.dataset(files).to_table(columns=["key", "text_embedding"], filter=pc.field("key").isin(picked))
+    vectors, _ = unit_rows(table["text_embedding"], table.schema.field("text_embedding").type.list_size)
+    folder = wd.stage_dir("neighbours") / "_pool"
+    pieces = json.loads((folder / "pool.json").read_text())["pieces"]
+    best, best_key = np.full(len(vectors), -np.inf), np.empty(len(vectors), dtype=object)
+    for i in range(pieces):
+        rows = np.load(folder / "text" / f"{i:06d}.npy", mmap_mode="r")
+        keys = pq.read_table(folder / "keys" / f"{i:06d}.parquet", columns=["key"])["key"].to_numpy(False)
+        keys = keys[np.load(folder / "text" / f"{i:06d}.rows.npy")]
+        for start in range(0, len(rows), 65_536):
+            sims = vectors @ np.asarray(rows[start : start + 65_536], np.float32).T
+            top = sims.argmax(axis=1)
+            better = sims[np.arange(len(vectors)), top] > best
+            best[better] = sims[np.arange(len(vectors)), top][better]
+            best_key[better] = keys[start + top[better]]
+    hits = sum(best_key[i] == truth["source_of"][k] for i, k in enumerate(table["key"].to_pylist()))
+    return {"exact_sample_precision_at_1": hits / max(1, len(vectors)), "exact_sample_queries": len(vectors)}
 
 
 def truth_figures(wd: WorkDir, truth: dict[str, dict[str, str]]) -> dict:

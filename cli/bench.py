@@ -239,7 +239,9 @@ def suite(
 @bench_app.command(epilog="Example: saferclip-data bench scale --sizes 250000,500000,1000000,2000000 --dim 512")
 def scale(
     sizes: Annotated[str, typer.Option(help="Comma-separated record counts.")] = "50000,100000,200000",
-    dim: Annotated[int, typer.Option(help="Embedding width: 512 (ViT-B/32 names the model) or 128 (toy).")] = 512,
+    dim: Annotated[
+        int, typer.Option(help="Embedding width: 512 (ViT-B/32 names the model), 384 (ViT-S/32) or 128 (toy).")
+    ] = 512,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -255,6 +257,14 @@ def scale(
             "the other neighbours index (IVF where the build searched exactly: its precision@1).",
         ),
     ] = 200_000,
+    exact_sample: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also search this many sampled unsafe queries exactly over the build's safe pool: the mining "
+            "precision@1 the build's own search is compared with (0: skip).",
+        ),
+    ] = 3_000,
     keep: Annotated[bool, typer.Option(help="Keep each size's pool and work dir (they take disk).")] = False,
     executor: Annotated[
         Literal["ray", "local"], typer.Option(help="ray: an embedded Ray, workers in processes of their own.")
@@ -267,7 +277,7 @@ def scale(
     import shutil
     import tempfile
 
-    from saferclip_data.bench.scale import STAGES, growth, measure, save
+    from saferclip_data.bench.scale import ARCH_OF_DIM, STAGES, growth, measure, save
 
     try:
         counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
@@ -275,14 +285,14 @@ def scale(
         raise UserError(f"--sizes: expected comma-separated record counts, got '{sizes}'") from None
     if not counts or min(counts) < 1_000:
         raise UserError("--sizes: give one or more record counts of at least 1,000")
-    if dim not in (128, 512):
-        raise UserError(f"--dim: 512 (ViT-B/32) or 128 (the toy model), not {dim}")
+    if dim not in ARCH_OF_DIM:
+        raise UserError(f"--dim: 512 (ViT-B/32), 384 (ViT-S/32) or 128 (the toy model), not {dim}")
     folder = out or Path(tempfile.gettempdir()) / "saferclip-scale"
     folder.mkdir(parents=True, exist_ok=True)
     results = []
     for size in sorted(counts):
         console.print(f"building {size:,} records x {dim} dims ...")
-        results.append(measure(size, dim, folder, exact_dedup_max, executor))
+        results.append(measure(size, dim, folder, exact_dedup_max, executor, exact_sample))
         save(results, folder / "scale.json")
         if not keep:
             for sub in (f"pool-{size}", f"work-{size}", f"work-{size}-exact"):
@@ -311,6 +321,14 @@ def scale(
                       f"{r['stages'][top]['peak_process'] or '?'}); dedup recall of planted copies "
                       f"{r['dedup_planted_recall']:.4f}{versus}; mining precision@1 {r['mining_precision_at_1']:.4f}"
                       f"{other} over {r['mining_queries']:,} queries")  # fmt: skip
+        if r.get("exact_sample_queries"):
+            console.print(f"  exact search on {r['exact_sample_queries']:,} sampled queries: precision@1 "
+                          f"{r['exact_sample_precision_at_1']:.4f} (the build's: {r['mining_precision_at_1']:.4f})")
+        for modality, search in (r.get("target_search") or {}).items():
+            probes = f", {search['nprobe']} of {search.get('lists')} lists probed" if search.get("nprobe") else ""
+            recall = search.get("recall_at_1")
+            measured = f", recall@1 measured {recall:.4f} on {search['recall_queries']:,} queries" if recall else ""
+            console.print(f"  {modality} targets: {search['index']} search{probes}{measured}")
     console.print(f"results: {folder / 'scale.json'}")
 
 

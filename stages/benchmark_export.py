@@ -125,6 +125,8 @@ def datasheet(ctx, stage, rows, leaks, per_category, thresholds, exported: list[
         "recipe_fingerprint": manifest.get("fingerprint"),
         "source": source.model_dump(mode="json", include={"kind", "path", "toy"}) if source is not None else None,
         "model": (wd.manifest("embed") or {}).get("metadata", {}).get("model_identity"),
+        # how the training pool's nearest safe targets were searched, with the recall@1 the build measured
+        "target_search": json.loads((wd.manifest("neighbours") or {}).get("metadata", {}).get("search", "null")),
         "settings": stage.config.fingerprint_dict(),
         "thresholds": thresholds,
         "quadruplets": len(rows),
@@ -152,6 +154,13 @@ def datasheet_markdown(sheet: dict) -> str:
         f"- source: `{json.dumps(sheet['source'])}`; model: `{sheet['model']}`",
         f"- thresholds: {', '.join(f'{k} ≥ {v:.4f}' for k, v in sheet['thresholds'].items())}",
         f"- leakage findings: {sheet['leakage']['findings']} ({sheet['leakage']['by_modality']})",
+    ]
+    for modality, search in (sheet.get("target_search") or {}).items():
+        recall = search.get("recall_at_1")
+        lines.append(f"- training targets ({modality}): {search['index']} search"
+                     + (f", {search['nprobe']} lists probed" if search.get("nprobe") else "")
+                     + (f", recall@1 {recall:.4f} on {search['recall_queries']:,} sampled queries" if recall else ""))
+    lines += [
         "",
     ]
     avoided = any("near_training_skipped" in c for c in sheet["per_category"].values())

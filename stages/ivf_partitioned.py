@@ -46,7 +46,7 @@ CHUNK = 4096  # queries per matrix product against one list (bounds the similari
 RESCORE_MARGIN = 16
 
 
-def _write_arrow(path: Path, table: pa.Table) -> None:
+def write_arrow(path: Path, table: pa.Table) -> None:
     """An uncompressed Arrow IPC file: readers memory-map it and slice rows without reading it whole."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
@@ -54,7 +54,7 @@ def _write_arrow(path: Path, table: pa.Table) -> None:
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def _read_arrow(path: Path) -> pa.Table:
+def read_arrow(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
@@ -113,8 +113,15 @@ def assign_pool_piece(folder: str, kind: str, index: int, first_row: int, first_
     meta = pq.read_table(root / "keys" / f"{index:06d}.parquet").take(pa.array(local[order], pa.int64()))
     meta = meta.append_column("searchable", pa.array(first_searchable + order, pa.int64()))
     meta = meta.append_column("pool_row", pa.array(first_row + local[order], pa.int64()))
-    _write_arrow(out / f"{index:06d}.arrow", meta)
+    write_arrow(out / f"{index:06d}.arrow", meta)
     return np.bincount(home, minlength=len(centroids)).astype(np.int64)
+
+
+def nearest_order(centroids: np.ndarray, own: int) -> np.ndarray:
+    """Every list ordered by its centroid's closeness to list ``own``'s, itself first: a neighbourhood of ``nprobe``
+    lists is the first ``nprobe`` of these (see :func:`neighbourhoods`)."""
+    row = _nearest(centroids, centroids[own : own + 1], len(centroids))[0]
+    return np.concatenate([[own], row[row != own]])
 
 
 def neighbourhoods(centroids: np.ndarray, nprobe: int) -> np.ndarray:
@@ -148,7 +155,7 @@ def assign_query_shard(root: str, inputs: dict, group_column: str, modality: str
     picked = table.take(pa.array(rows, pa.int64()))
     meta = pa.table({"row": pa.array(rows, pa.int64()), "group": pa.array(group_hash(picked[group_column].to_pylist())),
                      "category": picked["category"]})  # fmt: skip
-    _write_arrow(out / f"{shard_index:06d}.arrow", meta)
+    write_arrow(out / f"{shard_index:06d}.arrow", meta)
     return np.bincount(home, minlength=len(centroids)).astype(np.int64)
 
 
@@ -184,7 +191,7 @@ def _pool_slices(folder: Path, kind: str, lists: list[int], counts: np.ndarray):
     starts = np.concatenate([np.zeros((len(counts), 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
     pieces = [i for i in range(len(counts)) if counts[i, lists].sum()]
     mapped = {i: np.load(folder / kind / f"{i:06d}.npy", mmap_mode="r") for i in pieces}
-    metas = {i: _read_arrow(folder / kind / f"{i:06d}.arrow") for i in pieces}
+    metas = {i: read_arrow(folder / kind / f"{i:06d}.arrow") for i in pieces}
     blocks, bounds, where, groups, scores = [], [0], [], [], []
     for li in lists:
         for i in pieces:
@@ -214,7 +221,7 @@ def _queries(folder: Path, modality: str, lo: int, hi: int, homes: np.ndarray):
         vectors.append(np.asarray(np.load(f"{base}.npy", mmap_mode="r")[a:b], np.float32))
         home.append(np.repeat(np.arange(lo, hi), homes[s, lo:hi]))
         shards.append(np.full(b - a, s, np.int32))
-        metas.append(_read_arrow(Path(f"{base}.arrow")).slice(a, b - a))
+        metas.append(read_arrow(Path(f"{base}.arrow")).slice(a, b - a))
     return np.concatenate(vectors), np.concatenate(home), np.concatenate(shards), pa.concat_tables(metas)
 
 
@@ -303,7 +310,7 @@ def search_lists(folder: str, pool_kind: str, modality: str, task: int, lo: int,
     out = lists_dir / "results" / modality
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task:06d}.arrow"
-    _write_arrow(path, table)
+    write_arrow(path, table)
     shard_column = table["shard"].to_numpy()
     present, starts = np.unique(shard_column, return_index=True)
     ends = np.append(starts[1:], len(shard_column))
@@ -339,7 +346,7 @@ def shard_candidates(folder: Path, modality: str, shard_id: str) -> pa.Table:
     """The candidates of one shard's queries (row, candidates, similarities), sorted by row."""
     base = folder / LISTS_DIR / "results" / modality
     spans = json.loads((base / "index" / f"{shard_id}.json").read_text())
-    parts = [_read_arrow(base / name).slice(offset, length).select(["row", "candidates", "similarities"])
+    parts = [read_arrow(base / name).slice(offset, length).select(["row", "candidates", "similarities"])
              for name, offset, length in spans]  # fmt: skip
     if not parts:
         return pa.table({"row": pa.array([], pa.int64()), "candidates": pa.array([], pa.list_(pa.string())),

@@ -29,6 +29,7 @@ from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_bytes, atomic_write_npy
 from saferclip_data.stages import ivf_partitioned as lists
+from saferclip_data.stages import ivf_recall
 from saferclip_data.stages.ivf import build_ivf, default_nlist, search_ivf
 from saferclip_data.stages.knn import knn_search
 from saferclip_data.stages.safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
@@ -41,6 +42,7 @@ EXACT_MAX_ROWS = 200_000
 PQ_BYTES = 64
 NPROBE = 16
 IVF_SAMPLE_PER_LIST = 32  # pool rows sampled per IVF list to train its k-means
+MIN_RECALL = 0.995
 
 
 def build_pool_index(folder: str, kind: str, index_kind: str, count: int, rows: int, nlist: int,
@@ -108,6 +110,12 @@ class NeighboursConfig(StageConfig):
     task_pool_rows: int = Field(
         default=100_000, gt=0, description="ivf_flat: pool rows a search task holds (the lists its queries probe)"
     )
+    min_recall: float | None = Field(
+        default=MIN_RECALL, gt=0, le=1, description="ivf_flat: recall@1 against the exact search that the probe "
+        "count must reach, measured on sampled queries every build; probes are added until it does (the exact "
+        "search is used where that would probe over half the lists); null: probe nprobe lists, unmeasured"
+    )
+    recall_queries: int = Field(default=2_000, gt=0, description="ivf_flat: queries sampled to measure recall@1")
 
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"backend", "block_rows", "task_queries", "task_pool_rows"}
 
@@ -154,7 +162,7 @@ class NeighboursStage(Stage):
             raise UserError("stage neighbours: the safe pool is empty (no safe record left after filter and dedup)")
         info = {"pieces": len(pieces), "rows": [p["rows"] for p in pieces], "dim": pieces[0]["dim"],
                 "valid": {kind: [p["valid"][kind] for p in pieces] for kind in kinds}, "index": {},
-                "nodes": sorted({p["node"] for p in pieces})}  # fmt: skip
+                "search": {}}  # fmt: skip
         for kind in kinds:
             rows = sum(info["valid"][kind])
             info["index"][kind] = self.index_kind(rows)
@@ -166,8 +174,11 @@ class NeighboursStage(Stage):
                 built(1)
         for modality in c.modalities:
             pool_kind = query_and_pool(modality)[1]
+            info["search"][modality] = {"index": info["index"][pool_kind], "nprobe": None, "recall_at_1": None,
+                                        "recall_queries": 0}  # fmt: skip
             if info["index"][pool_kind] == "ivf_flat" and sum(info["valid"][pool_kind]):
-                self._search_lists(progress, workdir, folder, modality, shard_ids, sum(info["valid"][pool_kind]))
+                info["search"][modality] = self._search_lists(progress, workdir, folder, modality, shard_ids,
+                                                              sum(info["valid"][pool_kind]))  # fmt: skip
         for sorted_copy in [*(folder / lists.LISTS_DIR / kind for kind in kinds), folder / lists.LISTS_DIR / "queries"]:
             shutil.rmtree(sorted_copy, ignore_errors=True)  # the list-sorted copies of pool and queries: done with
         atomic_write_bytes(folder / "pool.json", json.dumps(info).encode())
@@ -202,7 +213,10 @@ class NeighboursStage(Stage):
         lists_dir = folder / lists.LISTS_DIR
         atomic_write_npy(lists_dir / f"home-counts-{modality}.npy", homes)
         centroids = np.load(lists_dir / f"centroids-{pool_kind}.npy")
-        near = lists.neighbourhoods(centroids, min(c.nprobe or NPROBE, len(centroids)))
+        search = self._probes(progress, folder, modality, pool_kind, homes, centroids)
+        if search["index"] == "exact":
+            return search
+        near = lists.neighbourhoods(centroids, search["nprobe"])
         atomic_write_npy(lists_dir / f"near-{modality}.npy", near)
         pool_counts = np.load(lists_dir / f"pool-counts-{pool_kind}.npy").sum(axis=0)
         plan = lists.plan_tasks(homes.sum(axis=0), pool_counts, near, c.task_queries, c.task_pool_rows)
@@ -215,15 +229,45 @@ class NeighboursStage(Stage):
         fields = ("path", "queries", "pool_rows", "lists", "seconds", "pid", "node")
         workdir.write_table(self.name, f"search-{modality}", pa.Table.from_pylist([{k: r[k] for k in fields}
                                                                                    for r in results]))  # fmt: skip
+        return search
 
-    def _rounds(self, progress, what: str, fn, items: list[tuple]) -> list:
-        """``fn`` over ``items`` as tasks, in rounds of 64 so that the progress bar moves."""
+    def _probes(self, progress, folder: Path, modality: str, pool_kind: str, homes: np.ndarray,
+                centroids: np.ndarray) -> dict:  # fmt: skip
+        """How many lists to probe: the fewest (from nprobe up) whose recall@1 against the exact search, measured
+        on sampled queries as tasks over the pool pieces, reaches min_recall; the exact search where that is over
+        half the lists (see :mod:`ivf_recall`)."""
+        c = self.config
+        nlist = len(centroids)
+        start = min(c.nprobe or NPROBE, nlist)
+        if c.min_recall is None:
+            return {"index": "ivf_flat", "nprobe": start, "recall_at_1": None, "recall_queries": 0}
+        sampled = ivf_recall.write_sample(folder, modality, homes, c.recall_queries)
+        settings = {"allow_same_group": c.allow_same_group, "category_max_score": c.category_max_score}
+        pieces = len(np.load(folder / lists.LISTS_DIR / f"pool-counts-{pool_kind}.npy"))
+        items = [(str(folder), pool_kind, modality, piece, settings) for piece in range(pieces)]
+        best = None
+        for part in self._rounds(progress, f"measure recall@1 ({modality})", ivf_recall.best_lists, items, merge=True):
+            best = ivf_recall.merge(best, part)
+        sample_homes = lists.read_arrow(folder / lists.LISTS_DIR / f"calib-{modality}.arrow")["home"].to_numpy()
+        needed = ivf_recall.needed_probes(best, sample_homes, centroids)
+        nprobe, recall = ivf_recall.choose_probes(needed, start, nlist, c.min_recall)
+        if nprobe > nlist // 2 and nprobe > start:
+            return {"index": "exact", "nprobe": None, "recall_at_1": 1.0, "recall_queries": sampled,
+                    "ivf_recall_at_1": recall, "ivf_nprobe_needed": nprobe}  # fmt: skip
+        return {"index": "ivf_flat", "nprobe": nprobe, "recall_at_1": round(recall, 6), "recall_queries": sampled,
+                "lists": nlist}  # fmt: skip
+
+    def _rounds(self, progress, what: str, fn, items: list[tuple], merge: bool = False):
+        """``fn`` over ``items`` as tasks, in rounds of 64 so that the progress bar moves; ``merge``: yield the
+        results round by round instead of collecting them (the caller folds them in)."""
         advance = progress.subtask(what, len(items))
-        out: list = []
-        for start in range(0, len(items), 64):
-            out += self.task_map(fn, items[start : start + 64], 1.0)
-            advance(len(items[start : start + 64]))
-        return out
+
+        def rounds():
+            for start in range(0, len(items), 64):
+                yield from self.task_map(fn, items[start : start + 64], 1.0)
+                advance(len(items[start : start + 64]))
+
+        return rounds() if merge else list(rounds())
 
     def pool_kinds(self) -> list[str]:
         return sorted({query_and_pool(m)[1] for m in self.config.modalities})
@@ -243,6 +287,12 @@ class NeighboursStage(Stage):
         self.task_map(build_pool_index, [task], 1.0)
 
     # ---- worker ------------------------------------------------------------------------------------------
+    def output_metadata(self) -> dict[str, str]:
+        """Per modality how it was searched: index, lists probed and the recall@1 measured against the exact
+        search (from the pool's description, read with the first shard)."""
+        search = getattr(self, "search_info", None)
+        return {"search": json.dumps(search, sort_keys=True)} if search else {}
+
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         """The shard's rows; for modalities searched by list (ivf_flat), the candidates found in ``prepare``
         joined on as ``_listed_keys_<modality>`` and ``_listed_sims_<modality>``. The pool itself is loaded only
@@ -250,7 +300,8 @@ class NeighboursStage(Stage):
         folder = workdir.stage_dir(self.name) / POOL_DIR
         if getattr(self, "listed", None) is None:
             info = json.loads((folder / "pool.json").read_text())
-            self.listed = {m for m in self.config.modalities if info["index"][query_and_pool(m)[1]] == "ivf_flat"
+            self.search_info = info["search"]
+            self.listed = {m for m in self.config.modalities if info["search"][m]["index"] == "ivf_flat"
                            and sum(info["valid"][query_and_pool(m)[1]])}  # fmt: skip
             self.pool = None
         if self.pool is None and (self.config.pair_column or len(self.listed) < len(self.config.modalities)):

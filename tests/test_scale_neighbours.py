@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.stages.ivf_recall import choose_probes, needed_probes
 
 from conftest import write_recipe
 from helpers import safety_recipe
@@ -32,7 +35,7 @@ def exact(tmp_path_factory, cli_module):
     return base, _neighbours(work)
 
 
-def _ivf(base, cli_module, name: str, **settings) -> tuple[dict[str, dict], pq.ParquetFile]:
+def _ivf(base, cli_module, name: str, **settings) -> tuple[dict[str, dict], pq.ParquetFile | None]:
     work = base / name
     shutil.copytree(base / "exact", work)
     neighbours = {"index": "ivf_flat", "category_max_score": 0.9, **settings}
@@ -40,7 +43,8 @@ def _ivf(base, cli_module, name: str, **settings) -> tuple[dict[str, dict], pq.P
     code, _, err = cli_module("build", str(write_recipe(base / f"{name}.yaml", data)), "--executor", "local",
                               "--no-progress")  # fmt: skip
     assert code == 0, err
-    return _neighbours(work), pq.read_table(work / "neighbours" / "search-text.parquet")
+    searched = work / "neighbours" / "search-text.parquet"  # absent where the build chose the exact search
+    return _neighbours(work), pq.read_table(searched) if searched.is_file() else None
 
 
 def test_probing_every_list_gives_the_exact_search_whatever_the_task_cut(exact, cli_module):
@@ -59,7 +63,8 @@ def test_probing_every_list_gives_the_exact_search_whatever_the_task_cut(exact, 
 
 def test_probing_a_few_lists_finds_most_exact_neighbours_with_exact_scores(exact, cli_module):
     base, reference = exact
-    found, tasks = _ivf(base, cli_module, "few-lists", nlist=8, nprobe=3, task_queries=40, task_pool_rows=60)
+    found, tasks = _ivf(base, cli_module, "few-lists", nlist=8, nprobe=3, task_queries=40, task_pool_rows=60,
+                        min_recall=None)
     hits = total = 0
     for key, row in reference.items():
         for m in COLUMNS:
@@ -74,3 +79,38 @@ def test_probing_a_few_lists_finds_most_exact_neighbours_with_exact_scores(exact
                 assert got[k] == pytest.approx(truth[k], abs=1e-5)
     assert total > 1000 and hits / total >= 0.65
     assert tasks["lists"].to_pylist() and max(tasks["lists"].to_pylist()) <= 8
+
+
+def test_a_probe_count_too_small_for_the_recall_target_is_raised_by_the_build(exact, cli_module):
+    """nprobe 1 of 16 lists misses many nearest targets: the build measures recall@1 on sampled queries, probes
+    more lists until it reaches min_recall (or searches exactly), records what it measured, and the top-1 targets
+    then agree with the exact search's."""
+    base, reference = exact
+    found, _ = _ivf(base, cli_module, "raised", nlist=16, nprobe=1, task_queries=40, task_pool_rows=60)
+    search = json.loads(WorkDir(base / "raised").manifest("neighbours")["metadata"]["search"])
+    for m in ("text", "image-text"):
+        assert search[m]["index"] == "exact" or search[m]["nprobe"] > 1, search
+        assert search[m]["recall_at_1"] >= 0.995 and search[m]["recall_queries"] > 100, search
+    unraised, _ = _ivf(base, cli_module, "unraised", nlist=16, nprobe=1, task_queries=40, task_pool_rows=60,
+                       min_recall=None)
+    for result, floor, ceiling in ((found, 0.99, 1.0), (unraised, 0.0, 0.97)):
+        same = total = 0
+        for key, row in reference.items():
+            for m in COLUMNS:
+                if row[f"{m}_candidates"]:
+                    total += 1
+                    same += (result[key][f"{m}_candidates"] or [None])[0] == row[f"{m}_candidates"][0]
+        assert total > 300 and floor <= same / total <= ceiling, (same, total)
+
+
+def test_the_probe_count_is_the_fewest_lists_that_reach_the_target():
+    centroids = np.eye(4, dtype=np.float32) + 0.1 * np.arange(4, dtype=np.float32)[:, None]
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    # three queries homed in list 0: their best rows sit in list 0, in list 3 (tied within 1e-6 with list 2), none
+    best = {"sims": np.array([[0.9, 0.5], [0.7, 0.7 - 1e-6], [-np.inf, -np.inf]], np.float32),
+            "lists": np.array([[0, 1], [3, 2], [0, 1]])}
+    needed = needed_probes(best, np.zeros(3, np.int64), centroids)
+    assert needed[0] == 1 and needed[2] == 0 and 2 <= needed[1] <= 4
+    assert choose_probes(needed, 1, 4, 0.995) == (needed[1], 1.0)
+    assert choose_probes(needed, 1, 4, 0.5) == (1, 0.5)
+    assert choose_probes(np.zeros(3, np.int64), 2, 4, 0.995) == (2, 1.0)
