@@ -83,34 +83,72 @@ def decode_pil(blobs: list[bytes], preprocess: Callable) -> Decoded:
     return (torch.stack(tensors) if tensors else None), ok, failed
 
 
-def _decode_all(blobs: list[bytes], device: Any) -> tuple[dict[int, Any], list[tuple[int, str]]]:
-    """uint8 CHW RGB tensors on ``device`` by input position, and the failures."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+def plain_jpeg(blob: Any) -> bool:
+    """A JPEG that the tensor decoders read exactly as PIL does: one (grey) or three (YCbCr) components. CMYK and
+    YCCK JPEGs (four components) are left to PIL, whose inversion of Adobe's CMYK is the reference."""
+    data = bytes(blob[:65_536])
+    if not data.startswith(JPEG_MAGIC):
+        return False
+    at = 2
+    while at + 9 < len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            at += 2
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2):  # baseline, extended, progressive frame header: components at +9
+            return data[at + 9] in (1, 3)
+        if marker == 0xDA or length < 2:
+            return False
+        at += 2 + length
+    return False
 
-    raw = [torch.from_numpy(b) if hasattr(b, "__array__") else torch.frombuffer(bytearray(b), dtype=torch.uint8)
-           for b in blobs]  # fmt: skip
+
+def pil_tensor(blob: Any) -> Any:
+    """One image through PIL and :func:`to_rgb` as a uint8 CHW tensor: the reference decoding, which every path
+    falls back to where a faster decoder would read the file differently (or not at all)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as img:
+        rgb = to_rgb(img)
+    return torch.from_numpy(np.array(rgb, np.uint8)).permute(2, 0, 1)
+
+
+def _decode_all(blobs: list[Any], device: Any) -> tuple[dict[int, Any], list[tuple[int, str]]]:
+    """uint8 CHW RGB tensors on ``device`` by input position, and the failures. Plain JPEGs are decoded in one
+    batched call (nvJPEG on CUDA), EXIF orientation applied; every other image, and any JPEG the batched decoder
+    refuses, through PIL (:func:`pil_tensor`), so both paths keep and reject the same files and see the same
+    picture: first frame of an animation, transparency on white, high bit depths scaled, TIFF, BMP, AVIF."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     decoded: dict[int, Any] = {}
-    failed: list[tuple[int, str]] = []
-    jpegs = [i for i, b in enumerate(blobs) if bytes(b[:3]) == JPEG_MAGIC]
+    jpegs = [i for i, b in enumerate(blobs) if plain_jpeg(b)]
+    raw = {i: torch.from_numpy(blobs[i]) if hasattr(blobs[i], "__array__")
+           else torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpegs}  # fmt: skip
     try:
-        images = decode_jpeg([raw[i] for i in jpegs], device=device, mode=ImageReadMode.RGB) if jpegs else []
+        images = decode_jpeg([raw[i] for i in jpegs], device=device, mode=ImageReadMode.RGB,
+                             apply_exif_orientation=True) if jpegs else []  # fmt: skip
         decoded.update(zip(jpegs, images))
     except RuntimeError:
-        for i in jpegs:  # one bad JPEG fails the batched call: decode one by one to find it
+        for i in jpegs:  # one bad JPEG fails the batched call: decode one by one, PIL deciding on the rest
             try:
-                decoded[i] = decode_jpeg(raw[i], device=device, mode=ImageReadMode.RGB)
-            except RuntimeError as exc:
-                failed.append((i, _error(exc)))
-    jpeg_set = set(jpegs)
+                decoded[i] = decode_jpeg(raw[i], device=device, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+            except RuntimeError:
+                pass
+    failed: list[tuple[int, str]] = []
     for i in range(len(blobs)):
-        if i in jpeg_set:
+        if i in decoded:
             continue
         try:
-            decoded[i] = decode_image(raw[i], mode=ImageReadMode.RGB).to(device, non_blocking=True)
-        except RuntimeError as exc:
-            failed.append((i, _error(exc)))
-    return decoded, sorted(failed)
+            decoded[i] = pil_tensor(blobs[i]).to(device, non_blocking=True)
+        except Exception as exc:  # PIL raises many types for bad data; each becomes a reject
+            failed.append((i, f"{type(exc).__name__}: {exc}"))
+    return decoded, failed
 
 
 def normalization(preprocess: Any, device: Any = "cpu") -> tuple[Any, Any]:
@@ -134,11 +172,36 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return int(size * height / width), size
 
 
-def decode_tensors(blobs: list[bytes], size: int, mean: Any, std: Any, device: Any) -> Decoded:
-    """Decode, resize the shortest side to ``size`` (bicubic, antialiased), centre-crop and normalise on
-    ``device``; ``mean``/``std`` are (1, 3, 1, 1) tensors there. Output float32."""
+def _bicubic(x: Any) -> Any:
+    """PIL's bicubic kernel (a = -0.5; torch's ``interpolate`` uses -0.75 and so sharpens edges differently)."""
+    x = x.abs()
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return near * (x < 1) + far * ((x >= 1) & (x < 2))
+
+
+def resample_weights(source: int, target: int, first: int, count: int, device: Any) -> Any:
+    """(count, source) weights of output pixels ``first .. first + count`` of a bicubic resize from ``source`` to
+    ``target`` pixels, as Pillow computes them (support widened by the scale when shrinking: its antialiasing)."""
     import torch
-    import torch.nn.functional as F
+
+    scale = source / target
+    support = 2.0 * max(scale, 1.0)
+    centre = (torch.arange(first, first + count, dtype=torch.float64) + 0.5) * scale
+    low = torch.clamp((centre - support + 0.5).floor(), min=0)
+    high = torch.clamp((centre + support + 0.5).floor(), max=source)
+    x = torch.arange(source, dtype=torch.float64)
+    inside = (x[None, :] >= low[:, None]) & (x[None, :] < high[:, None])
+    weights = _bicubic((x[None, :] - centre[:, None] + 0.5) / max(scale, 1.0)) * inside
+    return (weights / weights.sum(1, keepdim=True)).to(device=device, dtype=torch.float32)
+
+
+def decode_tensors(blobs: list[bytes], size: int, mean: Any, std: Any, device: Any) -> Decoded:
+    """Decode, resize the shortest side to ``size`` (bicubic, antialiased, with Pillow's kernel and its two
+    passes, each rounded to 8 bits as Pillow's are), centre-crop and normalise on ``device``; ``mean``/``std``
+    are (1, 3, 1, 1) tensors there. Only the kept rows and columns of the resize are computed. Output float32."""
+    import torch
 
     decoded, failed = _decode_all(blobs, device)
     ok = sorted(decoded)
@@ -148,14 +211,19 @@ def decode_tensors(blobs: list[bytes], size: int, mean: Any, std: Any, device: A
     by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
     for slot, i in enumerate(ok):
         by_shape[tuple(decoded[i].shape[-2:])].append(slot)
-    for (h, w), slots in by_shape.items():  # one interpolation per distinct input size
+    for (h, w), slots in by_shape.items():  # one resize per distinct input size
         images = torch.stack([decoded[ok[s]] for s in slots]).float()
         new_h, new_w = resized_shape(h, w, size)
-        if (new_h, new_w) != (h, w):
-            images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-            images = images.clamp_(0, 255).round_()  # as the uint8 picture PIL would hand over
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        out[torch.as_tensor(slots, device=device)] = images[..., top : top + size, left : left + size]
+        if new_w != w:  # horizontal pass first, as Pillow does
+            images = (images @ resample_weights(w, new_w, left, size, device).T).round_().clamp_(0, 255)
+        else:
+            images = images[..., left : left + size]
+        if new_h != h:
+            images = (resample_weights(h, new_h, top, size, device) @ images).round_().clamp_(0, 255)
+        else:
+            images = images[..., top : top + size, :]
+        out[torch.as_tensor(slots, device=device)] = images
     return (out / 255.0 - mean) / std, ok, failed
 
 

@@ -24,6 +24,7 @@ from saferclip_data.pipeline.stage import (
     Stage,
     StageConfig,
     finished,
+    partial_stats,
     rejects_table,
     serial_map,
 )
@@ -91,7 +92,7 @@ class ShardWorker:
             table = stage.read_shard(spec, self.workdir)
         batch_size = stage.batch_rows()
         outputs: list[pa.Table] = []
-        rejects = []
+        rejects, partly = [], []
         starts = range(0, table.num_rows, batch_size) if table.num_rows else [0]
         batches = [table.slice(start, batch_size) for start in starts]
         look_ahead = None
@@ -101,6 +102,7 @@ class ShardWorker:
         for batch, result in batch_results(stage, batches, self._pool, first, look_ahead):
             outputs.append(result.table)
             rejects.extend(result.rejects)
+            partly.extend(result.partial)
             if on_batch:
                 on_batch(batch.num_rows)
         output = pa.concat_tables(outputs, promote_options="permissive") if len(outputs) > 1 else outputs[0]
@@ -120,10 +122,12 @@ class ShardWorker:
             "started_at": started_at,  # wall clock (unix seconds): spans across workers, without their set-up
             "metadata": metadata,
             "worker": {"pid": os.getpid(), "node": self.node},
+            **partial_stats(partly),
         }
         committed = self.drain()
         write = self._writer.submit(self.workdir.write_shard, stage.name, spec.shard_id, output,
-                                    rejects_table(stage.name, rejects), stats, metadata)  # fmt: skip
+                                    rejects_table(stage.name, rejects), stats, metadata,
+                                    rejects_table(stage.name, partly) if partly else None)  # fmt: skip
         self._writing = (stats, write)
         return committed
 

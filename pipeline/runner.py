@@ -236,6 +236,8 @@ class Pipeline:
         stage.finalize(wd, [s.shard_id for s in specs])
         stats = [wd.shard_stats(name, s.shard_id) for s in specs]
         counts = {k: sum(s[k] for s in stats) for k in ("in", "out", "rejected")}
+        if any(s.get("partial") for s in stats):
+            counts["partial"] = sum(s.get("partial", 0) for s in stats)
         reasons: Counter = Counter()
         for s in stats:
             reasons.update(s.get("rejects_by_reason", {}))

@@ -69,6 +69,8 @@ class BatchResult:
 
     table: pa.Table
     rejects: list[Reject] = field(default_factory=list)
+    #: kept records that lost part of their output (one modality's targets, a classifier's score), with why
+    partial: list[Reject] = field(default_factory=list)
 
 
 def finished(result: BatchResult | Callable[[], BatchResult]) -> BatchResult:
@@ -268,9 +270,14 @@ def write_global_shard(
     }
     if worker is not None:
         stats["worker"] = worker
-    if partial:
-        stats["partial"] = len(partial)
-        stats["partial_by_reason"] = dict(sorted(Counter(r.reason for r in partial).items()))
-        workdir.write_table(stage, f"{shard_id}.partial", rejects_table(stage, partial))
-    workdir.write_shard(stage, shard_id, table, rejects_table(stage, rejects), stats, metadata)
+    stats |= partial_stats(partial)
+    workdir.write_shard(stage, shard_id, table, rejects_table(stage, rejects), stats, metadata,
+                        rejects_table(stage, partial) if partial else None)  # fmt: skip
     return stats
+
+
+def partial_stats(partial: list[Reject]) -> dict[str, Any]:
+    """The marker's count of kept records that lost part of their output, by reason (nothing when none did)."""
+    if not partial:
+        return {}
+    return {"partial": len(partial), "partial_by_reason": dict(sorted(Counter(r.reason for r in partial).items()))}

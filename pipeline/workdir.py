@@ -143,7 +143,8 @@ class WorkDir:
 
     # ---- shard level -------------------------------------------------------------------------------------
     def shard_path(self, stage: str, shard_id: str, kind: str = "parquet") -> Path:
-        suffix = {"parquet": ".parquet", "rejects": ".rejects.parquet", "done": ".done.json"}[kind]
+        suffix = {"parquet": ".parquet", "rejects": ".rejects.parquet", "partial": ".partial.parquet",
+                  "done": ".done.json"}[kind]  # fmt: skip
         return self.stage_dir(stage) / f"{shard_id}{suffix}"
 
     def shard_done(self, stage: str, shard_id: str) -> bool:
@@ -167,12 +168,18 @@ class WorkDir:
         rejects: pa.Table,
         stats: dict[str, Any],
         metadata: dict[str, str],
+        partial: pa.Table | None = None,
     ) -> None:
-        """Write a shard's output and rejects, then its marker. Order matters: the marker is the commit."""
+        """Write a shard's output, rejects and partial outputs (kept records missing part of their output), then
+        its marker. Order matters: the marker is the commit."""
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(self.shard_path(stage, shard_id), _with_metadata(table, metadata))
         atomic_write_parquet(self.shard_path(stage, shard_id, "rejects"), rejects)
+        if partial is not None:
+            atomic_write_parquet(self.shard_path(stage, shard_id, "partial"), partial)
+        else:
+            self.shard_path(stage, shard_id, "partial").unlink(missing_ok=True)  # an earlier run's, now mended
         marker = {**stats, "written_at": time.time()}  # wall clock (unix seconds) once the output is on disk
         atomic_write_bytes(self.shard_path(stage, shard_id, "done"), json.dumps(marker, indent=2).encode())
 

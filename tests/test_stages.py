@@ -272,7 +272,7 @@ def test_tensor_decoder_reproduces_the_models_own_preprocessing(embed_stage):
     reference, ok_ref, failed_ref = decode_pil(blobs, clip.preprocess)
     pixels, ok, failed = decode_tensors(blobs, clip.image_size, mean, std, "cpu")
     assert ok == ok_ref == list(range(7)) and [i for i, _ in failed] == [i for i, _ in failed_ref] == [7]
-    assert "truncated" in failed[0][1] and ".cpp" not in failed[0][1]
+    assert "truncated" in failed[0][1].lower() and ".cpp" not in failed[0][1]
     difference = ((pixels - reference).abs() * std).flatten(1)  # in 0..1 intensity units
     assert difference.mean(1).max() < 0.002 and difference.max() < 0.1
     assert difference[0].max() == 0  # 64 px already: no resize, identical pixels
