@@ -11,6 +11,8 @@ from saferclip_data.pipeline.runner import Pipeline
 from saferclip_data.pipeline.workdir import WorkDir
 
 DEFAULT_RECIPE = "demo.yaml"
+#: the work dir of the pipeline this command opened: an OS error that names no file is said of it
+opened_workdir: list[Path] = []
 
 
 def recipe_sections() -> dict[str, tuple[type, bool]]:
@@ -48,6 +50,7 @@ def open_pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
         root = Path("work") / recipe.name
     if root.exists() and not root.is_dir():
         raise UserError(f"{path}: workdir: {root} is a file, not a folder: choose another work dir (or -w)")
+    opened_workdir[:] = [root]
     try:
         return Pipeline(recipe, REGISTRY, WorkDir(root))
     except UserError as exc:  # a stage needing one the recipe does not enable: name the recipe file

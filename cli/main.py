@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from saferclip_data.cli.common import open_pipeline
+from saferclip_data.cli.common import open_pipeline, opened_workdir
 from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.lock import WorkDirLock
 from saferclip_data.pipeline.progress import build_progress, summary_table
 from saferclip_data.pipeline.runner import Pipeline
 from saferclip_data.pipeline.status import stage_status
@@ -125,12 +126,13 @@ def build(
 
     _setup_logging(log_level)
     pipeline = open_pipeline(recipe, workdir)
-    runner = make_executor(executor.value, ray_address)
-    try:
-        with build_progress(console, progress, progress_style.value) as bars:
-            outcomes = pipeline.build(runner, bars)
-    finally:
-        runner.close()
+    with WorkDirLock(pipeline.workdir.root, "saferclip-data build"):  # before Ray starts: a second build stops now
+        runner = make_executor(executor.value, ray_address)
+        try:
+            with build_progress(console, progress, progress_style.value) as bars:
+                outcomes = pipeline.build(runner, bars)
+        finally:
+            runner.close()
     console.print(summary_table(outcomes, steps=bars.steps))
     if all(o.status == "up to date" for o in outcomes):
         console.print("everything up to date: nothing ran")
@@ -281,8 +283,14 @@ def _os_error_of(exc: BaseException) -> OSError | None:
 
 
 def _say_os_error(error: OSError) -> None:
-    where = f" writing {error.filename}" if error.filename else ""
-    console.print(f"error:{where}: {_OS_ADVICE[error.errno]}", markup=False, highlight=False, soft_wrap=True)
+    """One line naming the file, else the work dir the command was writing (a full disk often names neither)."""
+    if error.filename:
+        where = f"writing {error.filename}"
+    elif opened_workdir:
+        where = f"writing in work dir {opened_workdir[0]}"
+    else:
+        where = "writing"
+    console.print(f"error: {where}: {_OS_ADVICE[error.errno]}", markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -243,6 +243,7 @@ def test_a_gif_in_a_tar_is_read_like_a_gif_in_a_manifest(tmp_path, cli):
 def test_a_full_disk_is_one_line_naming_the_path_and_the_rerun_completes(tmp_path, manifest_200, cli, monkeypatch):
     import errno
 
+    import saferclip_data.stages  # noqa: F401 - imported before the patch, so no stage binds the failing writer
     from saferclip_data.pipeline import workdir as workdir_module
 
     from conftest import recipe_dict
@@ -317,3 +318,23 @@ def test_a_killed_build_leaves_no_ray_process_behind(tmp_path, manifest_200):
     time.sleep(15)
     alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+
+
+def test_a_full_disk_error_without_a_file_name_names_the_work_dir(tmp_path, manifest_200, cli, monkeypatch):
+    import errno
+
+    import saferclip_data.stages  # noqa: F401 - imported before the patch, so no stage binds the failing writer
+    from saferclip_data.pipeline import workdir as workdir_module
+
+    from conftest import recipe_dict
+
+    data = recipe_dict(manifest_200)
+    data["workdir"] = str(tmp_path / "full")
+
+    def full(path, table):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write through a pipe or a mapped file says
+
+    monkeypatch.setattr(workdir_module, "atomic_write_parquet", full)
+    code, _, err = cli("build", str(write_recipe(tmp_path / "r.yaml", data)), "--executor", "local", "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"work dir {tmp_path / 'full'}" in err and "::" not in err and "no space left on the device" in err
