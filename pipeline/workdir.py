@@ -230,6 +230,17 @@ class WorkDir:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(folder / f"{name}.parquet", _with_metadata(table, metadata or {}))
 
+    def write_task_log(self, stage: str, name: str, rows: list[dict[str, Any]]) -> None:
+        """Bookkeeping of a stage's tasks (which process and node ran each, how long): ``_tasks-<name>.json``.
+        It is kept out of the data files (which must be the same bytes whatever ran them), like the markers."""
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / f"_tasks-{name}.json", json.dumps(rows, indent=1).encode())
+
+    def task_log(self, stage: str, name: str) -> list[dict[str, Any]]:
+        path = self.stage_dir(stage) / f"_tasks-{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
     def partials(self, stage: str) -> pa.Table:
         """Kept records of a stage that lost part of their output (key, stage, reason, error)."""
         files = sorted(self.stage_dir(stage).glob("*.partial.parquet"))

@@ -158,6 +158,7 @@ class NeighboursStage(Stage):
         settings = c.model_dump()
         items = [(str(workdir.root), self._inputs(), settings, kinds, s, i) for i, s in enumerate(shard_ids)]
         pieces = self._rounds(progress, "write safe pool", pool_piece, items)
+        workdir.write_task_log(self.name, "pool", [{k: p[k] for k in ("rows", "pid", "node")} for p in pieces])
         if sum(p["rows"] for p in pieces) == 0:
             raise UserError("stage neighbours: the safe pool is empty (no safe record left after filter and dedup)")
         info = {"pieces": len(pieces), "rows": [p["rows"] for p in pieces], "dim": pieces[0]["dim"],
@@ -227,8 +228,7 @@ class NeighboursStage(Stage):
         results = self._rounds(progress, f"search lists ({modality})", lists.search_lists, tasks)
         lists.write_result_index(folder, modality, results, shard_ids)
         fields = ("path", "queries", "pool_rows", "lists", "seconds", "pid", "node")
-        workdir.write_table(self.name, f"search-{modality}", pa.Table.from_pylist([{k: r[k] for k in fields}
-                                                                                   for r in results]))  # fmt: skip
+        workdir.write_task_log(self.name, f"search-{modality}", [{k: r[k] for k in fields} for r in results])
         return search
 
     def _probes(self, progress, folder: Path, modality: str, pool_kind: str, homes: np.ndarray,

@@ -303,8 +303,8 @@ def run_partitioned(ctx: GlobalContext, config: Any, shard_ids: list[str], total
     metadata = ctx.stage.output_metadata()
     written = ctx.map(write_dedup_shard, [(root, stage, metadata, s, str(decisions)) for s in shard_ids])
     ctx.committed(shard_ids)
-    ctx.workdir.write_table(stage, "partitions", pa.Table.from_pylist(
-        [{k: r[k] for k in ("path", "edges", "rows", "largest", "pid", "node")} for r in results]))  # fmt: skip
+    ctx.workdir.write_task_log(stage, "partitions", [{k: r[k] for k in ("path", "edges", "rows", "largest", "pid",
+                                                                        "node")} for r in results])  # fmt: skip
     records_in = sum(w["in"] for w in written)
     return {
         "in": records_in,

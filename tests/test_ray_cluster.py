@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from saferclip_data.pipeline.workdir import WorkDir
+
 from conftest import CLI, recipe_dict, run_cli, write_recipe
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -180,7 +182,6 @@ def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(t
 @pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
 def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(tmp_path, two_node_cluster):
     """The partitioned dedup's search and write tasks run on both nodes; the outputs equal an in-process run."""
-    import pyarrow.parquet as pq
 
     from saferclip_data.bench.scale import SyntheticPool, write_pool
     from saferclip_data.pipeline.executors import LocalExecutor, RayExecutor, StageJob
@@ -202,8 +203,8 @@ def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(t
     assert clustered["counts"] == local["counts"] and clustered["counts"]["rejected"] > 0
     markers = list((works["cluster"] / "dedup").glob("*.done.json"))
     assert len(markers) == 8 and len({json.loads(p.read_text())["worker"]["node"] for p in markers}) == 2
-    searches = pq.read_table(works["cluster"] / "dedup" / "partitions.parquet")
-    assert searches.num_rows >= 2 and len(set(searches["node"].to_pylist())) == 2
+    searches = WorkDir(works["cluster"]).task_log("dedup", "partitions")
+    assert len(searches) >= 2 and len({s["node"] for s in searches}) == 2
     for marker in markers:
         shard = marker.name.removesuffix(".done.json")
         for suffix in (".parquet", ".rejects.parquet"):
@@ -219,7 +220,6 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
     """A precomputed-embedding build with the scale paths forced (partitioned dedup, IVF neighbours, streaming
     mine, task-parallel shards): each of those stages ran on both nodes, and every output equals an in-process
     build's, byte for byte."""
-    import pyarrow.parquet as pq
 
     from embedding_layouts import planted_pool, write_clip_retrieval
 
@@ -246,10 +246,9 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
     for stage in ("dedup", "neighbours", "mine", "shards"):
         nodes = {json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / stage).glob("*.done.json")}
         if stage == "neighbours":  # most of its work is done by the tasks of its prepare step (pool, list search)
-            searches = pq.read_table(cluster_work / stage / "search-text.parquet")
-            assert searches.num_rows >= 4
-            nodes |= set(searches["node"].to_pylist())
-            nodes |= set(json.loads((cluster_work / stage / "_pool" / "pool.json").read_text())["nodes"])
+            searches = WorkDir(cluster_work).task_log(stage, "search-text")
+            assert len(searches) >= 4
+            nodes |= {s["node"] for s in searches} | {p["node"] for p in WorkDir(cluster_work).task_log(stage, "pool")}
         assert len(nodes) == 2, f"{stage} ran on {len(nodes)} node(s)"
     proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]

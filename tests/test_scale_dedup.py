@@ -47,8 +47,7 @@ def test_partitioned_dedup_finds_the_exact_pairs_and_the_planted_ones(pool):
     exact = _run(root, method="exact")
     assert len(exact) >= 0.8 * len(planted)  # most planted copies collapse (some onto each other's original)
     partitioned = _run(root, method="partitioned", partition_rows=2_000, task_rows=5_000)
-    parts = WorkDir(root).stage_dir("dedup") / "partitions.parquet"
-    tasks = pa.parquet.read_table(parts).num_rows
+    tasks = len(WorkDir(root).task_log("dedup", "partitions"))
     assert tasks >= 2, "the search was split into several tasks"
     assert _recall(exact, partitioned) >= 0.99
     assert _recall(planted, partitioned) >= 0.99 * _recall(planted, exact)
@@ -69,9 +68,9 @@ def test_one_partition_gives_the_exact_result(pool):
 def test_auto_stays_exact_below_its_size(pool):
     root, _ = pool
     _run(root)
-    assert not (WorkDir(root).stage_dir("dedup") / "partitions.parquet").exists()
+    assert not WorkDir(root).task_log("dedup", "partitions")
     _run(root, exact_max_rows=1_000, partition_rows=4_000)
-    assert (WorkDir(root).stage_dir("dedup") / "partitions.parquet").exists()
+    assert WorkDir(root).task_log("dedup", "partitions")
 
 
 def test_buckets_cover_every_partition_within_the_row_budget():

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import pytest
 
 from saferclip_data.pipeline.workdir import WorkDir
@@ -35,7 +35,7 @@ def exact(tmp_path_factory, cli_module):
     return base, _neighbours(work)
 
 
-def _ivf(base, cli_module, name: str, **settings) -> tuple[dict[str, dict], pq.ParquetFile | None]:
+def _ivf(base, cli_module, name: str, **settings) -> tuple[dict[str, dict], pa.Table | None]:
     work = base / name
     shutil.copytree(base / "exact", work)
     neighbours = {"index": "ivf_flat", "category_max_score": 0.9, **settings}
@@ -43,8 +43,8 @@ def _ivf(base, cli_module, name: str, **settings) -> tuple[dict[str, dict], pq.P
     code, _, err = cli_module("build", str(write_recipe(base / f"{name}.yaml", data)), "--executor", "local",
                               "--no-progress")  # fmt: skip
     assert code == 0, err
-    searched = work / "neighbours" / "search-text.parquet"  # absent where the build chose the exact search
-    return _neighbours(work), pq.read_table(searched) if searched.is_file() else None
+    searched = WorkDir(work).task_log("neighbours", "search-text")  # empty where the build searched exactly
+    return _neighbours(work), pa.Table.from_pylist(searched) if searched else None
 
 
 def test_probing_every_list_gives_the_exact_search_whatever_the_task_cut(exact, cli_module):
