@@ -44,7 +44,7 @@ def session_processes(session_dir: str) -> list:
     return list(found.values())
 
 
-def watch(pid: int, session_dir: str, every: float = 0.5) -> None:
+def watch(pid: int, session_dir: str, every: float = 0.2) -> None:
     """Poll ``pid``; meanwhile remember its descendants (once it dies, Ray's agents are orphans whose command
     lines no longer name the session); then kill those and every process naming the session."""
     import psutil
@@ -59,14 +59,35 @@ def watch(pid: int, session_dir: str, every: float = 0.5) -> None:
         except psutil.NoSuchProcess:
             break
         time.sleep(every)
-    victims = {**known, **{p.pid: p for p in session_processes(session_dir)}}
-    victims.pop(os.getpid(), None)
-    for proc in victims.values():
-        try:
-            if proc.is_running():  # the same process still (psutil compares its start time): not a reused pid
-                proc.kill()
-        except psutil.Error:
-            pass
+    sweep(known, session_dir)
+
+
+def sweep(known: dict, session_dir: str, quiet_rounds: int = 3, limit: float = 10.0) -> None:
+    """Kill the remembered processes, those naming the session and every descendant of either, again and again
+    until ``quiet_rounds`` sweeps in a row find nothing alive: a raylet killed mid-spawn can leave a worker
+    that starts after the first sweep, an orphaned agent can fork once more."""
+    import psutil
+
+    deadline, quiet = time.monotonic() + limit, 0
+    while quiet < quiet_rounds and time.monotonic() < deadline:
+        victims = {**known, **{p.pid: p for p in session_processes(session_dir)}}
+        for proc in list(victims.values()):
+            try:
+                victims.update((c.pid, c) for c in proc.children(recursive=True))
+            except psutil.Error:
+                pass
+        victims.pop(os.getpid(), None)
+        alive = []
+        for proc in victims.values():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:  # psutil compares start times
+                    proc.kill()
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        known = {p.pid: p for p in alive}
+        quiet = 0 if alive else quiet + 1
+        time.sleep(0.2)
 
 
 if __name__ == "__main__":

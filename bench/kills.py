@@ -1,0 +1,108 @@
+"""`saferclip-data bench kills`: kill -9 a build at random moments, resume it, and compare with a clean build.
+
+Each trial starts a build of the recipe in a fresh work dir (on the embedded Ray by default), SIGKILLs the build's
+process at a random moment of a clean build's duration (as the OOM killer or a user's ``kill -9`` would), waits
+15 s, and counts which of the processes the build had started are still alive; then it builds again to the end
+and compares every file of the work dir with the clean build's, byte for byte. Bookkeeping is left out of the
+comparison: markers (``*.done.json``), manifests, task logs (``_tasks-*.json``) and the report (it states when it
+was written).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BOOKKEEPING = ("_manifest.json", "_lock.json")
+
+
+def data_files(work: Path) -> dict[str, Path]:
+    """Every file of a work dir that holds data, by relative path (bookkeeping and the report left out)."""
+    out = {}
+    for path in sorted(work.rglob("*")):
+        rel = path.relative_to(work)
+        if not path.is_file() or rel.parts[0] == "report" or path.name in BOOKKEEPING:
+            continue
+        if path.name.endswith(".done.json") or path.name.startswith("_tasks-"):
+            continue
+        out[str(rel)] = path
+    return out
+
+
+def _build(recipe: Path, work: Path, executor: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(recipe), "-w", str(work),
+               "--executor", executor, "--no-progress"]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _stage_running(work: Path) -> str:
+    """The stage whose manifest was opened last (the one running at the kill)."""
+    manifests = sorted(work.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime_ns)
+    return manifests[-1].parent.name if manifests else "(start-up)"
+
+
+def trial(recipe: Path, work: Path, clean: dict[str, Path], kill_at: float, executor: str) -> dict:
+    """One kill, the 15 s wait, the resume and the comparison."""
+    import psutil
+
+    build = _build(recipe, work, executor)
+    root = psutil.Process(build.pid)
+    started: dict[int, psutil.Process] = {}
+    end = time.monotonic() + kill_at
+    while time.monotonic() < end and build.poll() is None:
+        try:
+            started.update((p.pid, p) for p in root.children(recursive=True))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    finished_first = build.poll() is not None
+    stage = _stage_running(work)
+    if not finished_first:
+        os.kill(build.pid, signal.SIGKILL)
+    build.wait()
+    time.sleep(15)
+    alive = []
+    for proc in started.values():
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(" ".join(proc.cmdline())[:100])
+        except psutil.Error:
+            pass
+    resumed = _build(recipe, work, executor)
+    err = resumed.communicate()[1]
+    if resumed.returncode != 0:
+        raise RuntimeError(f"resume after a kill at {kill_at:.1f} s failed: {err.strip().splitlines()[-1:]}")
+    got = data_files(work)
+    differ = sorted(rel for rel in clean.keys() & got.keys() if clean[rel].read_bytes() != got[rel].read_bytes())
+    return {"kill_at_s": round(kill_at, 1), "stage": stage, "killed": not finished_first,
+            "processes_seen": len(started), "alive_after_15s": alive, "files": len(clean),
+            "missing": sorted(clean.keys() - got.keys()), "extra": sorted(got.keys() - clean.keys()),
+            "differ": differ}  # fmt: skip
+
+
+def run(recipe: Path, out: Path, trials: int, seed: int, executor: str) -> tuple[float, list[dict]]:
+    """The clean build (timed), then ``trials`` kills at moments drawn uniformly over its duration."""
+    out.mkdir(parents=True, exist_ok=True)
+    clean_work = out / "clean"
+    shutil.rmtree(clean_work, ignore_errors=True)
+    started = time.monotonic()
+    build = _build(recipe, clean_work, executor)
+    err = build.communicate()[1]
+    if build.returncode != 0:
+        raise RuntimeError(f"the clean build failed: {err.strip().splitlines()[-1:]}")
+    seconds = time.monotonic() - started
+    clean = data_files(clean_work)
+    rng = random.Random(seed)
+    results = []
+    for i in range(trials):
+        work = out / f"trial-{i:02d}"
+        shutil.rmtree(work, ignore_errors=True)
+        results.append(trial(recipe, work, clean, rng.uniform(1.0, 0.95 * seconds), executor))
+        shutil.rmtree(work, ignore_errors=True)
+    return seconds, results
