@@ -18,6 +18,7 @@ import math
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from saferclip_data.bench.placeholder_server import PlaceholderServer
 from saferclip_data.pipeline.workdir import REJECT_SCHEMA, WorkDir
 
 #: the noise of a planted duplicate (cosine ~0.99 to its original), of an unsafe edit (~0.8 to its safe source),
@@ -44,6 +46,7 @@ class SyntheticPool:
     shard_rows: int = 50_000
     clusters: int = 1_000
     duplicate_share: float = 0.05  # share of records that are planted copies of another record
+    edit_noise: float = EDIT_NOISE  # larger: unsafe edits further from their source, nearer their neighbours
     seed: int = 0
 
 
@@ -67,7 +70,7 @@ def synthetic_part(pool: SyntheticPool, index: int, centres: np.ndarray) -> dict
     vectors, planted = {}, {}
     for modality in ("image", "text"):
         safe = _unit(centres[centre] + _noise(rng, (half, pool.dim), CLUSTER_NOISE))
-        unsafe = _unit(safe[: n - half] + _noise(rng, (n - half, pool.dim), EDIT_NOISE))
+        unsafe = _unit(safe[: n - half] + _noise(rng, (n - half, pool.dim), pool.edit_noise))
         vectors[modality] = np.concatenate([safe, unsafe])
     planted["source_of"] = {keys[half + i]: keys[i] for i in range(n - half)}
     copies = np.flatnonzero(rng.random(n) < pool.duplicate_share)
@@ -89,8 +92,9 @@ def _centres(pool: SyntheticPool) -> np.ndarray:
     return _unit(np.random.default_rng(pool.seed).standard_normal((pool.clusters, pool.dim)).astype(np.float32))
 
 
-def write_laion(folder: Path, pool: SyntheticPool) -> dict[str, dict[str, str]]:
-    """The pool as a clip-retrieval folder (one part per ``shard_rows``); returns the planted truth."""
+def write_laion(folder: Path, pool: SyntheticPool, url: str | None = None) -> dict[str, dict[str, str]]:
+    """The pool as a clip-retrieval folder (one part per ``shard_rows``); returns the planted truth. ``url``: the
+    image host (``<url>/<key>.jpg``); None: the records have no image (an embeddings-only pool)."""
     for sub in ("img_emb", "text_emb", "metadata"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     centres, truth = _centres(pool), {"source_of": {}, "duplicate_of": {}}
@@ -99,8 +103,9 @@ def write_laion(folder: Path, pool: SyntheticPool) -> dict[str, dict[str, str]]:
         np.save(folder / "img_emb" / f"img_emb_{index}.npy", part["vectors"]["image"].astype(np.float16))
         np.save(folder / "text_emb" / f"text_emb_{index}.npy", part["vectors"]["text"].astype(np.float16))
         punsafe = np.where(part["role"] == "unsafe", 0.9, 0.1)
+        urls = [f"{url}/{k}.jpg" for k in part["keys"]] if url else pa.nulls(len(part["keys"]), pa.string())
         meta = pa.table({"key": part["keys"], "caption": [f"record {k}" for k in part["keys"]],
-                         "url": pa.nulls(len(part["keys"]), pa.string()), "punsafe": punsafe})  # fmt: skip
+                         "url": pa.array(urls, pa.string()), "punsafe": punsafe})  # fmt: skip
         pq.write_table(meta, folder / "metadata" / f"metadata_{index}.parquet")
         for name in truth:
             truth[name].update(part["planted"][name])
@@ -140,13 +145,14 @@ def write_pool(root: Path, pool: SyntheticPool) -> dict[str, str]:
     return planted
 
 
-def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = None) -> dict:
+def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = None, images: bool = False) -> dict:
     """The build the bench measures: the pool through shards, with a 512-d model named (random init: only its
     identity and prompt towers are used, the vectors come from the files)."""
     return {
         "name": "scale",
         "workdir": str(work),
-        "source": {"kind": "embeddings", "path": str(folder), "shard_size": pool.shard_rows},
+        "source": {"kind": "embeddings", "path": str(folder), "shard_size": pool.shard_rows,
+                   **({"download": {"image_size": 64, "threads": 16, "timeout": 20}} if images else {})},
         "model": {"arch": ARCH_OF_DIM[pool.dim], "pretrained": None},
         "stages": {
             "embed": {},
@@ -155,7 +161,7 @@ def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = N
             "dedup": {"by": ["image"], **(dedup or {})},
             "neighbours": {"modalities": ["text"], "candidates": 16},
             "mine": {"k": 4, "reuse_cap": 16},
-            "shards": {"plain_view": False, "samples_per_shard": 10_000},
+            "shards": {"plain_view": images, "samples_per_shard": 10_000},
         },
     }
 
@@ -182,24 +188,25 @@ def _monitor(proc: subprocess.Popen, every: float = 0.25) -> list[tuple[float, f
 
 
 def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str = "ray",
-            exact_sample: int = 0) -> dict:  # fmt: skip
+            exact_sample: int = 0, images: bool = False, edit_noise: float = EDIT_NOISE) -> dict:  # fmt: skip
     """Build one size; per stage seconds, peak RSS (MB) and records/s, plus the planted-truth figures."""
     import yaml
 
     pool = SyntheticPool(rows=size, dim=dim, shard_rows=min(50_000, max(1_000, size // 8)),
-                         clusters=max(20, size // 2_000))  # fmt: skip
+                         clusters=max(20, size // 2_000), edit_noise=edit_noise)  # fmt: skip
     folder, work = base / f"pool-{size}", base / f"work-{size}"
-    truth = write_laion(folder, pool)
     path = base / f"scale-{size}.yaml"
     # where the exact path is run for comparison, the build itself runs the partitioned dedup (auto would pick
     # the exact one at that size)
     dedup = {"method": "partitioned"} if size <= exact_dedup_max else None
-    path.write_text(yaml.safe_dump(recipe(folder, work, pool, dedup)))
     command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(path), "--executor", executor,
                "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    samples = _monitor(proc)
-    err = proc.stderr.read()
+    with PlaceholderServer() if images else nullcontext() as url:
+        truth = write_laion(folder, pool, url)
+        path.write_text(yaml.safe_dump(recipe(folder, work, pool, dedup, images)))
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        samples = _monitor(proc)
+        err = proc.stderr.read()
     if proc.returncode != 0:
         raise RuntimeError(f"build of {size:,} records failed: {err.strip().splitlines()[-1:]}")
     wd = WorkDir(work)

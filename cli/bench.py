@@ -265,6 +265,21 @@ def scale(
             "precision@1 the build's own search is compared with (0: skip).",
         ),
     ] = 3_000,
+    edit_noise: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Noise of a planted unsafe edit around its safe source (0.6: cosine ~0.85 to it); larger values "
+            "make the nearest safe target harder to find for an approximate index.",
+        ),
+    ] = 0.6,
+    images: Annotated[
+        bool,
+        typer.Option(
+            help="Give every record an image URL on a loopback server (one placeholder JPEG), so the shards stage "
+            "fetches the selected records' images with img2dataset and writes the plain view too.",
+        ),
+    ] = False,
     keep: Annotated[bool, typer.Option(help="Keep each size's pool and work dir (they take disk).")] = False,
     executor: Annotated[
         Literal["ray", "local"], typer.Option(help="ray: an embedded Ray, workers in processes of their own.")
@@ -292,7 +307,7 @@ def scale(
     results = []
     for size in sorted(counts):
         console.print(f"building {size:,} records x {dim} dims ...")
-        results.append(measure(size, dim, folder, exact_dedup_max, executor, exact_sample))
+        results.append(measure(size, dim, folder, exact_dedup_max, executor, exact_sample, images, edit_noise))
         save(results, folder / "scale.json")
         if not keep:
             for sub in (f"pool-{size}", f"work-{size}", f"work-{size}-exact"):

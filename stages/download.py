@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -108,6 +109,30 @@ def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions) ->
     listing = out / "urls.parquet"
     pq.write_table(pa.table({"url": list(urls.values()), KEY_COLUMN: list(urls)}), listing)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
+    with _quiet_progress():
+        _img2dataset(download, listing, out, options)
+    (out / "done").write_text("")
+    return rebuild_index(folder)
+
+
+@contextmanager
+def _quiet_progress():
+    """img2dataset's tqdm bar (on stderr, one per attempt) would interleave with the build's own progress: its
+    distributor's ``tqdm`` is swapped for a disabled one while it runs (tqdm reads TQDM_DISABLE only when it is
+    first imported, which another package has done by then)."""
+    from functools import partial
+
+    from img2dataset import distributor
+
+    original = distributor.tqdm
+    distributor.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        distributor.tqdm = original
+
+
+def _img2dataset(download, listing: Path, out: Path, options: DownloadOptions) -> None:
     download(
         url_list=str(listing),
         input_format="parquet",
@@ -128,8 +153,6 @@ def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions) ->
         enable_wandb=False,
         incremental_mode="incremental",  # the attempt folder is new: nothing to skip
     )
-    (out / "done").write_text("")
-    return rebuild_index(folder)
 
 
 def _attempt_rows(attempt_dir: Path, attempt: int) -> list[dict]:

@@ -180,8 +180,10 @@ def resolve_bucket(root: str, b: int) -> int:
     return joined.num_rows
 
 
-def _fetch(root: str, name: str, urls: dict[str, str], options: Any) -> dict[str, tuple[bytes | None, str]]:
-    """key -> (image bytes or None, why not) for these URLs, downloaded with img2dataset."""
+def _fetch(root: str, name: str, urls: dict[str, str], options: Any) -> dict[str, tuple[tuple | None, str]]:
+    """key -> (where img2dataset put its image: (tar, offset, size), or None and why not) for these URLs. Only the
+    places are kept: the tar writer reads each image when it writes it, so a task holds one fetched image at a
+    time however many its tars take."""
     if not urls:
         return {}
     folder = _dir(root, "fetch", name)
@@ -190,10 +192,16 @@ def _fetch(root: str, name: str, urls: dict[str, str], options: Any) -> dict[str
     out = {}
     for row in index.to_pylist():
         if row["status"] == "success":
-            out[row["key"]] = (download.read_bytes(row["tar"], row["offset"], row["size"]), "")
+            out[row["key"]] = ((row["tar"], row["offset"], row["size"]), "")
         else:
             out[row["key"]] = (None, f"download {row['status']}: {row['error'] or ''}".strip())
     return out
+
+
+def _fetched(fetched: dict[str, tuple[tuple | None, str]], key: str) -> tuple[bytes | None, str]:
+    """The fetched image of ``key`` read from img2dataset's tar (None and why where it was not fetched)."""
+    where, why = fetched.get(key, (None, ""))
+    return (download.read_bytes(*where) if where else None), why
 
 
 def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: Any) -> dict[str, Any]:
@@ -242,7 +250,7 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
     for r in rows:
         image, why = r["image"], ""
         if not image and r["key"] in fetched:
-            image, why = fetched[r["key"]]
+            image, why = _fetched(fetched, r["key"])
         if kind == "plain" and not image:
             statuses.append((r["key"], r["shard"], f"safe image not fetched ({why or 'no image'})", None, None))
             continue
@@ -275,7 +283,7 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
         pair = None
         if asked[r["key"]]["given"]:
             i = asked[r["key"]]["given"][0]
-            given_image = info["image"][i] or fetched.get(info["need"][i], (None, ""))[0]
+            given_image = info["image"][i] or _fetched(fetched, info["need"][i])[0]
             pair = (info["need"][i], info["caption"][i], given_image)
         category, difficulty = r["category"] or "unknown", r["difficulty"] or "unknown"
         described = [(t, x, info["caption"][found[t]]) for t, x in targets]

@@ -103,6 +103,7 @@ def test_only_the_selected_records_images_are_fetched(tmp_path, cli_module, layo
         code, _, err = cli_module("build", str(write_recipe(tmp_path / "r.yaml", data)), "--executor", "local",
                                   "--no-progress")  # fmt: skip
         assert code == 0, err
+        assert "Traceback" not in err and "resource_tracker" not in err and "it/s]" not in err, err  # a clean log
         requested = [hit.rsplit("/", 1)[1].removesuffix(".jpg") for hit in server.hits]
     wd = WorkDir(tmp_path / "work")
     training = {r["key"]: r for r in wd.read_stage_columns("shards", ["key", "training", "tar"]).to_pylist()}
