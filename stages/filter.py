@@ -92,7 +92,7 @@ class FilterStage(Stage):
     Config = FilterConfig
     inputs = {"score": ("key", *BASE_SCORE_COLUMNS), "source": ("key", "caption")}
     output_columns = ("key", "role", "category", "role_source", "unsafe_score")
-    version = "1"
+    version = "2"  # 2: the unsafe threshold in the output metadata
 
     config: FilterConfig
 

@@ -125,7 +125,7 @@ class NeighboursStage(Stage):
     Config = NeighboursConfig
     inputs = {"dedup": ("key", "role", "category"), "embed": ("key", "image_embedding", "text_embedding")}
     output_columns = ("key", "role", "category")
-    version = "2"
+    version = "3"  # 3: list search probes until min_recall, recorded in the metadata
 
     config: NeighboursConfig
 

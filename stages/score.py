@@ -172,7 +172,7 @@ class ScoreStage(Stage):
     inputs = {"embed": ("key", "image_embedding", "text_embedding"), "source": ("key", "category")}
     output_columns = ("key", "alignment", "image_unsafe_score", "text_unsafe_score", "label_role", "label_category")
     recipe_sections = ("model",)
-    version = "1"
+    version = "2"  # 2: labels read strictly (safe_values), unscored images as partial outputs
 
     config: ScoreConfig
 
