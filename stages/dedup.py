@@ -98,7 +98,7 @@ class DedupConfig(StageConfig):
 
 
 def near_duplicates(
-    keys: list[str], vectors: np.ndarray, valid: np.ndarray, threshold: float, neighbours: int, backend: str = "auto"
+    vectors: np.ndarray, valid: np.ndarray, threshold: float, neighbours: int, backend: str = "auto"
 ) -> dict[int, tuple[int, float]]:
     """Edges row -> (nearest row within threshold, cosine) from an exact kNN over the valid rows."""
     rows = np.flatnonzero(valid)
@@ -159,7 +159,7 @@ class DedupStage(Stage):
             for modality in c.by:
                 vectors, valid = unit_rows(table[f"{modality}_embedding"].take(pa.array(members)), dim)
                 threshold = c.image_threshold if modality == "image" else c.text_threshold
-                local = near_duplicates([keys[m] for m in members], vectors, valid, threshold, c.neighbours, c.backend)
+                local = near_duplicates(vectors, valid, threshold, c.neighbours, c.backend)
                 graphs.append(
                     (modality, {int(members[q]): [(int(members[o]), s) for o, s in e] for q, e in local.items()})
                 )

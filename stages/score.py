@@ -52,10 +52,6 @@ def column_suffix(category: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", category.lower()).strip("_")
 
 
-def score_columns(categories: list[str]) -> list[str]:
-    return [f"{m}_score_{column_suffix(c)}" for m in ("image", "text") for c in categories]
-
-
 def resolve_role_column(role_column: str | None, source) -> str | None:
     """``auto``: the column the source writes its safe/unsafe labels to. Every reader puts a source's own label
     (LAION's punsafe and NSFW tag, the ViSU / NSFW-Caps / LAION layouts' roles, a manifest's or tar's label, an

@@ -136,20 +136,20 @@ def test_leader_clustering_keeps_the_first_key_and_never_chains():
     other = _unit([0, 0, 1])
     keys = ["c", "a", "b", "z"]
     vectors = np.stack([near, base, far_from_base, other])
-    graph = near_duplicates(keys, vectors, np.ones(4, bool), threshold=0.97, neighbours=3)
+    graph = near_duplicates(vectors, np.ones(4, bool), threshold=0.97, neighbours=3)
     decided = leader_clusters(keys, [("image", graph)])
     # "a" (base) is visited first and absorbs "c" (near); "b" is not within 0.97 of "a", so it stays: no chain
     assert set(decided) == {0} and decided[0][0] == 1 and decided[0][1].startswith("image cosine 0.98")
     # the result does not depend on row order
     perm = [2, 0, 3, 1]
-    graph_p = near_duplicates([keys[i] for i in perm], vectors[perm], np.ones(4, bool), 0.97, 3)
+    graph_p = near_duplicates(vectors[perm], np.ones(4, bool), 0.97, 3)
     decided_p = leader_clusters([keys[i] for i in perm], [("image", graph_p)])
     assert {keys[perm[d]]: keys[perm[k]] for d, (k, _) in decided_p.items()} == {"c": "a"}
 
 
 def test_rows_without_the_embedding_are_never_duplicates():
     vectors = np.stack([_unit([1, 0]), _unit([1, 0]), np.zeros(2, np.float32)])
-    graph = near_duplicates(["a", "b", "c"], vectors, np.array([True, False, True]), 0.9, 4)
+    graph = near_duplicates(vectors, np.array([True, False, True]), 0.9, 4)
     assert graph == {}
 
 

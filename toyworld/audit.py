@@ -8,7 +8,6 @@ pipeline against that truth; ``saferclip-data toy audit`` prints it.
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.safe_pool import pool_keys
@@ -96,6 +95,3 @@ def scoring_auroc(workdir: WorkDir, min_records: int = 50) -> list[dict]:
         out.append(row)
     return out
 
-
-def as_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows)

@@ -119,12 +119,6 @@ def _place_box(rng: random.Random, side: float, taken: list[Box]) -> Box:
     return best
 
 
-def is_shifted(scene: Scene) -> bool:
-    """Does the scene show an object at a place where training never shows it?"""
-    held = HELD_OUT_OBJECTS.get(scene.place, ())
-    return any(kind in held for kind, _, _ in scene.objects)
-
-
 def sample_scene(
     rng: random.Random, places: tuple[str, ...] = TRAIN_PLACES, colours: tuple[str, ...] | None = None
 ) -> Scene:
