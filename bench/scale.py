@@ -188,12 +188,13 @@ def _monitor(proc: subprocess.Popen, every: float = 0.25) -> list[tuple[float, f
 
 
 def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str = "ray",
-            exact_sample: int = 0, images: bool = False, edit_noise: float = EDIT_NOISE) -> dict:  # fmt: skip
+            exact_sample: int = 0, images: bool = False, edit_noise: float = EDIT_NOISE,
+            cluster_size: int = 2_000) -> dict:  # fmt: skip
     """Build one size; per stage seconds, peak RSS (MB) and records/s, plus the planted-truth figures."""
     import yaml
 
     pool = SyntheticPool(rows=size, dim=dim, shard_rows=min(50_000, max(1_000, size // 8)),
-                         clusters=max(20, size // 2_000), edit_noise=edit_noise)  # fmt: skip
+                         clusters=max(20, size // cluster_size), edit_noise=edit_noise)  # fmt: skip
     folder, work = base / f"pool-{size}", base / f"work-{size}"
     path = base / f"scale-{size}.yaml"
     # where the exact path is run for comparison, the build itself runs the partitioned dedup (auto would pick

@@ -273,6 +273,14 @@ def scale(
             "make the nearest safe target harder to find for an approximate index.",
         ),
     ] = 0.6,
+    cluster_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Records per cluster of the synthetic pool: small clusters (e.g. 40) spread the pool evenly, "
+            "where inverted lists cut through neighbourhoods and an approximate search misses most.",
+        ),
+    ] = 2_000,
     images: Annotated[
         bool,
         typer.Option(
@@ -307,7 +315,8 @@ def scale(
     results = []
     for size in sorted(counts):
         console.print(f"building {size:,} records x {dim} dims ...")
-        results.append(measure(size, dim, folder, exact_dedup_max, executor, exact_sample, images, edit_noise))
+        results.append(measure(size, dim, folder, exact_dedup_max, executor, exact_sample, images, edit_noise,
+                               cluster_size))
         save(results, folder / "scale.json")
         if not keep:
             for sub in (f"pool-{size}", f"work-{size}", f"work-{size}-exact"):
@@ -343,6 +352,9 @@ def scale(
             probes = f", {search['nprobe']} of {search.get('lists')} lists probed" if search.get("nprobe") else ""
             recall = search.get("recall_at_1")
             measured = f", recall@1 measured {recall:.4f} on {search['recall_queries']:,} queries" if recall else ""
+            if search.get("recall_at_1_configured") is not None:
+                measured += (f" (probing the configured {search['nprobe_configured']}: "
+                             f"{search['recall_at_1_configured']:.4f})")
             console.print(f"  {modality} targets: {search['index']} search{probes}{measured}")
     console.print(f"results: {folder / 'scale.json'}")
 

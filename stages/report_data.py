@@ -137,7 +137,9 @@ def target_search(root: Path) -> list[dict]:
     meta = json.loads(manifest.read_text()).get("metadata", {}) if manifest.is_file() else {}
     search = json.loads(meta.get("search", "{}"))
     return [{"modality": m, "index": s["index"], "lists probed": s.get("nprobe"), "lists": s.get("lists"),
-             "recall@1 (measured)": s.get("recall_at_1"), "sampled queries": s.get("recall_queries")}
+             "recall@1 (measured)": s.get("recall_at_1"), "sampled queries": s.get("recall_queries"),
+             "configured lists probed": s.get("nprobe_configured"),
+             "recall@1 with those": s.get("recall_at_1_configured")}
             for m, s in sorted(search.items())]  # fmt: skip
 
 
