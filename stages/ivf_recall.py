@@ -134,6 +134,18 @@ def needed_probes(best: dict, homes: np.ndarray, centroids: np.ndarray) -> np.nd
     return out
 
 
+def search_choice(needed: np.ndarray, start: int, lists: int, target: float) -> dict:
+    """How to search: ``ivf_flat`` with the probe count that reaches ``target`` (and the recall measured with it),
+    or ``exact`` where that would probe over half the lists; with what the configured ``start`` alone would have
+    found (the reason for any raise)."""
+    nprobe, recall = choose_probes(needed, start, lists, target)
+    configured = {"lists": lists, "nprobe_configured": start,
+                  "recall_at_1_configured": round(choose_probes(needed, start, lists, 0.0)[1], 6)}  # fmt: skip
+    if nprobe > lists // 2 and nprobe > start:
+        return {"index": "exact", "nprobe": None, "recall_at_1": 1.0, **configured}
+    return {"index": "ivf_flat", "nprobe": nprobe, "recall_at_1": round(recall, 6), **configured}
+
+
 def choose_probes(needed: np.ndarray, start: int, lists: int, target: float) -> tuple[int, float]:
     """The smallest probe count >= ``start`` whose recall@1 on the sample reaches ``target``, and that recall
     (queries without any admissible row do not count)."""

@@ -250,14 +250,7 @@ class NeighboursStage(Stage):
             best = ivf_recall.merge(best, part)
         sample_homes = lists.read_arrow(folder / lists.LISTS_DIR / f"calib-{modality}.arrow")["home"].to_numpy()
         needed = ivf_recall.needed_probes(best, sample_homes, centroids)
-        nprobe, recall = ivf_recall.choose_probes(needed, start, nlist, c.min_recall)
-        # what the configured probe count alone would have found: the reason for any raise, in the report
-        at_start = round(ivf_recall.choose_probes(needed, start, nlist, 0.0)[1], 6)
-        if nprobe > nlist // 2 and nprobe > start:
-            return {"index": "exact", "nprobe": None, "recall_at_1": 1.0, "recall_queries": sampled, "lists": nlist,
-                    "nprobe_configured": start, "recall_at_1_configured": at_start}  # fmt: skip
-        return {"index": "ivf_flat", "nprobe": nprobe, "recall_at_1": round(recall, 6), "recall_queries": sampled,
-                "lists": nlist, "nprobe_configured": start, "recall_at_1_configured": at_start}  # fmt: skip
+        return {**ivf_recall.search_choice(needed, start, nlist, c.min_recall), "recall_queries": sampled}
 
     def _rounds(self, progress, what: str, fn, items: list[tuple], merge: bool = False):
         """``fn`` over ``items`` as tasks, in rounds of 64 so that the progress bar moves; ``merge``: yield the
