@@ -140,10 +140,16 @@ def search_choice(needed: np.ndarray, start: int, lists: int, target: float) -> 
     found (the reason for any raise)."""
     nprobe, recall = choose_probes(needed, start, lists, target)
     configured = {"lists": lists, "nprobe_configured": start,
-                  "recall_at_1_configured": round(choose_probes(needed, start, lists, 0.0)[1], 6)}  # fmt: skip
+                  "recall_at_1_configured": round(recall_at(needed, min(start, lists)), 6)}  # fmt: skip
     if nprobe > lists // 2 and nprobe > start:
         return {"index": "exact", "nprobe": None, "recall_at_1": 1.0, **configured}
     return {"index": "ivf_flat", "nprobe": nprobe, "recall_at_1": round(recall, 6), **configured}
+
+
+def recall_at(needed: np.ndarray, nprobe: int) -> float:
+    """Recall@1 on the sample when ``nprobe`` lists are probed (queries without an admissible row do not count)."""
+    counted = needed[needed > 0]
+    return float((counted <= nprobe).mean()) if len(counted) else 1.0
 
 
 def choose_probes(needed: np.ndarray, start: int, lists: int, target: float) -> tuple[int, float]:
@@ -155,4 +161,4 @@ def choose_probes(needed: np.ndarray, start: int, lists: int, target: float) -> 
     ranked = np.sort(counted)
     required = int(ranked[min(len(ranked) - 1, int(np.ceil(target * len(ranked))) - 1)])
     nprobe = min(max(start, required), lists)
-    return nprobe, float((counted <= nprobe).mean())
+    return nprobe, recall_at(needed, nprobe)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.ivf_recall import choose_probes, needed_probes
+from saferclip_data.stages.ivf_recall import choose_probes, needed_probes, recall_at, search_choice
 
 from conftest import write_recipe
 from helpers import safety_recipe
@@ -114,3 +114,7 @@ def test_the_probe_count_is_the_fewest_lists_that_reach_the_target():
     assert choose_probes(needed, 1, 4, 0.995) == (needed[1], 1.0)
     assert choose_probes(needed, 1, 4, 0.5) == (1, 0.5)
     assert choose_probes(np.zeros(3, np.int64), 2, 4, 0.995) == (2, 1.0)
+    assert recall_at(needed, 1) == 0.5 and recall_at(needed, 4) == 1.0
+    chosen = search_choice(needed, 1, 4, 0.995)
+    assert chosen["recall_at_1_configured"] == 0.5 and chosen["recall_at_1"] == 1.0
+    assert chosen["index"] == ("exact" if needed[1] > 2 else "ivf_flat")  # over half the lists: exact
