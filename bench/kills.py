@@ -1,15 +1,17 @@
 """`saferclip-data bench kills`: kill -9 a build at random moments, resume it, and compare with a clean build.
 
 Each trial starts a build of the recipe in a fresh work dir (on the embedded Ray by default), SIGKILLs the build's
-process at a random moment of a clean build's duration (as the OOM killer or a user's ``kill -9`` would), waits
-15 s, and counts which of the processes the build had started are still alive; then it builds again to the end
-and compares every file of the work dir with the clean build's, byte for byte. Bookkeeping is left out of the
+process (as the OOM killer or a user's ``kill -9`` would) inside one stage, the stages taken in turn: once the
+stage has started, after a random share of the time it took in a clean build. It then waits 15 s, counts which of
+the processes the build had started are still alive, builds again to the end and compares every file of the work
+dir with the clean build's, byte for byte. Bookkeeping is left out of the
 comparison: markers (``*.done.json``), manifests, task logs (``_tasks-*.json``) and the report (it states when it
 was written).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -47,22 +49,31 @@ def _stage_running(work: Path) -> str:
     return manifests[-1].parent.name if manifests else "(start-up)"
 
 
-def trial(recipe: Path, work: Path, clean: dict[str, Path], kill_at: float, executor: str) -> dict:
-    """One kill, the 15 s wait, the resume and the comparison."""
+def stage_seconds(work: Path) -> dict[str, float]:
+    """Each stage of a finished build with the seconds it took, in build order."""
+    manifests = sorted(work.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime_ns)
+    return {p.parent.name: float(json.loads(p.read_text()).get("seconds") or 0.0) for p in manifests}
+
+
+def trial(recipe: Path, work: Path, clean: dict[str, Path], stage: str, delay: float, executor: str) -> dict:
+    """One kill (``delay`` seconds after ``stage`` started), the 15 s wait, the resume and the comparison."""
     import psutil
 
     build = _build(recipe, work, executor)
     root = psutil.Process(build.pid)
     started: dict[int, psutil.Process] = {}
-    end = time.monotonic() + kill_at
-    while time.monotonic() < end and build.poll() is None:
+    began, end = time.monotonic(), None
+    while build.poll() is None and (end is None or time.monotonic() < end):
+        if end is None and (work / stage / "_manifest.json").is_file():
+            end = time.monotonic() + delay
         try:
             started.update((p.pid, p) for p in root.children(recursive=True))
         except psutil.Error:
             pass
         time.sleep(0.05)
+    kill_at = time.monotonic() - began
     finished_first = build.poll() is not None
-    stage = _stage_running(work)
+    stage = _stage_running(work)  # the stage actually running at the kill
     if not finished_first:
         os.kill(build.pid, signal.SIGKILL)
     build.wait()
@@ -98,11 +109,13 @@ def run(recipe: Path, out: Path, trials: int, seed: int, executor: str) -> tuple
         raise RuntimeError(f"the clean build failed: {err.strip().splitlines()[-1:]}")
     seconds = time.monotonic() - started
     clean = data_files(clean_work)
+    stages = {name: took for name, took in stage_seconds(clean_work).items() if name != "report"}
     rng = random.Random(seed)
     results = []
     for i in range(trials):
         work = out / f"trial-{i:02d}"
         shutil.rmtree(work, ignore_errors=True)
-        results.append(trial(recipe, work, clean, rng.uniform(1.0, 0.95 * seconds), executor))
+        stage = list(stages)[i % len(stages)]
+        results.append(trial(recipe, work, clean, stage, rng.uniform(0.0, 0.9) * stages[stage], executor))
         shutil.rmtree(work, ignore_errors=True)
     return seconds, results

@@ -432,10 +432,11 @@ def kills(
     seed: Annotated[int, typer.Option(help="Seed of the kill moments.")] = 0,
     executor: Annotated[Literal["ray", "local"], typer.Option(help="ray: the embedded Ray.")] = "ray",
 ) -> None:
-    """Crash safety, measured: a clean build of RECIPE, then TRIALS builds each killed with SIGKILL at a moment
-    drawn over the clean build's duration, checked 15 s later for processes the build left alive, resumed to the
-    end and compared with the clean build file by file (every data file: parquet, tar, npy, json; markers,
-    manifests, task logs and the report, which state when and where they ran, left out)."""
+    """Crash safety, measured: a clean build of RECIPE, then TRIALS builds each killed with SIGKILL inside one
+    stage (the stages in turn, at a random share of the time the stage took in the clean build), checked 15 s
+    later for processes the build left alive, resumed to the end and compared with the clean build file by file
+    (every data file: parquet, tar, npy, json; markers, manifests, task logs and the report, which state when
+    and where they ran, left out)."""
     import json
     import tempfile
 
@@ -445,7 +446,8 @@ def kills(
     folder = out or Path(tempfile.gettempdir()) / "saferclip-kills"
     seconds, results = run((recipe or default_recipe()).resolve(), folder, trials, seed, executor)
     (folder / "kills.json").write_text(json.dumps({"clean_seconds": seconds, "trials": results}, indent=2) + "\n")
-    table = Table(title=f"kill -9 at random moments of a {seconds:.0f} s build ({executor} executor), then resume")
+    table = Table(title=f"kill -9 inside each stage in turn of a {seconds:.0f} s build ({executor} executor), "
+                  "then resume")
     for column in ("trial", "killed at s", "during", "processes", "alive 15 s later", "files equal"):
         table.add_column(column, justify="left" if column == "during" else "right")
     for i, r in enumerate(results):
