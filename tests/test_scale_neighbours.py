@@ -91,6 +91,11 @@ def test_a_probe_count_too_small_for_the_recall_target_is_raised_by_the_build(ex
     for m in ("text", "image-text"):
         assert search[m]["index"] == "exact" or search[m]["nprobe"] > 1, search
         assert search[m]["recall_at_1"] >= 0.995 and search[m]["recall_queries"] > 100, search
+        assert search[m]["nprobe_configured"] == 1 and search[m]["recall_at_1_configured"] < 0.995, search
+    code, _, err = cli_module("report", str(base / "raised"))
+    assert code == 0, err
+    report = (base / "raised" / "report" / "report.md").read_text()
+    assert "nearest-target search (text)" in report and "recall@1 " in report
     unraised, _ = _ivf(base, cli_module, "unraised", nlist=16, nprobe=1, task_queries=40, task_pool_rows=60,
                        min_recall=None)
     for result, floor, ceiling in ((found, 0.99, 1.0), (unraised, 0.0, 0.97)):
