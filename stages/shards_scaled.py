@@ -198,10 +198,32 @@ def _fetch(root: str, name: str, urls: dict[str, str], options: Any) -> dict[str
     return out
 
 
-def _fetched(fetched: dict[str, tuple[tuple | None, str]], key: str) -> tuple[bytes | None, str]:
-    """The fetched image of ``key`` read from img2dataset's tar (None and why where it was not fetched)."""
-    where, why = fetched.get(key, (None, ""))
-    return (download.read_bytes(*where) if where else None), why
+class FetchedImages:
+    """The fetched images of one tar group, read from img2dataset's tars when their samples are written: one open
+    file per img2dataset tar (not one open per image), one image in memory at a time."""
+
+    def __init__(self, fetched: dict[str, tuple[tuple | None, str]]):
+        self.fetched, self.files = fetched, {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.fetched
+
+    def get(self, key: str) -> tuple[bytes | None, str]:
+        """The image of ``key`` (None and why where it was not fetched)."""
+        where, why = self.fetched.get(key, (None, ""))
+        if where is None:
+            return None, why
+        tar, offset, size = where
+        if tar not in self.files:
+            self.files[tar] = open(tar, "rb")  # noqa: SIM115 - closed by close(), after the group's last sample
+        handle = self.files[tar]
+        handle.seek(offset)
+        return handle.read(size), ""
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+        self.files.clear()
 
 
 def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: Any) -> dict[str, Any]:
@@ -227,7 +249,7 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
     urls = {r["key"]: r["url"] for r in rows if not r["image"] and r["url"]}
     urls |= {info["need"][i]: info["url"][i] for per in asked.values() for i in per["given"]
              if not info["image"][i] and info["url"][i]}  # fmt: skip
-    fetched = _fetch(root, f"{kind}-{g:05d}", urls, options)
+    fetched = FetchedImages(_fetch(root, f"{kind}-{g:05d}", urls, options))
     statuses, stats, tar_index = [], {}, first_tar - 1
     out_dir = Path(root) / "shards" / kind
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +272,7 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
     for r in rows:
         image, why = r["image"], ""
         if not image and r["key"] in fetched:
-            image, why = _fetched(fetched, r["key"])
+            image, why = fetched.get(r["key"])
         if kind == "plain" and not image:
             statuses.append((r["key"], r["shard"], f"safe image not fetched ({why or 'no image'})", None, None))
             continue
@@ -283,7 +305,7 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
         pair = None
         if asked[r["key"]]["given"]:
             i = asked[r["key"]]["given"][0]
-            given_image = info["image"][i] or _fetched(fetched, info["need"][i])[0]
+            given_image = info["image"][i] or fetched.get(info["need"][i])[0]
             pair = (info["need"][i], info["caption"][i], given_image)
         category, difficulty = r["category"] or "unknown", r["difficulty"] or "unknown"
         described = [(t, x, info["caption"][found[t]]) for t, x in targets]
@@ -295,6 +317,7 @@ def write_group(root: str, kind: str, g: int, first_tar: int, s: dict, options: 
         statuses.append((r["key"], r["shard"], "quad" if image or not why else f"quad without its image ({why})",
                          tar, order))  # fmt: skip
     close()
+    fetched.close()
     keys, shards, status, tars, orders = (list(c) for c in zip(*statuses)) if statuses else ([],) * 5
     _write(_dir(root, "status", f"{kind}-{g:05d}.parquet"),
            pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array(shards, pa.int32()),
