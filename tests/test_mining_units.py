@@ -10,7 +10,7 @@ import pytest
 
 from saferclip_data.stages.dedup import leader_clusters, near_duplicates
 from saferclip_data.stages.filter import FilterConfig, FilterStage
-from saferclip_data.stages.mine import apply_reuse_cap, difficulty
+from saferclip_data.stages.mine import capped_picks, difficulty
 from saferclip_data.stages.score import ScoreConfig, ScoreStage, column_suffix
 
 
@@ -154,6 +154,15 @@ def test_rows_without_the_embedding_are_never_duplicates():
 
 
 # ---- mine ---------------------------------------------------------------------------------------------------
+def apply_reuse_cap(queries, candidates, sims, k, cap):
+    """The stage's greedy over every pair of a small example, sorted the way the merge of sorted runs feeds it."""
+    pairs = sorted((-s, q, t, i) for i, q in enumerate(queries) for t, s in zip(candidates[i], sims[i]))
+    chosen = [[] for _ in queries]
+    for _, target, sim, i in capped_picks(pairs, k, cap):
+        chosen[i].append((target, sim))
+    return chosen
+
+
 def test_reuse_cap_holds_and_is_greedy_by_similarity():
     queries = ["q1", "q2", "q3"]
     candidates = [["popular", "x"], ["popular", "y"], ["popular", "z"]]

@@ -1,4 +1,4 @@
-"""The streaming reuse cap (sorted runs + one merge) against the in-memory greedy: the same mine output."""
+"""The mine stage's reuse cap (sorted runs per shard + one merge) against the plain greedy over all pairs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from saferclip_data.pipeline.stage import GlobalContext
 from saferclip_data.pipeline.workdir import REJECT_SCHEMA, WorkDir
-from saferclip_data.stages import mine_stream
+from saferclip_data.stages import mine
 from saferclip_data.stages.mine import MineConfig, MineStage
 
 MODALITIES = ("text", "image")
@@ -57,27 +57,49 @@ def _mine(root, **config) -> tuple[dict, pa.Table, pa.Table, pa.Table, dict]:
     return counts, out, long, wd.rejects("mine"), stage.output_metadata(), wd.partials("mine")
 
 
+def _greedy(neighbours: pa.Table, m: str, k: int, cap: int | None) -> dict[str, list[tuple[str, float]]]:
+    """The reuse cap written the plain way: every (query, candidate) pair in memory, best similarity first."""
+    rows = [r for r in neighbours.to_pylist() if r["role"] == "unsafe" and r[f"{m}_candidates"]]
+    if cap is None:
+        return {r["key"]: list(zip(r[f"{m}_candidates"][:k], r[f"{m}_similarities"][:k])) for r in rows}
+    pairs = sorted((-s, r["key"], t) for r in rows for t, s in zip(r[f"{m}_candidates"], r[f"{m}_similarities"]))
+    used, chosen = {}, {}
+    for neg, key, target in pairs:
+        if len(chosen.setdefault(key, [])) < k and used.get(target, 0) < cap:
+            chosen[key].append((target, -neg))
+            used[target] = used.get(target, 0) + 1
+    return {key: picks for key, picks in chosen.items() if picks}
+
+
 @pytest.mark.parametrize("cap", [2, 5, None])
-def test_streaming_mine_equals_the_in_memory_greedy(tmp_path, monkeypatch, cap):
-    _neighbours(tmp_path)
-    monkeypatch.setattr(mine_stream, "FLUSH_PICKS", 37)  # picks leave the merge in many pieces
-    memory = _mine(tmp_path, k=3, reuse_cap=cap, method="memory")
-    streaming = _mine(tmp_path, k=3, reuse_cap=cap, method="streaming")
-    assert memory[0] == streaming[0] and memory[0]["rejected"] > 0  # some queries have no candidate at all
-    assert memory[1].equals(streaming[1])
-    assert memory[2].equals(streaming[2].replace_schema_metadata(memory[2].schema.metadata))
-    assert memory[3].equals(streaming[3])
-    assert memory[4] == streaming[4]
-    assert memory[5].equals(streaming[5])
+def test_mine_applies_the_greedy_reuse_cap_over_every_shard(tmp_path, monkeypatch, cap):
+    ids = _neighbours(tmp_path)
+    monkeypatch.setattr(mine, "FLUSH_PICKS", 37)  # picks leave the merge in many pieces
+    counts, out, long, rejects, metadata, partials = _mine(tmp_path, k=3, reuse_cap=cap)
+    neighbours = pa.concat_tables([WorkDir(tmp_path).read_shard("neighbours", s) for s in ids])
+    rows = {r["key"]: r for r in out.to_pylist()}
+    for m in MODALITIES:
+        expected = _greedy(neighbours, m, 3, cap)
+        got = {k: list(zip(r[f"{m}_targets"], r[f"{m}_similarities"])) for k, r in rows.items() if r[f"{m}_targets"]}
+        assert got.keys() == expected.keys()
+        for key, picks in expected.items():
+            assert [t for t, _ in got[key]] == [t for t, _ in picks], key
+            assert np.allclose([s for _, s in got[key]], [s for _, s in picks], atol=1e-6)
+        assert f"{m}_difficulty_tertiles" in metadata
+        in_long = long.filter(pa.compute.equal(long["modality"], m))
+        assert in_long.num_rows == sum(len(p) for p in expected.values())
+    unsafe = [r for r in neighbours.to_pylist() if r["role"] == "unsafe"]
+    without = {r["key"] for r in unsafe if not any(r["key"] in _greedy(neighbours, m, 3, cap) for m in MODALITIES)}
+    assert set(rejects["key"].to_pylist()) == without and counts["rejected"] == len(without) > 0
+    assert counts["in"] == neighbours.num_rows and counts["out"] == len(rows)
     # a kept record without targets in one modality is listed with the reason, never silently
-    partial = memory[5].to_pylist()
-    assert memory[0]["partial"] == len(partial) > 0
-    rows = {r["key"]: r for r in memory[1].to_pylist()}
+    partial = partials.to_pylist()
+    assert counts["partial"] == len(partial) > 0
     for p in partial:
         modality = p["reason"].split()[1]
         assert rows[p["key"]][f"{modality}_targets"] is None and p["reason"].startswith(f"no {modality} target: ")
     missing = {(k, m) for k, r in rows.items() for m in MODALITIES if r["role"] == "unsafe" and not r[f"{m}_targets"]}
     assert missing == {(p["key"], p["reason"].split()[1]) for p in partial}
     if cap is not None:  # the cap binds: some target is used exactly cap times, none more
-        uses = pa.compute.value_counts(memory[2].filter(pa.compute.equal(memory[2]["modality"], "text"))["target"])
+        uses = pa.compute.value_counts(long.filter(pa.compute.equal(long["modality"], "text"))["target"])
         assert max(u["counts"].as_py() for u in uses) == cap
