@@ -12,25 +12,35 @@ or text, is listed in ``benchmark/leakage.parquet`` and counted in the datasheet
 
 Every record passes through (the stage rejects nothing); selected records carry their ``benchmark_id`` and every
 record of a benchmark split is marked ``held_out`` (the shards stage never trains on those).
+
+No process holds the data set: per-shard tasks gather the benchmark splits' rows (with their vectors), the
+stage's process draws the quadruplets from them, and the leak check is a map over the shards (each finds every
+member's nearest training records in its shard; the stage keeps each member's overall nearest, ties to the
+earlier shard and row). Output shards are written by tasks.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+from saferclip_data.pipeline.executors import worker_identity
+from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
 from saferclip_data.stages.knn import knn_search
 from saferclip_data.stages.score import unit_rows
 
-#: auto's switch to the task-parallel benchmark (records in the mine stage)
-TASKS_MIN_ROWS = 200_000
+WORK_DIR = "_tasks"
 
 
 class BenchmarkConfig(StageConfig):
@@ -58,11 +68,7 @@ class BenchmarkConfig(StageConfig):
         "is not selected, the next one takes its place (counted per category); unset: select, then list leaks",
     )
     backend: str = Field(default="auto", pattern="^(auto|faiss|torch)$")
-    method: Literal["auto", "memory", "tasks"] | None = Field(
-        default=None,
-        description="memory = the whole data set in one process; tasks = the splits' rows gathered by per-shard "
-        f"tasks, the leak check a map over the training shards; unset = auto: tasks above {TASKS_MIN_ROWS:,} records",
-    )
+
 
 
 @dataclass
@@ -133,8 +139,6 @@ class BenchmarkStage(Stage):
     config: BenchmarkConfig
 
     def run_global(self, ctx: GlobalContext) -> dict[str, int]:
-        from saferclip_data.stages.benchmark_export import export_benchmark
-
         c = self.config
         wd = ctx.workdir
         shard_ids = wd.completed_shards("mine")
@@ -144,34 +148,7 @@ class BenchmarkStage(Stage):
             raise UserError(
                 f"stages.benchmark: the source has no column '{missing[0]}' (set split_column/group_column)"
             )
-        records = sum((wd.shard_stats("mine", s) or {}).get("out", 0) for s in shard_ids)
-        if c.method == "tasks" or (c.method in (None, "auto") and records > TASKS_MIN_ROWS):
-            from saferclip_data.stages.benchmark_tasks import run_tasks
-
-            return run_tasks(ctx, self, shard_ids, {**self.inputs, "source": source_cols})
-        tables = [wd.read_aligned(s, {**self.inputs, "source": source_cols}) for s in shard_ids]
-        table = pa.concat_tables(tables)
-        vectors = self.vectors(table)
-        selected, rows, per_category, cuts = self.choose(table, vectors, lambda cands: self._near_training(
-            table, vectors, cands))  # fmt: skip
-        leaks = self._leaks(table, vectors, selected, [r["benchmark_id"] for r in rows])
-        self.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
-        export_benchmark(ctx, self, rows, leaks, per_category, cuts)
-        keys = table["key"].to_pylist()
-        bench_id = [None] * len(keys)
-        for r in rows:
-            bench_id[r["safe_row"]] = bench_id[r["unsafe_row"]] = r["benchmark_id"]
-        wanted = set(c.splits)
-        held_out = [s in wanted for s in table[c.split_column].to_pylist()]
-        start = 0
-        for shard_id, shard in zip(shard_ids, tables):
-            part = shard.select(["key", "role", "category"]).append_column(
-                "benchmark_id", pa.array(bench_id[start : start + shard.num_rows], pa.string())
-            )
-            part = part.append_column("held_out", pa.array(held_out[start : start + shard.num_rows], pa.bool_()))
-            start += shard.num_rows
-            ctx.write_shard(shard_id, part, [], shard.num_rows)
-        return {"in": len(keys), "out": len(keys), "rejected": 0}
+        return _run_tasks(ctx, self, shard_ids, {**self.inputs, "source": source_cols})
 
     @staticmethod
     def vectors(table: pa.Table) -> dict[str, np.ndarray]:
@@ -268,52 +245,127 @@ class BenchmarkStage(Stage):
         cuts = {"safe_alignment": safe_cut, "unsafe_alignment": unsafe_cut, "caption_similarity": sim_cut}
         return eligible, {k: round(v, 6) for k, v in cuts.items()}
 
-    def _near_training(self, table: pa.Table, vectors: dict[str, np.ndarray], candidates: list[Candidate]) -> set[str]:
-        """Groups of ``candidates`` with a member within leak_threshold of a training record (image or text)."""
-        c = self.config
-        wanted = set(c.splits)
-        train_rows = np.flatnonzero([s not in wanted for s in table[c.split_column].to_pylist()])
-        if not candidates or not len(train_rows):
-            return set()
-        rows = [r for cand in candidates for r in (cand.safe_row, cand.unsafe_row)]
-        closest = np.full(len(rows), -np.inf)
-        for matrix in vectors.values():
-            scores, _ = knn_search(matrix[rows], matrix[train_rows], 1, backend=c.backend)
-            closest = np.maximum(closest, scores[:, 0])
-        near = np.maximum(closest[0::2], closest[1::2]) >= c.leak_threshold  # either member of a candidate
-        return {cand.group for cand, too_close in zip(candidates, near) if too_close}
-
-    def _leaks(self, table: pa.Table, vectors, selected: list[Candidate], ids: list[str]) -> list[dict]:
-        """Training records sharing a group with, or within leak_threshold of, a selected quadruplet's member."""
-        c = self.config
-        keys, groups = table["key"].to_pylist(), table[c.group_column].to_pylist()
-        splits = table[c.split_column].to_pylist()
-        wanted = set(c.splits)
-        training = np.array([s not in wanted for s in splits])
-        leaks: list[dict] = []
-        bench_groups = {cand.group: qid for cand, qid in zip(selected, ids)}
-        for row in np.flatnonzero(training):
-            if groups[row] in bench_groups:
-                leaks.append(
-                    {"benchmark_id": bench_groups[groups[row]], "benchmark_key": None, "modality": "group",
-                     "training_key": keys[row], "cosine": None}
-                )  # fmt: skip
-        train_rows = np.flatnonzero(training)
-        if not selected or len(train_rows) == 0:
-            return leaks
-        members = [(qid, r) for cand, qid in zip(selected, ids) for r in (cand.safe_row, cand.unsafe_row)]
-        k = min(c.leak_neighbours, len(train_rows))
-        for modality, matrix in vectors.items():
-            scores, idx = knn_search(matrix[[r for _, r in members]], matrix[train_rows], k, backend=c.backend)
-            for (qid, row), s_row, i_row in zip(members, scores, idx):
-                for s, i in zip(s_row, i_row):
-                    if i >= 0 and s >= c.leak_threshold:
-                        leaks.append(
-                            {"benchmark_id": qid, "benchmark_key": keys[row], "modality": modality,
-                             "training_key": keys[train_rows[i]], "cosine": round(float(s), 6)}
-                        )  # fmt: skip
-        return leaks
-
     def output_metadata(self) -> dict[str, str]:
         summary = getattr(self, "summary", None)
         return {"selected": str(summary["selected"]), "leaks": str(summary["leaks"])} if summary else {}
+
+
+def _dir(root: str) -> Path:
+    return Path(root) / "benchmark" / WORK_DIR
+
+
+def split_rows(root: str, inputs: dict, shard_id: str, index: int, split_column: str, splits: list[str]) -> int:
+    """Write this shard's rows of the benchmark splits (with their vectors); returns how many."""
+    table = WorkDir(root).read_aligned(shard_id, inputs)
+    table = table.filter(pc.fill_null(pc.is_in(table[split_column], pa.array(splits)), False))
+    _dir(root).mkdir(parents=True, exist_ok=True)
+    atomic_write_parquet(_dir(root) / f"split-{index:06d}.parquet", table)
+    return table.num_rows
+
+
+def shard_leaks(root: str, inputs: dict, shard_id: str, index: int, settings: dict) -> dict[str, list]:
+    """The leak check's task: :func:`leaks_in_shard` over one shard, the members read from their file."""
+    members = dict(np.load(settings["members"]))
+    return leaks_in_shard(WorkDir(root).read_aligned(shard_id, inputs), members, settings, index)
+
+
+def leaks_in_shard(table: pa.Table, members: dict[str, np.ndarray], settings: dict, index: int) -> dict[str, list]:
+    """A shard's training records in a benchmark group (``settings["groups"]``: group -> benchmark id), and per
+    modality and member (rows of ``members``) the shard's ``k`` nearest training records at or above the
+    threshold: (member, score, shard index, row, key)."""
+    splits = table[settings["split_column"]].to_pylist()
+    training = np.array([s not in settings["splits"] for s in splits], bool)
+    keys, groups = table["key"].to_pylist(), table[settings["group_column"]].to_pylist()
+    bench_groups = settings["groups"]
+    group_leaks = [(bench_groups[groups[r]], keys[r]) for r in np.flatnonzero(training) if groups[r] in bench_groups]
+    near: dict[str, list] = {}
+    rows = np.flatnonzero(training)
+    dim = table.schema.field("text_embedding").type.list_size
+    for modality in ("image", "text"):
+        near[modality] = []
+        if not len(rows) or not len(members[modality]):
+            continue
+        matrix = unit_rows(table[f"{modality}_embedding"], dim)[0][rows]
+        k = min(settings["k"], len(rows))
+        scores, idx = knn_search(members[modality], matrix, k, backend=settings["backend"])
+        for member, (s_row, i_row) in enumerate(zip(scores, idx)):
+            near[modality] += [(member, float(s), index, int(rows[i]), keys[rows[i]])
+                               for s, i in zip(s_row, i_row) if i >= 0 and s >= settings["threshold"]]  # fmt: skip
+    return {"groups": group_leaks, "near": near}
+
+
+def merge_leaks(found: list[dict[str, list]], members: list[tuple[str, str]], k: int) -> list[dict]:
+    """The leakage rows from every shard's :func:`leaks_in_shard`: group clashes, then per modality each member's
+    (``members``: benchmark id and key, in member order) ``k`` nearest over all shards (ties: earlier shard, row)."""
+    leaks = [{"benchmark_id": qid, "benchmark_key": None, "modality": "group", "training_key": key, "cosine": None}
+             for part in found for qid, key in part["groups"]]  # fmt: skip
+    for modality in ("image", "text"):
+        per_member: dict[int, list] = {}
+        for part in found:
+            for member, score, shard, row, key in part["near"][modality]:
+                per_member.setdefault(member, []).append((-score, shard, row, key))
+        for member, (qid, member_key) in enumerate(members):
+            for neg, _, _, key in sorted(per_member.get(member, []))[:k]:
+                leaks.append({"benchmark_id": qid, "benchmark_key": member_key, "modality": modality,
+                              "training_key": key, "cosine": round(-neg, 6)})  # fmt: skip
+    return leaks
+
+
+def output_shard(root: str, inputs: dict, shard_id: str, bench_id: dict[str, str], split_column: str,
+                 splits: list[str], metadata: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+    wd = WorkDir(root)
+    table = wd.read_aligned(shard_id, inputs)
+    keys = table["key"].to_pylist()
+    part = table.select(["key", "role", "category"])
+    part = part.append_column("benchmark_id", pa.array([bench_id.get(k) for k in keys], pa.string()))
+    part = part.append_column("held_out", pa.array([s in splits for s in table[split_column].to_pylist()]))
+    return write_global_shard(wd, "benchmark", metadata, shard_id, part, [], len(keys), worker_identity())
+
+
+def _leak_search(ctx: GlobalContext, config: BenchmarkConfig, shard_ids: list[str], inputs: dict,
+                 members: dict[str, np.ndarray], groups: dict[str, str], k: int, name: str) -> list[dict]:  # fmt: skip
+    """The leak map: every shard against these members (written once to a file the tasks read)."""
+    root = str(ctx.workdir.root)
+    np.savez(_dir(root) / f"{name}.npz", **members)
+    settings = {"split_column": config.split_column, "splits": list(config.splits),
+                "group_column": config.group_column, "groups": groups, "members": str(_dir(root) / f"{name}.npz"),
+                "k": k, "threshold": config.leak_threshold, "backend": config.backend}  # fmt: skip
+    return ctx.map(shard_leaks, [(root, inputs, s, i, settings) for i, s in enumerate(shard_ids)])
+
+
+def _run_tasks(ctx: GlobalContext, stage: BenchmarkStage, shard_ids: list[str], inputs: dict) -> dict[str, int]:
+    """The stage's steps: the splits' rows gathered by tasks, the selection here, the leak check and the output
+    shards as maps over the shards."""
+    from saferclip_data.stages.benchmark_export import export_benchmark
+
+    c = stage.config
+    root = str(ctx.workdir.root)
+    shutil.rmtree(_dir(root), ignore_errors=True)
+    _dir(root).mkdir(parents=True)
+    ctx.map(split_rows, [(root, inputs, s, i, c.split_column, list(c.splits)) for i, s in enumerate(shard_ids)])
+    table = pa.concat_tables([pq.read_table(_dir(root) / f"split-{i:06d}.parquet") for i in range(len(shard_ids))])
+    vectors = stage.vectors(table)
+
+    def near_training(candidates: list[Candidate]) -> set[str]:
+        rows = [r for cand in candidates for r in (cand.safe_row, cand.unsafe_row)]
+        found = _leak_search(ctx, c, shard_ids, inputs, {m: v[rows] for m, v in vectors.items()}, {}, 1, "candidates")
+        hit = {member // 2 for part in found for near in part["near"].values() for member, *_ in near}
+        return {candidates[n].group for n in hit}
+
+    selected, rows, per_category, cuts = stage.choose(table, vectors, near_training)
+    members = [(r["benchmark_id"], row) for r in rows for row in (r["safe_row"], r["unsafe_row"])]
+    keys = table["key"].to_pylist()
+    member_rows = [row for _, row in members]
+    found = _leak_search(ctx, c, shard_ids, inputs, {m: v[member_rows] for m, v in vectors.items()},
+                         {r["group"]: r["benchmark_id"] for r in rows}, c.leak_neighbours, "members")  # fmt: skip
+    leaks = merge_leaks(found, [(qid, keys[row]) for qid, row in members], c.leak_neighbours)
+    stage.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
+    export_benchmark(ctx, stage, rows, leaks, per_category, cuts)
+    bench_id = {keys[row]: qid for qid, row in members}
+    metadata = stage.output_metadata()
+    out_inputs = {"mine": ("key", "role", "category"), "source": ("key", c.split_column)}
+    written = ctx.map(output_shard, [(root, out_inputs, s, bench_id, c.split_column, list(c.splits), metadata)
+                                     for s in shard_ids])  # fmt: skip
+    ctx.committed(shard_ids)
+    records = sum(w["in"] for w in written)
+    return {"in": records, "out": records, "rejected": 0}

@@ -23,7 +23,7 @@ import webdataset as wds
 from PIL import Image
 
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.benchmark import BenchmarkConfig, BenchmarkStage, Candidate, quotas, select
+from saferclip_data.stages.benchmark import Candidate, leaks_in_shard, merge_leaks, quotas, select
 
 from conftest import write_recipe
 from helpers import safety_recipe
@@ -84,12 +84,14 @@ def test_planted_near_duplicates_in_training_are_each_reported():
     groups = [f"b{i // 2}" if i < 8 else f"t{i}" for i in range(n)]
     groups[19] = "b3"  # a training record sharing a benchmark group
     splits = ["shift"] * 8 + ["train"] * 12
-    table = pa.table({"key": keys, "group": groups, "split": splits})
-    selected = [_candidate(i, "a", 0.9) for i in range(4)]
-    for i, cand in enumerate(selected):
-        cand.group = f"b{i}"
-    stage = BenchmarkStage(BenchmarkConfig(splits=["shift"], leak_threshold=0.95), {})
-    leaks = stage._leaks(table, {"image": image, "text": text}, selected, [f"bench-{i:05d}" for i in range(4)])
+    vector = pa.list_(pa.float32(), image.shape[1])
+    table = pa.table({"key": keys, "group": groups, "split": splits,
+                      "image_embedding": pa.array(list(image), vector), "text_embedding": pa.array(list(text), vector)})
+    members = {"image": image[:8], "text": text[:8]}  # the 4 quadruplets' safe and unsafe rows, in member order
+    settings = {"split_column": "split", "splits": ["shift"], "group_column": "group", "k": 4, "threshold": 0.95,
+                "backend": "auto", "groups": {f"b{i}": f"bench-{i:05d}" for i in range(4)}}
+    found = [leaks_in_shard(table, members, settings, 0)]
+    leaks = merge_leaks(found, [(f"bench-{i // 2:05d}", keys[i]) for i in range(8)], 4)
     found = {(x["training_key"], x["modality"]) for x in leaks}
     assert found == {("k09", "image"), ("k13", "text"), ("k17", "image"), ("k19", "group")}
     by_key = {x["training_key"]: x for x in leaks}
@@ -97,7 +99,8 @@ def test_planted_near_duplicates_in_training_are_each_reported():
     assert by_key["k13"]["benchmark_id"] == "bench-00002" and by_key["k13"]["cosine"] >= 0.95
     # avoid_leaks: the same plants make their candidates ineligible before selection (a shared group does not:
     # the whole split stays out of training, and the group check still lists it)
-    assert stage._near_training(table, {"image": image, "text": text}, selected) == {"b0", "b2", "b3"}
+    near = leaks_in_shard(table, members, {**settings, "k": 1, "groups": {}}, 0)["near"]
+    assert {f"b{member // 2}" for hits in near.values() for member, *_ in hits} == {"b0", "b2", "b3"}
 
 
 def test_every_record_passes_through_and_selected_ones_carry_their_id(built):
