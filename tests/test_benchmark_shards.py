@@ -318,26 +318,3 @@ def test_report_renders_in_headless_chromium_without_console_errors(built, tmp_p
     assert console == []
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape == (4000, 1200) and image.std() > 10  # a page with content, not a blank
-
-
-def test_spilled_images_give_each_selected_image_back_from_disk_and_clean_up(tmp_path):
-    """The shards stage reads selected images back from one spill file instead of holding them all in memory."""
-    from saferclip_data.stages.shards import SpilledImages
-
-    wd = WorkDir(tmp_path / "w")
-    empty = pa.table({"key": pa.array([], pa.string())})
-    blobs = {f"k{i}": bytes([i]) * (10 + i) for i in range(6)}
-    blobs["k4"], blobs["k5"] = None, b""  # no image: never in the spill
-    for shard, keys in (("part-00000", ["k0", "k1", "k2"]), ("part-00001", ["k3", "k4", "k5"])):
-        table = pa.table({"key": keys, "image": pa.array([blobs[k] for k in keys], pa.binary())})
-        wd.write_shard("source", shard, table, empty, {}, {})
-    wd.write_manifest("source", {"complete": True, "shards": ["part-00000", "part-00001"]})
-    spill = SpilledImages(tmp_path / ".spill", wd, {"k0", "k2", "k3", "k4", "k5", "missing"})
-    assert {k for k in blobs if k in spill} == {"k0", "k2", "k3"} and "k1" not in spill
-    assert [spill[k] for k in ("k3", "k0", "k2")] == [blobs["k3"], blobs["k0"], blobs["k2"]]
-    assert (tmp_path / ".spill").stat().st_size == sum(len(blobs[k]) for k in ("k0", "k2", "k3"))
-    spill.close()
-    assert not (tmp_path / ".spill").exists()
-    nothing = SpilledImages(tmp_path / ".none", wd, set())
-    assert "k0" not in nothing
-    nothing.close()

@@ -232,10 +232,10 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
             "embed": {"concurrency": 2},
             "score": {"role_column": "label", "concurrency": 2},
             "filter": {"role_from": "labels"},
-            "dedup": {"method": "partitioned", "partition_rows": 300, "task_rows": 600},
+            "dedup": {"partition_rows": 300, "task_rows": 600},
             "neighbours": {"index": "ivf_flat", "nlist": 16, "concurrency": 2, "candidates": 4, "task_queries": 60},
-            "mine": {"method": "streaming", "k": 2, "reuse_cap": 4},
-            "shards": {"method": "tasks", "samples_per_shard": 100, "plain_view": False},
+            "mine": {"k": 2, "reuse_cap": 4},
+            "shards": {"samples_per_shard": 100, "plain_view": False},
         },
     }
     recipe = write_recipe(tmp_path / "r.yaml", data)
