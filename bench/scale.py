@@ -145,7 +145,7 @@ def write_pool(root: Path, pool: SyntheticPool) -> dict[str, str]:
     return planted
 
 
-def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = None, images: bool = False) -> dict:
+def recipe(folder: Path, work: Path, pool: SyntheticPool, images: bool = False) -> dict:
     """The build the bench measures: the pool through shards, with a 512-d model named (random init: only its
     identity and prompt towers are used, the vectors come from the files)."""
     return {
@@ -158,7 +158,7 @@ def recipe(folder: Path, work: Path, pool: SyntheticPool, dedup: dict | None = N
             "embed": {},
             "score": {"role_column": "label"},
             "filter": {"role_from": "labels"},
-            "dedup": {"by": ["image"], **(dedup or {})},
+            "dedup": {"by": ["image"]},
             "neighbours": {"modalities": ["text"], "candidates": 16},
             "mine": {"k": 4, "reuse_cap": 16},
             "shards": {"plain_view": images, "samples_per_shard": 10_000},
@@ -197,14 +197,11 @@ def measure(size: int, dim: int, base: Path, exact_dedup_max: int, executor: str
                          clusters=max(20, size // cluster_size), edit_noise=edit_noise)  # fmt: skip
     folder, work = base / f"pool-{size}", base / f"work-{size}"
     path = base / f"scale-{size}.yaml"
-    # where the exact path is run for comparison, the build itself runs the partitioned dedup (auto would pick
-    # the exact one at that size)
-    dedup = {"method": "partitioned"} if size <= exact_dedup_max else None
     command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(path), "--executor", executor,
                "--no-progress"]  # fmt: skip
     with PlaceholderServer() if images else nullcontext() as url:
         truth = write_laion(folder, pool, url)
-        path.write_text(yaml.safe_dump(recipe(folder, work, pool, dedup, images)))
+        path.write_text(yaml.safe_dump(recipe(folder, work, pool, images=images)))
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         samples = _monitor(proc)
         err = proc.stderr.read()
@@ -304,20 +301,21 @@ def truth_figures(wd: WorkDir, truth: dict[str, dict[str, str]]) -> dict:
 
 
 def exact_recall(wd: WorkDir, recipe_path: Path) -> float:
-    """Share of the exact all-pairs path's duplicate pairs that the build's dedup also found."""
+    """Share of the all-pairs search's duplicate pairs (the stage with one partition per role) that the build's
+    dedup also found."""
     import yaml
 
     from saferclip_data.pipeline.executors import LocalExecutor, StageJob
     from saferclip_data.stages.dedup import DedupConfig, DedupStage
 
     partitioned = {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}
-    config = {k: v for k, v in yaml.safe_load(recipe_path.read_text())["stages"]["dedup"].items() if k != "method"}
+    config = yaml.safe_load(recipe_path.read_text())["stages"]["dedup"] | {"partition_rows": 10**12, "spill_margin": 0}
     exact_root = wd.root.with_name(wd.root.name + "-exact")
     for stage in ("filter", "embed"):  # the exact run reads the same inputs, written to its own folder
         (exact_root / stage).parent.mkdir(parents=True, exist_ok=True)
         if not (exact_root / stage).exists():
             (exact_root / stage).symlink_to(wd.stage_dir(stage))
-    LocalExecutor().run_global(StageJob(DedupStage, DedupConfig(**config, method="exact"), {}, str(exact_root)))
+    LocalExecutor().run_global(StageJob(DedupStage, DedupConfig(**config), {}, str(exact_root)))
     exact = {}
     for path in sorted((exact_root / "dedup").glob("*.rejects.parquet")):
         exact |= {r["key"]: r["error"].split()[1] for r in pq.read_table(path).to_pylist()}

@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_npy
+from saferclip_data.stages.knn import train_centroids
 from saferclip_data.stages.score import unit_rows
-from saferclip_data.stages.semdedup import train_centroids
 
 LISTS_DIR = "lists"
 KMEANS_ITERATIONS = 20

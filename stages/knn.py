@@ -1,4 +1,5 @@
-"""Exact top-k inner-product search behind one function, for mining, dedup and benchmark selection.
+"""Exact top-k inner-product search behind one function, for mining, dedup and benchmark selection, and the
+spherical k-means that partitions (dedup) and IVF lists (neighbours) are trained with.
 
 Backends: ``faiss`` (IndexFlatIP on the CPU, or on the GPU where faiss has GPU support), ``torch`` (tiled
 matmul + top-k, on CUDA where there is one) and ``auto`` (the best available). Results are exact and
@@ -15,6 +16,7 @@ device; only the final (queries, k) arrays come back to the host.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -235,3 +237,17 @@ def _blocks(pool: np.ndarray | Iterable[np.ndarray], block_rows: int) -> Iterato
     else:
         for block in pool:
             yield from _blocks(np.asarray(block), block_rows)
+
+
+def train_centroids(sample: np.ndarray, partitions: int, seed: int, iterations: int) -> np.ndarray:
+    """Spherical k-means centroids (faiss), unit rows; fewer partitions when the sample is small."""
+    import faiss
+
+    k = max(1, min(partitions, len(sample) // 4))
+    if k == 1:
+        centroid = sample.mean(axis=0, keepdims=True) if len(sample) else np.ones((1, sample.shape[1]), np.float32)
+        return (centroid / max(float(np.linalg.norm(centroid)), 1e-12)).astype(np.float32)
+    kmeans = faiss.Kmeans(sample.shape[1], k, niter=iterations, seed=seed, spherical=True, verbose=False,
+                          max_points_per_centroid=max(256, math.ceil(len(sample) / k)))  # fmt: skip
+    kmeans.train(np.ascontiguousarray(sample, np.float32))
+    return np.asarray(kmeans.centroids, np.float32)

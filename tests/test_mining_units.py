@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from saferclip_data.stages.dedup import leader_clusters, near_duplicates
+from saferclip_data.stages.dedup import leader_over_edges
+from saferclip_data.stages.dedup.partitions import EDGE_SCHEMA, near_duplicates
 from saferclip_data.stages.filter import FilterConfig, FilterStage
 from saferclip_data.stages.mine import capped_picks, difficulty
 from saferclip_data.stages.score import ScoreConfig, ScoreStage, column_suffix
@@ -129,6 +130,14 @@ def test_a_rule_needs_a_bound():
 
 
 # ---- dedup --------------------------------------------------------------------------------------------------
+def leader_clusters(keys, graphs):
+    """The stage's leader rule over the edges one search found: duplicate row -> (kept row, why)."""
+    rows = [(m, keys[q], keys[o], s, 0, 0) for m, graph in graphs for q, found in graph.items() for o, s in found]
+    edges = pa.Table.from_pylist([dict(zip(EDGE_SCHEMA.names, r)) for r in rows], schema=EDGE_SCHEMA)
+    row = {k: i for i, k in enumerate(keys)}
+    return {row[d]: (row[k], why) for d, (k, why) in leader_over_edges(edges, [m for m, _ in graphs]).items()}
+
+
 def test_leader_clustering_keeps_the_first_key_and_never_chains():
     base = _unit([1, 0, 0])
     near = _unit([1, 0.2, 0])  # cos(base, near) ~ 0.98

@@ -193,7 +193,7 @@ def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(t
     for name in ("cluster", "local"):
         works[name] = tmp_path / name
         write_pool(works[name], pool)
-    config = DedupConfig(method="partitioned", partition_rows=500, task_rows=1_000)
+    config = DedupConfig(partition_rows=500, task_rows=1_000)
     ray_executor = RayExecutor(two_node_cluster)
     try:
         clustered = ray_executor.run_global(StageJob(DedupStage, config, {}, str(works["cluster"])))

@@ -1,4 +1,5 @@
-"""Partitioned (k-means) dedup against the exact all-pairs path, on a synthetic pool with planted duplicates."""
+"""The dedup stage (k-means partitions searched exactly) against an all-pairs search written in the test, on a
+synthetic pool with planted duplicates."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from saferclip_data.bench.scale import SyntheticPool, write_pool
 from saferclip_data.pipeline.stage import GlobalContext
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.dedup import DedupConfig, DedupStage, leader_clusters
-from saferclip_data.stages.semdedup import EDGE_SCHEMA, buckets, leader_over_edges
+from saferclip_data.stages.dedup import DedupConfig, DedupStage, leader_over_edges
+from saferclip_data.stages.dedup.partitions import EDGE_SCHEMA, buckets
+from saferclip_data.stages.score import unit_rows
 
 
 def _run(root, **config) -> dict[str, str]:
@@ -24,6 +26,32 @@ def _run(root, **config) -> dict[str, str]:
     assert counts["in"] == counts["out"] + counts["rejected"] == records
     wd.write_manifest("dedup", {"stage": "dedup", "complete": True, "shards": ctx.shards})
     return {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}
+
+
+def _all_pairs(root, by: list[str], neighbours: int = 16, threshold: float = 0.96) -> dict[str, str]:
+    """The leader rule over every record's ``neighbours`` nearest within its role, found by comparing it with every
+    other record (numpy, in blocks): duplicate key -> the key it is a duplicate of."""
+    wd = WorkDir(root)
+    table = wd.read_stage_columns("filter", ["key", "role"])
+    embed = wd.read_stage_columns("embed", ["key", *(f"{m}_embedding" for m in by)])
+    assert embed["key"].equals(table["key"])
+    keys, roles = table["key"].to_pylist(), np.array(table["role"].to_pylist(), dtype=object)
+    edges = []
+    for modality in by:
+        column = embed[f"{modality}_embedding"]
+        vectors, valid = unit_rows(column, column.type.list_size)
+        for role in ("safe", "unsafe"):
+            rows = np.flatnonzero((roles == role) & valid)
+            matrix = vectors[rows]
+            for start in range(0, len(rows), 2_000):
+                sims = matrix[start : start + 2_000] @ matrix.T
+                for q, line in enumerate(sims, start):
+                    line[q] = -2  # not its own duplicate
+                    best = np.argsort(-line, kind="stable")[:neighbours]
+                    edges += [(modality, keys[rows[q]], keys[rows[j]], float(line[j]), 0, 0)
+                              for j in best if line[j] >= threshold]  # fmt: skip
+    edges = pa.Table.from_pylist([dict(zip(EDGE_SCHEMA.names, e)) for e in edges], schema=EDGE_SCHEMA)
+    return {dup: kept for dup, (kept, _) in leader_over_edges(edges, by).items()}
 
 
 def _recall(reference: dict[str, str], got: dict[str, str]) -> float:
@@ -42,35 +70,25 @@ def pool(tmp_path_factory):
     return root, planted
 
 
-def test_partitioned_dedup_finds_the_exact_pairs_and_the_planted_ones(pool):
+def test_partitioned_dedup_finds_the_all_pairs_duplicates_and_the_planted_ones(pool):
     root, planted = pool
-    exact = _run(root, method="exact")
+    exact = _all_pairs(root, ["image"])
     assert len(exact) >= 0.8 * len(planted)  # most planted copies collapse (some onto each other's original)
-    partitioned = _run(root, method="partitioned", partition_rows=2_000, task_rows=5_000)
+    partitioned = _run(root, partition_rows=2_000, task_rows=5_000)
     tasks = len(WorkDir(root).task_log("dedup", "partitions"))
     assert tasks >= 2, "the search was split into several tasks"
     assert _recall(exact, partitioned) >= 0.99
     assert _recall(planted, partitioned) >= 0.99 * _recall(planted, exact)
-    # nothing found that exact search does not find: every partitioned decision is one of exact's pairs
+    # nothing found that the all-pairs search does not find: every decision is one of its pairs
     assert _recall(partitioned, exact) >= 0.99
 
 
-def test_one_partition_gives_the_exact_result(pool):
+def test_one_partition_gives_the_all_pairs_result(pool):
     root, _ = pool
-    wd = WorkDir(root)
-    exact = _run(root, method="exact", by=["image", "text"])
-    table_exact = wd.read_stage_columns("dedup", ["key", "role", "category", "duplicates"])
-    one = _run(root, method="partitioned", by=["image", "text"], partition_rows=10**9, spill_margin=0)
+    exact = _all_pairs(root, ["image", "text"], threshold=0.96)
+    one = _run(root, by=["image", "text"], text_threshold=0.96, partition_rows=10**9, spill_margin=0)
+    assert len(WorkDir(root).task_log("dedup", "partitions")) == 4  # one whole-role search per role and modality
     assert one == exact
-    assert wd.read_stage_columns("dedup", ["key", "role", "category", "duplicates"]).equals(table_exact)
-
-
-def test_auto_stays_exact_below_its_size(pool):
-    root, _ = pool
-    _run(root)
-    assert not WorkDir(root).task_log("dedup", "partitions")
-    _run(root, exact_max_rows=1_000, partition_rows=4_000)
-    assert WorkDir(root).task_log("dedup", "partitions")
 
 
 def test_buckets_cover_every_partition_within_the_row_budget():
@@ -78,22 +96,3 @@ def test_buckets_cover_every_partition_within_the_row_budget():
     got = buckets(counts, max_rows=10)
     assert got == [(0, 2), (2, 4), (4, 5), (5, 7)]  # a partition over the budget runs alone
     assert sum(int(counts[a:b].sum()) for a, b in got) == counts.sum()
-
-
-def test_leader_over_edges_equals_leader_clusters_on_a_random_graph():
-    rng = np.random.default_rng(0)
-    keys = [f"k{i:03d}" for i in rng.permutation(60)]
-    graphs, rows = [], []
-    for modality in ("image", "text"):
-        graph: dict[int, list[tuple[int, float]]] = {}
-        for q in range(60):
-            others = sorted(set(rng.integers(0, 60, 3).tolist()) - {q})
-            sims = sorted(rng.uniform(0.95, 1.0, len(others)).round(4).tolist(), reverse=True)
-            if others and rng.random() < 0.4:
-                graph[q] = list(zip(others, sims))
-                rows += [(modality, keys[q], keys[o], s, 0, 0) for o, s in zip(others, sims)]
-        graphs.append((modality, graph))
-    expected = {keys[d]: (keys[k], why) for d, (k, why) in leader_clusters(keys, graphs).items()}
-    edges = pa.Table.from_pylist([dict(zip(EDGE_SCHEMA.names, r)) for r in rows], schema=EDGE_SCHEMA)
-    got = leader_over_edges(edges, ["image", "text"])
-    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in expected.items()}
