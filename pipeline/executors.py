@@ -246,11 +246,11 @@ def run_global_job(job: StageJob) -> dict[str, Any]:
     stage.setup()
     task_map = ray_map if job.executor == "ray" and _ray_node_id() != "local" else serial_map
     ctx = GlobalContext(stage, WorkDir(job.workdir), task_map)
-    counts = stage.run_global(ctx)
+    output = stage.run_global(ctx)
     return {
-        "counts": counts,
+        "counts": output.counts,
         "seconds": round(time.perf_counter() - started, 3),
-        "metadata": stage.output_metadata(),
+        "metadata": output.metadata,
         "shards": ctx.shards,
     }
 

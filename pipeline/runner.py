@@ -21,7 +21,8 @@ from pydantic import BaseModel
 from saferclip_data.pipeline.errors import ModelIdentityError, UserError
 from saferclip_data.pipeline.executors import StageJob
 from saferclip_data.pipeline.progress import BuildProgress, StageOutcome
-from saferclip_data.pipeline.stage import ENABLED_STAGES, ShardSpec, Stage
+from saferclip_data.pipeline.schema import declared_columns
+from saferclip_data.pipeline.stage import ENABLED_STAGES, STAGE_CONFIGS, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir
 
 VERSIONED_PACKAGES = ("saferclip-data", "torch", "open_clip_torch", "pyarrow", "ray", "webdataset", "numpy")
@@ -62,7 +63,9 @@ class Pipeline:
             if name not in ("stages", "name", "workdir")
         }
         # which stages this recipe runs, for stages with optional upstreams (``Stage.after``) to ask
-        self.sections[ENABLED_STAGES] = tuple(n for n, cls in registry.items() if self._config_of(n, cls) is not None)
+        configs = {n: self._config_of(n, cls) for n, cls in registry.items()}
+        self.sections[ENABLED_STAGES] = tuple(n for n, config in configs.items() if config is not None)
+        self.sections[STAGE_CONFIGS] = {n: config for n, config in configs.items() if config is not None}
         self.stages = self._resolve()
 
     def _config_of(self, name: str, cls: type[Stage]):
@@ -182,6 +185,9 @@ class Pipeline:
             "shards": [s.shard_id for s in specs],
             "specs": [s.payload for s in specs],
         }
+        schema = stage.output_schema()
+        if schema is not None:
+            manifest["schema"] = declared_columns(schema)
         if stage.mode == "map" and not specs:
             raise UserError(f"stage '{name}': no input shards (is the source empty?)")
         wd.write_manifest(name, manifest)

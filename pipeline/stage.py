@@ -73,6 +73,15 @@ class BatchResult:
     partial: list[Reject] = field(default_factory=list)
 
 
+@dataclass
+class GlobalOutput:
+    """What ``run_global`` returns: the stage's counts for the manifest and the metadata its outputs carry (decided
+    by the run itself: thresholds, selection sizes), which the runner records in the manifest."""
+
+    counts: dict[str, int]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
 def finished(result: BatchResult | Callable[[], BatchResult]) -> BatchResult:
     """A ``compute_batch`` result, finished if it was handed back as a function."""
     return result if isinstance(result, BatchResult) else result()
@@ -102,6 +111,9 @@ def serial_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) ->
 
 #: key of the tuple of stage names the recipe enables, in the sections every stage receives
 ENABLED_STAGES = "enabled_stages"
+#: key of every enabled stage's config by name, in the sections (what a stage's output schema may depend on:
+#: the modalities neighbours mines, the categories score writes)
+STAGE_CONFIGS = "stage_configs"
 
 
 class Stage(ABC):
@@ -196,8 +208,13 @@ class Stage(ABC):
         """Key/values stored in every output file's schema metadata and in the stage manifest."""
         return {}
 
-    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
-        """The core of a global stage; returns counts for the manifest."""
+    def output_schema(self) -> pa.Schema | None:
+        """The columns (and types) of this stage's output shards for this recipe; the engine checks every shard
+        against it (see :mod:`saferclip_data.pipeline.schema`). None: not declared, not checked."""
+        return None
+
+    def run_global(self, ctx: GlobalContext) -> GlobalOutput:
+        """The core of a global stage: its steps, run through ``ctx``; returns its counts and output metadata."""
         raise NotImplementedError(f"stage {self.name} has no run_global")
 
 
@@ -220,8 +237,9 @@ class GlobalContext:
     def read_columns(self, upstream: str, columns: Iterable[str]) -> pa.Table:
         return self.workdir.read_stage_columns(upstream, list(columns))
 
-    def write_table(self, name: str, table: pa.Table) -> None:
-        self.workdir.write_table(self.stage.name, name, table, self.stage.output_metadata())
+    def write_table(self, name: str, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
+        """A named table of the stage (``<stage>/<name>.parquet``), with the output metadata given."""
+        self.workdir.write_table(self.stage.name, name, table, metadata or {})
 
     def write_rejects(self, rejects: Iterable[Reject]) -> None:
         self.workdir.write_table(self.stage.name, "rejects", rejects_table(self.stage.name, rejects))

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.schema import check_table
 
 MANIFEST = "_manifest.json"
 #: every stage's rejected records: the key, the stage, a short reason and the error text where one was raised
@@ -172,6 +173,9 @@ class WorkDir:
     ) -> None:
         """Write a shard's output, rejects and partial outputs (kept records missing part of their output), then
         its marker. Order matters: the marker is the commit."""
+        declared = self.declared_columns(stage)
+        if declared is not None:
+            check_table(stage, table, declared)
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_parquet(self.shard_path(stage, shard_id), _with_metadata(table, metadata))
@@ -182,6 +186,16 @@ class WorkDir:
             self.shard_path(stage, shard_id, "partial").unlink(missing_ok=True)  # an earlier run's, now mended
         marker = {**stats, "written_at": time.time()}  # wall clock (unix seconds) once the output is on disk
         atomic_write_bytes(self.shard_path(stage, shard_id, "done"), json.dumps(marker, indent=2).encode())
+
+    def declared_columns(self, stage: str) -> dict[str, str] | None:
+        """The stage's declared output columns (name -> type pattern) from its manifest, read again only when the
+        manifest changes (a process writes many shards)."""
+        path = self.stage_dir(stage) / MANIFEST
+        stamp = path.stat().st_mtime_ns if path.is_file() else None
+        cache = self.__dict__.setdefault("_declared", {})
+        if stage not in cache or cache[stage][0] != stamp:
+            cache[stage] = (stamp, (self.manifest(stage) or {}).get("schema") if stamp else None)
+        return cache[stage][1]
 
     def read_shard(self, stage: str, shard_id: str, columns: list[str] | None = None) -> pa.Table:
         path = self.shard_path(stage, shard_id)

@@ -35,8 +35,9 @@ from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Stage, StageConfig, write_global_shard
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.knn import knn_search
 from saferclip_data.stages.score import unit_rows
 
@@ -138,7 +139,10 @@ class BenchmarkStage(Stage):
 
     config: BenchmarkConfig
 
-    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+    def output_schema(self) -> pa.Schema:
+        return schema(fields(*self.output_columns))
+
+    def run_global(self, ctx: GlobalContext) -> GlobalOutput:
         c = self.config
         wd = ctx.workdir
         shard_ids = wd.completed_shards("mine")
@@ -245,9 +249,6 @@ class BenchmarkStage(Stage):
         cuts = {"safe_alignment": safe_cut, "unsafe_alignment": unsafe_cut, "caption_similarity": sim_cut}
         return eligible, {k: round(v, 6) for k, v in cuts.items()}
 
-    def output_metadata(self) -> dict[str, str]:
-        summary = getattr(self, "summary", None)
-        return {"selected": str(summary["selected"]), "leaks": str(summary["leaks"])} if summary else {}
 
 
 def _dir(root: str) -> Path:
@@ -333,7 +334,7 @@ def _leak_search(ctx: GlobalContext, config: BenchmarkConfig, shard_ids: list[st
     return ctx.map(shard_leaks, [(root, inputs, s, i, settings) for i, s in enumerate(shard_ids)])
 
 
-def _run_tasks(ctx: GlobalContext, stage: BenchmarkStage, shard_ids: list[str], inputs: dict) -> dict[str, int]:
+def _run_tasks(ctx: GlobalContext, stage: BenchmarkStage, shard_ids: list[str], inputs: dict) -> GlobalOutput:
     """The stage's steps: the splits' rows gathered by tasks, the selection here, the leak check and the output
     shards as maps over the shards."""
     from saferclip_data.stages.benchmark_export import export_benchmark
@@ -359,13 +360,12 @@ def _run_tasks(ctx: GlobalContext, stage: BenchmarkStage, shard_ids: list[str], 
     found = _leak_search(ctx, c, shard_ids, inputs, {m: v[member_rows] for m, v in vectors.items()},
                          {r["group"]: r["benchmark_id"] for r in rows}, c.leak_neighbours, "members")  # fmt: skip
     leaks = merge_leaks(found, [(qid, keys[row]) for qid, row in members], c.leak_neighbours)
-    stage.summary = {"selected": len(selected), "leaks": len(leaks), "thresholds": cuts}
-    export_benchmark(ctx, stage, rows, leaks, per_category, cuts)
+    metadata = {"selected": str(len(selected)), "leaks": str(len(leaks))}
+    export_benchmark(ctx, stage, rows, leaks, per_category, cuts, metadata)
     bench_id = {keys[row]: qid for qid, row in members}
-    metadata = stage.output_metadata()
     out_inputs = {"mine": ("key", "role", "category"), "source": ("key", c.split_column)}
     written = ctx.map(output_shard, [(root, out_inputs, s, bench_id, c.split_column, list(c.splits), metadata)
                                      for s in shard_ids])  # fmt: skip
     ctx.committed(shard_ids)
     records = sum(w["in"] for w in written)
-    return {"in": records, "out": records, "rejected": 0}
+    return GlobalOutput({"in": records, "out": records, "rejected": 0}, metadata)

@@ -65,6 +65,7 @@ def export_benchmark(
     leaks: list[dict],
     per_category: dict[str, dict],
     thresholds: dict[str, float],
+    metadata: dict[str, str],
 ) -> None:
     wd = ctx.workdir
     folder = wd.stage_dir(stage.name)
@@ -97,8 +98,8 @@ def export_benchmark(
                 "category": r["category"],
             }
             sets[role].append((f"{r['benchmark_id']}-{role}", rec["image"], rec["caption"], meta))
-    ctx.write_table("benchmark", pa.Table.from_pylist(table_rows) if table_rows else pa.table({}))
-    ctx.write_table("leakage", pa.Table.from_pylist(leaks, schema=LEAK_SCHEMA))
+    ctx.write_table("benchmark", pa.Table.from_pylist(table_rows) if table_rows else pa.table({}), metadata)
+    ctx.write_table("leakage", pa.Table.from_pylist(leaks, schema=LEAK_SCHEMA), metadata)
     exported = [folder / "benchmark.parquet", folder / "leakage.parquet"]
     for role, samples in sets.items():
         exported += _write_retrieval_set(folder / "export" / role, samples)

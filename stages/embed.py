@@ -30,6 +30,7 @@ from saferclip_data.models.decode import (
 )
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.embedding_source import model_identity, precomputed_batch, to_fixed_list
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ class EmbedStage(Stage):
     version = "1"
 
     config: EmbedConfig
+
+    def output_schema(self) -> pa.Schema:
+        return schema(fields("key", "{e}_embedding"))
 
     def __init__(self, config: StageConfig, sections: dict[str, Any]):
         super().__init__(config, sections)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.stages.columns import fields, schema
 
 #: score-stage columns the filter always reads
 BASE_SCORE_COLUMNS = (
@@ -95,6 +96,9 @@ class FilterStage(Stage):
     version = "2"  # 2: the unsafe threshold in the output metadata
 
     config: FilterConfig
+
+    def output_schema(self) -> pa.Schema:
+        return schema(fields(*self.output_columns))
 
     def __init__(self, config: StageConfig, sections):
         super().__init__(config, sections)

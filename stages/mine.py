@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Reject, Stage, StageConfig, write_global_shard
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_parquet
+from saferclip_data.stages.columns import fields, mined_modalities, schema
 from saferclip_data.stages.curriculum import bucket_of, difficulty
-from saferclip_data.stages.score import column_suffix
 
 RUN_DIR = "_runs"
 PAIR_SCHEMA = pa.schema([("similarity", pa.float32()), ("key", pa.string()), ("target", pa.string())])
@@ -227,11 +227,15 @@ class MineStage(Stage):
 
     config: MineConfig
 
-    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+    def output_schema(self) -> pa.Schema:
+        return schema(fields("key", "role", "category", "given_pair"),
+                      fields("{m}_targets", "{m}_similarities", "{m}_pair_similarity", "{m}_margin", "{m}_difficulty",
+                             m=mined_modalities(self.sections)))  # fmt: skip
+
+    def run_global(self, ctx: GlobalContext) -> GlobalOutput:
         c = self.config
         root, shard_ids = str(ctx.workdir.root), ctx.workdir.completed_shards("neighbours")
-        columns = ctx.workdir.shard_columns("neighbours", shard_ids[0])
-        modalities = [n[: -len("_candidates")] for n in columns if n.endswith("_candidates")]
+        modalities = mined_modalities(self.sections)
         shutil.rmtree(_folder(root), ignore_errors=True)
         tertiles: dict[str, tuple[float, float]] = {}
         for m in modalities:
@@ -242,8 +246,7 @@ class MineStage(Stage):
                 top1 = np.concatenate([np.array(t, np.float64) for t in ctx.map(
                     first_similarities, [(root, s, m) for s in shard_ids])] or [np.zeros(0)])  # fmt: skip
             tertiles[m] = difficulty(top1)[1]
-        self.thresholds = {m: [round(low, 6), round(high, 6)] for m, (low, high) in tertiles.items()}
-        metadata = self.output_metadata()
+        metadata = self.metadata(tertiles)
         written = ctx.map(assemble_shard, [(root, s, i, modalities, c.k, c.reuse_cap is not None, tertiles, metadata)
                                            for i, s in enumerate(shard_ids)])  # fmt: skip
         ctx.committed(shard_ids)
@@ -251,7 +254,8 @@ class MineStage(Stage):
         shutil.rmtree(_folder(root), ignore_errors=True)
         records, rejected = sum(w["in"] for w in written), sum(w["rejected"] for w in written)
         partial = sum(w.get("partial", 0) for w in written)
-        return {"in": records, "out": records - rejected, "rejected": rejected, "partial": partial}
+        return GlobalOutput({"in": records, "out": records - rejected, "rejected": rejected, "partial": partial},
+                            metadata)
 
     @staticmethod
     def _write_long_table(ctx: GlobalContext, modalities: list[str], shards: int, metadata: dict[str, str]) -> None:
@@ -266,9 +270,9 @@ class MineStage(Stage):
                     if part.num_rows:
                         writer.write_table(part.cast(schema))
 
-    def output_metadata(self) -> dict[str, str]:
-        thresholds = getattr(self, "thresholds", {})
+    def metadata(self, tertiles: dict[str, tuple[float, float]]) -> dict[str, str]:
+        """k, the cap and each modality's difficulty tertiles (rounded to 6 places)."""
         meta = {"k": str(self.config.k), "reuse_cap": str(self.config.reuse_cap)}
-        for m, (low, high) in thresholds.items():
-            meta[f"{column_suffix(m)}_difficulty_tertiles"] = f"{low},{high}"
+        for m, (low, high) in tertiles.items():
+            meta[f"{m}_difficulty_tertiles"] = f"{round(low, 6)},{round(high, 6)}"
         return meta

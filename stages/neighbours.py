@@ -30,6 +30,7 @@ from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageCo
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_bytes, atomic_write_npy
 from saferclip_data.stages import ivf_partitioned as lists
 from saferclip_data.stages import ivf_recall
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.ivf import build_ivf, default_nlist, search_ivf
 from saferclip_data.stages.knn import knn_search
 from saferclip_data.stages.safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
@@ -128,6 +129,10 @@ class NeighboursStage(Stage):
     version = "3"  # 3: list search probes until min_recall, recorded in the metadata
 
     config: NeighboursConfig
+
+    def output_schema(self) -> pa.Schema:
+        return schema(fields("key", "role", "category", "given_pair"),
+                      fields("{m}_candidates", "{m}_similarities", "{m}_pair_similarity", m=self.config.modalities))
 
     def _source_columns(self) -> tuple[str, ...]:
         c = self.config

@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import Field
 
 from saferclip_data.models.decode import to_rgb
-from saferclip_data.pipeline.stage import GlobalContext, Stage, StageConfig
+from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Stage, StageConfig
 
 BLUR_RADIUS = 6
 #: a mined (safe) target whose unsafe score reaches this is blurred in the report like an unsafe image
@@ -400,8 +400,8 @@ class ReportStage(Stage):
 
     config: ReportConfig
 
-    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+    def run_global(self, ctx: GlobalContext) -> GlobalOutput:
         c = self.config
         write_report(ctx.workdir.root, show_unsafe=c.show_unsafe, samples=c.samples, modality=c.modality)
         n = sum(ctx.workdir.shard_stats("mine", s)["out"] for s in ctx.workdir.completed_shards("mine"))
-        return {"in": n, "out": n, "rejected": 0}
+        return GlobalOutput({"in": n, "out": n, "rejected": 0})

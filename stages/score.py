@@ -25,6 +25,7 @@ from saferclip_data.pipeline.errors import ModelIdentityError, UserError
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.classifiers import ClassifierConfig
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.embed import ModelConfig, load_worker_model
 
 #: the SaFeR-CLIP / ViSU taxonomy with plain-language prompts for real-world CLIP models
@@ -171,6 +172,15 @@ class ScoreStage(Stage):
     version = "2"  # 2: labels read strictly (safe_values), unscored images as partial outputs
 
     config: ScoreConfig
+
+    def output_schema(self) -> pa.Schema:
+        c = self.config
+        categories = list(c.categories())
+        return schema(fields("key", "alignment"),
+                      fields("{e}_score_{c}", "{e}_unsafe_score", "{e}_top_category", c=categories),
+                      fields("{x}", x=[k.column() for k in c.classifiers]),
+                      fields("label_role", "label_category", "label_source"),
+                      fields("probe_{e}_score_{c}", c=categories) if c.probe else [])  # fmt: skip
 
     def __init__(self, config: StageConfig, sections):
         super().__init__(config, sections)

@@ -18,11 +18,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.schema import field_like
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet, cache_root
 from saferclip_data.stages import download, layouts, readers
 from saferclip_data.stages.blocklist import Blocklist, load_blocklist
 from saferclip_data.stages.caption_edit import CaptionEditor, with_edit_rows
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.download import is_url
 from saferclip_data.stages.embedding_source import EmbeddingPart, find_parts
 from saferclip_data.stages.embedding_source import records as embedding_records
@@ -43,6 +45,10 @@ class SourceStage(Stage):
     version = "1"
 
     config: SourceConfig
+
+    def output_schema(self) -> pa.Schema:
+        return schema(fields("key", "caption", "image", "group", "label", "category"),
+                      [field_like(name) for name in self.config.extra_columns])  # fmt: skip
 
     # ---- driver side -------------------------------------------------------------------------------------
     def toy_dir(self) -> Path:

@@ -14,7 +14,7 @@ from saferclip_data.pipeline.executors import LocalExecutor
 from saferclip_data.pipeline.progress import BuildProgress
 from saferclip_data.pipeline.recipe import load_recipe
 from saferclip_data.pipeline.runner import Pipeline
-from saferclip_data.pipeline.stage import Stage
+from saferclip_data.pipeline.stage import GlobalOutput, Stage
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages import REGISTRY
 
@@ -125,7 +125,7 @@ class _KeyCount(Stage):
         keys = ctx.read_columns("embed", ["key"])["key"]
         ctx.write_table("counts", pa.table({"n": [len(keys)], "first": [keys[0].as_py()]}))
         ctx.write_rejects([])
-        return {"in": len(keys), "out": 1}
+        return GlobalOutput({"in": len(keys), "out": 1})
 
 
 def test_global_stage_gets_column_access(tmp_path, manifest_200):

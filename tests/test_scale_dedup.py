@@ -21,7 +21,7 @@ def _run(root, **config) -> dict[str, str]:
     wd.reset_stage("dedup")
     stage = DedupStage(DedupConfig(**config), {})
     ctx = GlobalContext(stage, wd)
-    counts = stage.run_global(ctx)
+    counts = stage.run_global(ctx).counts
     records = sum(wd.shard_stats("dedup", s)["in"] for s in ctx.shards)
     assert counts["in"] == counts["out"] + counts["rejected"] == records
     wd.write_manifest("dedup", {"stage": "dedup", "complete": True, "shards": ctx.shards})

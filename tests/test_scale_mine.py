@@ -7,10 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from saferclip_data.pipeline.stage import GlobalContext
+from saferclip_data.pipeline.stage import STAGE_CONFIGS, GlobalContext
 from saferclip_data.pipeline.workdir import REJECT_SCHEMA, WorkDir
 from saferclip_data.stages import mine
 from saferclip_data.stages.mine import MineConfig, MineStage
+from saferclip_data.stages.neighbours import NeighboursConfig
 
 MODALITIES = ("text", "image")
 
@@ -49,12 +50,12 @@ def _neighbours(root, shards: int = 4, rows: int = 120, pool: int = 14, seed: in
 def _mine(root, **config) -> tuple[dict, pa.Table, pa.Table, pa.Table, dict]:
     wd = WorkDir(root)
     wd.reset_stage("mine")
-    stage = MineStage(MineConfig(**config), {})
+    stage = MineStage(MineConfig(**config), {STAGE_CONFIGS: {"neighbours": NeighboursConfig(modalities=MODALITIES)}})
     ctx = GlobalContext(stage, wd)
-    counts = stage.run_global(ctx)
+    output = stage.run_global(ctx)
     out = pa.concat_tables([wd.read_shard("mine", s) for s in ctx.shards])
     long = pq.read_table(wd.stage_dir("mine") / "targets.parquet")
-    return counts, out, long, wd.rejects("mine"), stage.output_metadata(), wd.partials("mine")
+    return output.counts, out, long, wd.rejects("mine"), output.metadata, wd.partials("mine")
 
 
 def _greedy(neighbours: pa.Table, m: str, k: int, cap: int | None) -> dict[str, list[tuple[str, float]]]:

@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import GlobalContext, Reject, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Reject, Stage, StageConfig, write_global_shard
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.dedup.partitions import (
     EDGE_SCHEMA,
     ROLES,
@@ -154,7 +155,10 @@ class DedupStage(Stage):
 
     config: DedupConfig
 
-    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+    def output_schema(self) -> pa.Schema:
+        return schema(fields(*self.output_columns))
+
+    def run_global(self, ctx: GlobalContext) -> GlobalOutput:
         c = self.config
         root, stage = str(ctx.workdir.root), self.name
         shard_ids = ctx.workdir.completed_shards("filter")
@@ -174,14 +178,15 @@ class DedupStage(Stage):
         for role in ROLES:  # the sorted vector copies are no longer needed; edges and decisions stay for audit
             for m in c.by:
                 shutil.rmtree(folder / f"{role}-{m}", ignore_errors=True)
-        written = ctx.map(write_dedup_shard, [(root, stage, self.output_metadata(), s, str(decisions))
+        written = ctx.map(write_dedup_shard, [(root, stage, {}, s, str(decisions))
                                               for s in shard_ids])  # fmt: skip
         ctx.committed(shard_ids)
         ctx.workdir.write_task_log(stage, "partitions", [{k: r[k] for k in ("path", "edges", "rows", "largest",
                                                                             "pid", "node")} for r in results])
         records_in = sum(w["in"] for w in written)
-        return {"in": records_in, "out": records_in - len(decided), "rejected": len(decided),
-                "partition_tasks": len(results), "largest_partition": max((r["largest"] for r in results), default=0)}
+        return GlobalOutput({"in": records_in, "out": records_in - len(decided), "rejected": len(decided),
+                             "partition_tasks": len(results),
+                             "largest_partition": max((r["largest"] for r in results), default=0)})
 
     def _centroids(self, ctx: GlobalContext, shard_ids: list[str], inputs: dict, fraction: float) -> None:
         """Steps 1-2: k-means centroids per role and modality from a seeded sample of every shard."""

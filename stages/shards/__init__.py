@@ -41,8 +41,16 @@ from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import ENABLED_STAGES, GlobalContext, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import (
+    ENABLED_STAGES,
+    GlobalContext,
+    GlobalOutput,
+    Stage,
+    StageConfig,
+    write_global_shard,
+)
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path
+from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.score import column_suffix
 from saferclip_data.stages.shards.plan import BUCKETS, blocked_keys, plan_shard, resolve_bucket, task_dir, write_piece
 from saferclip_data.stages.shards.tars import write_group
@@ -95,6 +103,9 @@ class ShardsStage(Stage):
 
     config: ShardsConfig
 
+    def output_schema(self) -> pa.Schema:
+        return schema(fields(*self.output_columns))
+
     @classmethod
     def check_recipe(cls, config: StageConfig, stages: dict[str, StageConfig]) -> str | None:
         mined = getattr(stages.get("neighbours"), "modalities", None)
@@ -103,7 +114,7 @@ class ShardsStage(Stage):
                     f"(stages.neighbours.modalities: {', '.join(mined)})")  # fmt: skip
         return None
 
-    def run_global(self, ctx: GlobalContext) -> dict[str, int]:
+    def run_global(self, ctx: GlobalContext) -> GlobalOutput:
         from saferclip_data.stages.download import DownloadOptions
 
         c, wd = self.config, ctx.workdir
@@ -132,7 +143,7 @@ class ShardsStage(Stage):
         return self._run_steps(ctx, shard_ids, inputs, settings, options)
 
     def _run_steps(self, ctx: GlobalContext, shard_ids: list[str], inputs: dict, s: dict,
-                   options: Any) -> dict[str, int]:  # fmt: skip
+                   options: Any) -> GlobalOutput:  # fmt: skip
         """Steps 0-4 (see the module docstring); returns the stage's counts."""
         root = str(ctx.workdir.root)
         shutil.rmtree(task_dir(root), ignore_errors=True)
@@ -157,17 +168,18 @@ class ShardsStage(Stage):
         written = ctx.map(write_group, [(root, kind, g, f, s, options) for (kind, g), f in zip(groups, first)])
         self._write_indexes(ctx, groups, written)
         outputs = ctx.map(output_shard, [(root, sid, i, {k: v for k, v in light.items() if k != "embed"},
-                                          self.output_metadata()) for i, sid in enumerate(shard_ids)])  # fmt: skip
+                                          {}) for i, sid in enumerate(shard_ids)])  # fmt: skip
         ctx.committed(shard_ids)
         counts: Counter = Counter()
         for sid in shard_ids:
             counts.update(pq.read_table(ctx.workdir.shard_path("shards", sid), columns=["training"])["training"]
                           .to_pylist())  # fmt: skip
-        self.counts = dict(counts)
         for bulky in ("store", "samples", "resolved", "fetch"):  # copies of the data; plans and statuses stay
             shutil.rmtree(task_dir(root, bulky), ignore_errors=True)
         records = sum(o["in"] for o in outputs)
-        return {"in": records, "out": records, "rejected": 0}
+        # the training statuses are known once every output shard is written: in the manifest, not in the shards
+        return GlobalOutput({"in": records, "out": records, "rejected": 0},
+                            {"training": json.dumps(dict(counts), sort_keys=True)})
 
     @staticmethod
     def _write_indexes(ctx: GlobalContext, groups: list[tuple[str, int]], written: list[dict]) -> None:
@@ -191,7 +203,3 @@ class ShardsStage(Stage):
                 offsets[kind] += part.num_rows
                 writer.write_table(pa.table({"key": part["key"], "kind": pa.array([kind] * part.num_rows, pa.string()),
                                              "order": order, "tar": part["tar"]}, schema=SELECTION_SCHEMA))  # fmt: skip
-
-    def output_metadata(self) -> dict[str, str]:
-        counts = getattr(self, "counts", None)
-        return {"training": json.dumps(counts, sort_keys=True)} if counts else {}
