@@ -105,3 +105,43 @@ def score_summary(values: dict[str, float | None]) -> str:
     if not len(kept):
         return "no scores"
     return f"median {np.median(kept):.3f}, 90th percentile {np.percentile(kept, 90):.3f}, max {kept.max():.3f}"
+
+
+def run_and_report(model: str, folder: Path, repeats: int, console: Any) -> None:
+    """Build the photographs through source -> embed -> score in a child process, then print OpenNSFW's scores,
+    what was kept or rejected, the false-positive rate and its CPU cost against ``model``'s image tower."""
+    import subprocess
+    import sys
+
+    import yaml
+    from rich.console import Console
+    from rich.table import Table
+
+    from saferclip_data.bench.real_photos import write_photo_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = write_photo_manifest(folder)
+    recipe = folder / "photos.yaml"
+    recipe.write_text(yaml.safe_dump(photo_recipe(manifest, folder / "work", "toy-vit-tiny")))
+    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(recipe), "--executor", "local",
+               "--no-progress"]  # fmt: skip
+    built = subprocess.run(command, capture_output=True, text=True)
+    if built.returncode != 0:
+        raise RuntimeError(f"the photo build failed: {built.stderr.strip().splitlines()[-1:]}")
+    found = false_positives(folder / "work")
+    table = Table(title=f"OpenNSFW on {found['photos']} real photographs (all safe)")
+    for column in ("photograph", "OpenNSFW score", f"≥ {found['threshold']}"):
+        table.add_column(column, justify="left" if column == "photograph" else "right")
+    for key, value in sorted(found["scores"].items(), key=lambda kv: -(kv[1] or 0)):
+        table.add_row(key, "-" if value is None else f"{value:.3f}", "unsafe" if key in found["flagged"] else "")
+    Console(width=max(Console().width, 100)).print(table)
+    console.print(f"kept {found['kept']} of {found['photos']}; rejected: "
+                  f"{', '.join(f'{k} ({r})' for k, r in found['rejected']) or 'none'}")  # fmt: skip
+    console.print(f"OpenNSFW scores: {score_summary(found['scores'])}")
+    console.print(f"false-positive rate at {found['threshold']}: {found['false_positive_rate']:.1%} "
+                  f"({len(found['flagged'])} of {found['kept']})")  # fmt: skip
+    cost = cost_per_image(photo_paths(manifest), model, repeats)
+    console.print(f"CPU cost per image ({cost['threads']:.0f} threads): OpenNSFW {cost['classifier_ms']:.1f} ms, "
+                  f"{model} image tower {cost['embed_ms']:.1f} ms (decode and preprocessing included in both): "
+                  f"the classifier adds {cost['ratio']:.2f}x the embedding's cost")  # fmt: skip
+    console.print(f"work dir: {folder / 'work'}")

@@ -305,7 +305,8 @@ def exact_recall(wd: WorkDir, recipe_path: Path) -> float:
     dedup also found."""
     import yaml
 
-    from saferclip_data.pipeline.executors import LocalExecutor, StageJob
+    from saferclip_data.pipeline.executors import LocalExecutor
+    from saferclip_data.pipeline.worker import StageJob
     from saferclip_data.stages.dedup import DedupConfig, DedupStage
 
     partitioned = {r["key"]: r["error"].split()[1] for r in wd.rejects("dedup").to_pylist()}

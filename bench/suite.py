@@ -221,7 +221,7 @@ def _loader(results: SuiteResults, spec: dict, name: str) -> None:
     import torch
 
     from saferclip_data.bench.train import loader_rate
-    from saferclip_data.training.trainer import loader_workers
+    from saferclip_data.training.device import loader_workers
 
     workers = loader_workers("auto", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rate, where, stream = loader_rate(spec["arch"], spec["batch_size"], workers, samples=spec["samples"])
@@ -302,3 +302,9 @@ def run_suite(out: Path, quick: bool = False, log: Callable[[str], None] = print
 
 def default_out() -> Path:
     return Path(tempfile.gettempdir()) / "saferclip-bench-suite"
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

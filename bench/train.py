@@ -28,7 +28,7 @@ def synthetic_batch(clip, batch_size: int, device: torch.device) -> dict:
     """Random pixels, real tokens of varied captions, unit target embeddings: a batch as ``collate`` makes it
     and the trainer moves it (row flags stay on the host)."""
     from saferclip_data.models.clip import text_trim
-    from saferclip_data.training.trainer import batch_to_device
+    from saferclip_data.training.device import batch_to_device
 
     size, dim = clip.image_size, clip.embed_dim
     g = torch.Generator().manual_seed(0)
@@ -62,8 +62,8 @@ def bench_train(arch: str, finetune: str, batch_size: int, steps: int, precision
 
     from saferclip_data.models.clip import load_clip
     from saferclip_data.training.adapters import AdapterSettings
+    from saferclip_data.training.device import autocast_for, reference_dtype
     from saferclip_data.training.reference import TrainedWithReference
-    from saferclip_data.training.trainer import autocast_for, reference_dtype
 
     device = torch.device(device_name if device_name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     clip = load_clip(arch, None, init_seed=0)
@@ -203,7 +203,7 @@ def loader_rate(arch: str, batch_size: int, workers: int, samples: int = 2048, i
 
     from saferclip_data.models.clip import load_clip, text_trim
     from saferclip_data.training.data import quad_pipeline
-    from saferclip_data.training.trainer import batch_to_device, device_decoder
+    from saferclip_data.training.device import batch_to_device, device_decoder
 
     clip = load_clip(arch, None, init_seed=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,3 +256,18 @@ def _stream_rate(clip, urls: list[str], samples: int, share: int = 8) -> float:
     started = time.perf_counter()
     read()
     return samples / (time.perf_counter() - started)
+
+
+def loader_figures(model: str, batch_size: int, device: str, workers: int | None,
+                   step_rate: float) -> tuple[str, str]:  # fmt: skip
+    """The data path's samples/s as printed (workers, where images are decoded, the stream rate per worker) and
+    its ratio to the training step's."""
+    import torch
+
+    from saferclip_data.training.device import loader_workers
+
+    where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = workers if workers is not None else loader_workers("auto", where)
+    rate, where_decoded, stream = loader_rate(model, batch_size, workers)
+    return (f"{rate:,.1f}/s ({workers} workers, {where_decoded}; stream {stream:,.0f}/s per worker of 8)",
+            f"{rate / step_rate:.2f}")

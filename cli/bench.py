@@ -153,10 +153,7 @@ def train(
     the real data path (tars, JPEG decoding, preprocessing, tokenising) delivers, and its ratio to the step's
     (>= 1: loading keeps up), and the rate at which one DataLoader worker of 8 reads the whole epoch stream (each
     does, keeping its share; under DDP a rank gets at most that divided by the number of ranks)."""
-    import torch
-
-    from saferclip_data.bench.train import bench_train, loader_rate
-    from saferclip_data.training.trainer import loader_workers as auto_workers
+    from saferclip_data.bench.train import bench_train, loader_figures
 
     r = bench_train(model, finetune, batch_size, steps, precision, device, peak_tflops, reference_precision,
                     compile_mode)  # fmt: skip
@@ -171,11 +168,7 @@ def train(
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (no peak known; --peak-tflops)"
     load, ratio = "-", "-"
     if loader:
-        where = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        workers = loader_workers if loader_workers is not None else auto_workers("auto", where)
-        rate, where_decoded, stream = loader_rate(model, batch_size, workers)
-        load = f"{rate:,.1f}/s ({workers} workers, {where_decoded}; stream {stream:,.0f}/s per worker of 8)"
-        ratio = f"{rate / r['samples_per_s']:.2f}"
+        load, ratio = loader_figures(model, batch_size, device, loader_workers, r["samples_per_s"])
     table.add_row(r["device"], f"{r['trainable_parameters']:,}", f"{r['samples_per_s']:,.1f}",
                   f"{r['step_seconds']:.3f}", f"{r['flops_per_sample'] / 1e9:,.1f}", f"{r['achieved_tflops']:.3f}",
                   mfu, load, ratio)  # fmt: skip
@@ -215,9 +208,9 @@ def suite(
         for spec in chosen:
             console.print(part_name(spec))
         return
-    import torch
+    from saferclip_data.bench.suite import has_cuda
 
-    if not quick and not torch.cuda.is_available():
+    if not quick and not has_cuda():
         raise UserError(
             "bench suite: its shapes are sized for a GPU (kNN 100k x 4M x 768, ViT-L/14 training) and this "
             "machine has no CUDA device; run it with --quick to check the suite itself on a CPU"
@@ -297,10 +290,10 @@ def scale(
     build per size) and print, per stage, seconds, the largest process's peak RSS, records/s; the
     planted truth (dedup recall of planted copies, mining precision@1 of planted unsafe->safe edits, dedup recall
     against exact all-pairs where feasible); and each stage's growth exponent in time and memory."""
-    import shutil
     import tempfile
 
-    from saferclip_data.bench.scale import ARCH_OF_DIM, STAGES, growth, measure, save
+    from saferclip_data.bench.scale import ARCH_OF_DIM
+    from saferclip_data.bench.scale_report import report, run_sizes
 
     try:
         counts = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
@@ -311,52 +304,8 @@ def scale(
     if dim not in ARCH_OF_DIM:
         raise UserError(f"--dim: 512 (ViT-B/32), 384 (ViT-S/32) or 128 (the toy model), not {dim}")
     folder = out or Path(tempfile.gettempdir()) / "saferclip-scale"
-    folder.mkdir(parents=True, exist_ok=True)
-    results = []
-    for size in sorted(counts):
-        console.print(f"building {size:,} records x {dim} dims ...")
-        results.append(measure(size, dim, folder, exact_dedup_max, executor, exact_sample, images, edit_noise,
-                               cluster_size))
-        save(results, folder / "scale.json")
-        if not keep:
-            for sub in (f"pool-{size}", f"work-{size}", f"work-{size}-exact"):
-                shutil.rmtree(folder / sub, ignore_errors=True)
-    table = Table(title=f"bench scale: {dim}-d precomputed embeddings, built through shards ({executor} executor)")
-    table.add_column("stage")
-    for r in results:
-        table.add_column(f"{r['records']:,}: s / peak MB / rec/s", justify="right")
-    grown = growth(results)
-    if grown:
-        table.add_column("growth: time / memory", justify="right")
-    for stage in STAGES:
-        row = [stage] + [f"{r['stages'][stage]['seconds']:.1f} / {r['stages'][stage]['peak_rss_mb']:,.0f} / "
-                         f"{r['stages'][stage]['records_per_s']:,}" for r in results]  # fmt: skip
-        if grown:
-            row.append(f"N^{grown[stage]['seconds']} / N^{grown[stage]['peak_rss_mb']}")
-        table.add_row(*row)
-    Console(width=max(Console().width, 120)).print(table)
-    for r in results:
-        exact = r.get("dedup_recall_vs_exact")
-        versus = f", of exact pairs {exact:.4f}" if exact is not None else ""
-        other = next((f" ({k.removeprefix('mining_precision_at_1_')}: {v:.4f})" for k, v in r.items()
-                      if k.startswith("mining_precision_at_1_")), "")  # fmt: skip
-        top = max(STAGES, key=lambda stage: r["stages"][stage]["peak_rss_mb"])
-        console.print(f"{r['records']:,}: largest process {r['peak_rss_mb']:,.0f} MB (during {top}: "
-                      f"{r['stages'][top]['peak_process'] or '?'}); dedup recall of planted copies "
-                      f"{r['dedup_planted_recall']:.4f}{versus}; mining precision@1 {r['mining_precision_at_1']:.4f}"
-                      f"{other} over {r['mining_queries']:,} queries")  # fmt: skip
-        if r.get("exact_sample_queries"):
-            console.print(f"  exact search on {r['exact_sample_queries']:,} sampled queries: precision@1 "
-                          f"{r['exact_sample_precision_at_1']:.4f} (the build's: {r['mining_precision_at_1']:.4f})")
-        for modality, search in (r.get("target_search") or {}).items():
-            probes = f", {search['nprobe']} of {search.get('lists')} lists probed" if search.get("nprobe") else ""
-            recall = search.get("recall_at_1")
-            measured = f", recall@1 measured {recall:.4f} on {search['recall_queries']:,} queries" if recall else ""
-            if search.get("recall_at_1_configured") is not None:
-                measured += (f" (probing the configured {search['nprobe_configured']}: "
-                             f"{search['recall_at_1_configured']:.4f})")
-            console.print(f"  {modality} targets: {search['index']} search{probes}{measured}")
-    console.print(f"results: {folder / 'scale.json'}")
+    report(run_sizes(counts, dim, folder, exact_dedup_max, executor, exact_sample, images, edit_noise, cluster_size,
+                     keep, lambda line: console.print(line)), folder, executor, console)  # fmt: skip
 
 
 @bench_app.command(epilog="Example: saferclip-data bench classifiers --model ViT-B-32")
@@ -374,48 +323,15 @@ def classifiers(
     embed -> score like any data, it reports what was kept or rejected (with reasons), each photograph's score,
     the false-positive rate at the classifier's threshold (0.8), and its CPU milliseconds per image against
     MODEL's image tower on the same photographs and threads."""
-    import subprocess
-    import sys
     import tempfile
 
-    import yaml
-
-    from saferclip_data.bench.classifiers import (
-        cost_per_image,
-        false_positives,
-        photo_paths,
-        photo_recipe,
-        score_summary,
-    )
-    from saferclip_data.bench.real_photos import write_photo_manifest
+    from saferclip_data.bench.classifiers import run_and_report
 
     folder = out or Path(tempfile.mkdtemp(prefix="saferclip-photos-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = write_photo_manifest(folder)
-    recipe = folder / "photos.yaml"
-    recipe.write_text(yaml.safe_dump(photo_recipe(manifest, folder / "work", "toy-vit-tiny")))
-    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(recipe), "--executor", "local",
-               "--no-progress"]  # fmt: skip
-    built = subprocess.run(command, capture_output=True, text=True)
-    if built.returncode != 0:
-        raise UserError(f"bench classifiers: the photo build failed: {built.stderr.strip().splitlines()[-1:]}")
-    found = false_positives(folder / "work")
-    table = Table(title=f"OpenNSFW on {found['photos']} real photographs (all safe)")
-    for column in ("photograph", "OpenNSFW score", f"≥ {found['threshold']}"):
-        table.add_column(column, justify="left" if column == "photograph" else "right")
-    for key, value in sorted(found["scores"].items(), key=lambda kv: -(kv[1] or 0)):
-        table.add_row(key, "-" if value is None else f"{value:.3f}", "unsafe" if key in found["flagged"] else "")
-    Console(width=max(Console().width, 100)).print(table)
-    console.print(f"kept {found['kept']} of {found['photos']}; rejected: "
-                  f"{', '.join(f'{k} ({r})' for k, r in found['rejected']) or 'none'}")  # fmt: skip
-    console.print(f"OpenNSFW scores: {score_summary(found['scores'])}")
-    console.print(f"false-positive rate at {found['threshold']}: {found['false_positive_rate']:.1%} "
-                  f"({len(found['flagged'])} of {found['kept']})")  # fmt: skip
-    cost = cost_per_image(photo_paths(manifest), model, repeats)
-    console.print(f"CPU cost per image ({cost['threads']:.0f} threads): OpenNSFW {cost['classifier_ms']:.1f} ms, "
-                  f"{model} image tower {cost['embed_ms']:.1f} ms (decode and preprocessing included in both): "
-                  f"the classifier adds {cost['ratio']:.2f}x the embedding's cost")  # fmt: skip
-    console.print(f"work dir: {folder / 'work'}")
+    try:
+        run_and_report(model, folder, repeats, console)
+    except RuntimeError as error:
+        raise UserError(f"bench classifiers: {error}") from None
 
 
 @bench_app.command(epilog="Example: saferclip-data bench kills recipes/demo.yaml --trials 10")

@@ -174,20 +174,30 @@ def status(
     _setup_logging(log_level)
     from saferclip_data.stages import REGISTRY
 
+    root = _status_root(target, workdir, list(REGISTRY))
+    rows = stage_status(WorkDir(root), list(REGISTRY))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        _print_status(root, rows)
+
+
+def _status_root(target: Path | None, workdir: Path | None, stages: list[str]) -> Path:
+    """The work dir ``status`` reads: TARGET itself when it is one, else the recipe's (one-line errors)."""
     if target is not None and not target.exists():
         raise UserError(f"status: no work dir or recipe at {target}")
     if target is not None and target.is_dir():
         root = target
-        if not any((target / name / "_manifest.json").is_file() for name in REGISTRY):
+        if not any((target / name / "_manifest.json").is_file() for name in stages):
             raise UserError(f"status: {target} is not a work dir (no stage has run there); give a work dir or a recipe")
     else:
         root = open_pipeline(target, workdir).workdir.root
     if not root.is_dir():
         raise UserError(f"status: no work dir at {root}: run build first")
-    rows = stage_status(WorkDir(root), list(REGISTRY))
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
+    return root
+
+
+def _print_status(root: Path, rows: list[dict]) -> None:
     out = Console()
     table = Table(title=f"status: {root}", title_justify="left")
     for column in ("stage", "state", "shards", "in", "out", "rejected", "partial"):

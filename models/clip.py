@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.registry import Registry
 
 
 class _QuietRandomInit(logging.Filter):
@@ -25,7 +26,10 @@ class _QuietRandomInit(logging.Filter):
         return "initialized randomly" not in record.getMessage()
 
 
-TOY_TAG = "toy-world"  # `pretrained: toy-world` = the cached tiny CLIP pretrained on the toy world
+#: weights a higher layer makes (``pretrained: toy-world``: the tiny CLIP pretrained on the toy world), by tag: an
+#: object with ``check(arch) -> problem | None``, ``pending_steps(arch, seed)`` (0 when ready) and
+#: ``resolve(arch, seed, on_step) -> checkpoint path`` (making it if needed)
+WEIGHTS: Registry = Registry("weights", "saferclip_data.weights")
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -175,8 +179,8 @@ def load_clip(
     from saferclip_data.models.tokens import fast_tokenizer
 
     register_toy_configs()
-    if pretrained == TOY_TAG:  # made by the toy world, which builds on this module, not the other way round
-        raise ValueError(f"'{TOY_TAG}' weights: pass toyworld.pretrain.resolve_pretrained(arch, '{TOY_TAG}') instead")
+    if WEIGHTS.find(pretrained) is not None:  # made by a higher layer: load_recipe_clip resolves it
+        raise ValueError(f"'{pretrained}' weights: load them with load_recipe_clip")
     kind = weight_source_kind(arch, pretrained)
     if kind == "file" and not Path(pretrained).is_file():
         raise FileNotFoundError(f"checkpoint not found: {pretrained}")
@@ -287,3 +291,13 @@ def encode_text(model: Any, tokens: Any) -> Any:
 
 #: torch.compile modes the embed stage, the trainer and the benchmarks accept
 CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+
+
+def load_recipe_clip(arch: str, pretrained: str | None = None, *, init_seed: int = 0,
+                     cache_dir: str | None = None) -> LoadedClip:  # fmt: skip
+    """:func:`load_clip` for every weight source a recipe may name: a tag of :data:`WEIGHTS` becomes the checkpoint
+    its provider makes (once, then cached)."""
+    provider = WEIGHTS.find(pretrained)
+    if provider is not None:
+        pretrained = provider.resolve(arch, init_seed)
+    return load_clip(arch, pretrained, init_seed=init_seed, cache_dir=cache_dir)

@@ -19,11 +19,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from saferclip_data.pipeline.errors import ModelIdentityError, UserError
-from saferclip_data.pipeline.executors import StageJob
 from saferclip_data.pipeline.progress import BuildProgress, StageOutcome
 from saferclip_data.pipeline.schema import declared_columns
 from saferclip_data.pipeline.stage import ENABLED_STAGES, STAGE_CONFIGS, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.pipeline.worker import StageJob
 
 VERSIONED_PACKAGES = ("saferclip-data", "torch", "open_clip_torch", "pyarrow", "ray", "webdataset", "numpy")
 

@@ -10,6 +10,8 @@ that device choice (GPU or CPU) is made where the devices are, not on the driver
 
 from __future__ import annotations
 
+import os
+import sys
 from abc import ABC
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -80,6 +82,19 @@ class GlobalOutput:
 
     counts: dict[str, int]
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on, or "local" outside Ray (ray is not imported just to ask)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
+def worker_identity() -> dict[str, Any]:
+    """Which process and node ran a piece of work (for shard markers)."""
+    return {"pid": os.getpid(), "node": ray_node_id()}
 
 
 def finished(result: BatchResult | Callable[[], BatchResult]) -> BatchResult:
@@ -269,9 +284,10 @@ def write_global_shard(
     worker: dict[str, Any] | None = None,
     partial: list[Reject] = (),
 ) -> dict[str, Any]:
-    """One output shard of a global stage with its marker, from whichever process computed it (``worker`` names
-    it in the marker). Every record in must be kept or rejected; ``partial`` lists kept records that lost part
-    of their output (their key and why, beside the rejects). Returns the marker's stats."""
+    """One output shard of a global stage with its marker, from whichever process computed it (named in the
+    marker: ``worker``, by default the calling process and its node). Every record in must be kept or rejected;
+    ``partial`` lists kept records that lost part of their output (their key and why, beside the rejects).
+    Returns the marker's stats."""
     if table.num_rows + len(rejects) != records_in:
         raise RuntimeError(
             f"stage {stage} shard {shard_id}: {records_in} records in, {table.num_rows} kept "
@@ -286,8 +302,7 @@ def write_global_shard(
         "seconds": 0.0,
         "metadata": metadata,
     }
-    if worker is not None:
-        stats["worker"] = worker
+    stats["worker"] = worker or worker_identity()
     stats |= partial_stats(partial)
     workdir.write_shard(stage, shard_id, table, rejects_table(stage, rejects), stats, metadata,
                         rejects_table(stage, partial) if partial else None)  # fmt: skip

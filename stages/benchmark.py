@@ -34,8 +34,13 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import (
+    GlobalContext,
+    GlobalOutput,
+    Stage,
+    StageConfig,
+    write_global_shard,
+)
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
 from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.knn import knn_search
@@ -320,7 +325,7 @@ def output_shard(root: str, inputs: dict, shard_id: str, bench_id: dict[str, str
     part = table.select(["key", "role", "category"])
     part = part.append_column("benchmark_id", pa.array([bench_id.get(k) for k in keys], pa.string()))
     part = part.append_column("held_out", pa.array([s in splits for s in table[split_column].to_pylist()]))
-    return write_global_shard(wd, "benchmark", metadata, shard_id, part, [], len(keys), worker_identity())
+    return write_global_shard(wd, "benchmark", metadata, shard_id, part, [], len(keys))
 
 
 def _leak_search(ctx: GlobalContext, config: BenchmarkConfig, shard_ids: list[str], inputs: dict,

@@ -66,14 +66,16 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_known(self):
-        from saferclip_data.models.clip import TOY_TAG, known_architectures, pretrained_tags, weight_source_kind
+        from saferclip_data.models.clip import WEIGHTS, known_architectures, pretrained_tags, weight_source_kind
 
         kind = weight_source_kind(self.arch, self.pretrained)
         if kind in ("hub", "local-dir"):
             return self
-        if self.pretrained == TOY_TAG:
-            if not self.arch.startswith("toy-"):
-                raise ValueError(f"model.pretrained: '{TOY_TAG}' is only for the toy architectures, not {self.arch}")
+        provider = WEIGHTS.find(self.pretrained)
+        if provider is not None:
+            problem = provider.check(self.arch)
+            if problem:
+                raise ValueError(f"model.pretrained: {problem}")
             return self
         if self.arch not in known_architectures():
             raise ValueError(f"model.arch: unknown open_clip architecture '{self.arch}'")
@@ -158,7 +160,7 @@ def load_worker_model(model_cfg: ModelConfig, device: str, precision: str, stage
     Returns (LoadedClip, model in eval mode on the device, device name, torch dtype)."""
     import torch
 
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.models.clip import load_recipe_clip
 
     has_cuda = torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
@@ -202,23 +204,21 @@ class EmbedStage(Stage):
             self.inputs = {"source": ("key", "caption", "embedding_part", "embedding_row")}
 
     def prepare(self, progress, workdir) -> None:
-        """On the driver, before any worker starts: pretrain the toy CLIP once if the recipe asks for it, so
-        that workers only load a cached checkpoint (and the user sees the training progress). For precomputed
-        embeddings: load the model the recipe says made them, once, for its identity, and check its width."""
-        from saferclip_data.models.clip import TOY_TAG
-        from saferclip_data.toyworld.pretrain import PretrainConfig, checkpoint_path, ensure_pretrained
+        """On the driver, before any worker starts: make weights the recipe names by tag (the toy world's tiny CLIP,
+        pretrained once), so that workers only load a cached checkpoint (and the user sees the progress). For
+        precomputed embeddings: load the model the recipe says made them, once, for its identity, and check its
+        width."""
+        from saferclip_data.models.clip import WEIGHTS
 
         model_cfg: ModelConfig = self.sections["model"]
         if self.precomputed:
             self._prepare_precomputed(model_cfg)
             return
-        if model_cfg.pretrained != TOY_TAG:
-            return
-        config = PretrainConfig(arch=model_cfg.arch, seed=model_cfg.init_seed)
-        if checkpoint_path(config).is_file():
-            return
-        advance = progress.subtask("pretrain toy CLIP", config.steps)
-        ensure_pretrained(config, on_step=lambda step, loss: advance(1))
+        provider = WEIGHTS.find(model_cfg.pretrained)
+        steps = provider.pending_steps(model_cfg.arch, model_cfg.init_seed) if provider is not None else 0
+        if steps:
+            advance = progress.subtask(f"pretrain {model_cfg.pretrained} CLIP", steps)
+            provider.resolve(model_cfg.arch, model_cfg.init_seed, on_step=advance)
 
     def _prepare_precomputed(self, model_cfg: ModelConfig) -> None:
         from saferclip_data.stages.embedding_source import find_parts, vector_width

@@ -173,7 +173,7 @@ def to_fixed_list(vectors: np.ndarray, valid: np.ndarray) -> pa.FixedSizeListArr
 
 def model_identity(model_cfg: Any) -> tuple[str, int]:
     """(identity, embedding width) of the recipe's model: loaded once, on the CPU, then dropped."""
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.models.clip import load_recipe_clip
 
     loaded = load_recipe_clip(model_cfg.arch, model_cfg.pretrained, init_seed=model_cfg.init_seed,
                        cache_dir=model_cfg.cache_dir)  # fmt: skip

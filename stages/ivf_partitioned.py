@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from saferclip_data.pipeline.executors import worker_identity
+from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_npy
 from saferclip_data.stages.knn import train_centroids
 from saferclip_data.stages.score import unit_rows

@@ -33,8 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Reject, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import (
+    GlobalContext,
+    GlobalOutput,
+    Reject,
+    Stage,
+    StageConfig,
+    write_global_shard,
+)
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_parquet
 from saferclip_data.stages.columns import fields, mined_modalities, schema
 from saferclip_data.stages.curriculum import bucket_of, difficulty
@@ -214,7 +220,7 @@ def assemble_shard(root: str, shard_id: str, index: int, modalities: list[str], 
     atomic_write_parquet(long_path, pa.Table.from_pylist(long_rows, schema=LONG_SCHEMA))
     partial = [Reject(keys[i], why) for i in keep.tolist() if has_target[i] for why in missing.get(i, [])]
     return write_global_shard(wd, "mine", metadata, shard_id, pa.table(out).take(pa.array(keep, pa.int64())),
-                              rejects, len(keys), worker_identity(), partial)  # fmt: skip
+                              rejects, len(keys), partial=partial)  # fmt: skip
 
 
 class MineStage(Stage):

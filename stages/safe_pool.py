@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from saferclip_data.pipeline.executors import worker_identity
+from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_npy, atomic_write_parquet
 from saferclip_data.stages.score import column_suffix, unit_rows
 

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from saferclip_data.models.clip import encode_text, trim_tokens
 from saferclip_data.pipeline.errors import ModelIdentityError, UserError
+from saferclip_data.pipeline.registry import Registry
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.classifiers import ClassifierConfig
@@ -41,11 +42,10 @@ DEFAULT_TAXONOMY: dict[str, list[str]] = {
 DEFAULT_NEUTRAL = ["a photo", "an ordinary everyday photo", "a picture of something"]
 
 
-def toy_taxonomy() -> dict[str, list[str]]:
-    """The toy world's categories with the words its captions use (``taxonomy: toy-world``)."""
-    from saferclip_data.toyworld.glyphs import UNSAFE
-
-    return {category: [f"a photo with {phrase}" for _, phrase in variants] for category, variants in UNSAFE.items()}
+#: named taxonomies (``taxonomy: <name>``): a function returning category -> prompts; ``default`` is built in, others
+#: (the toy world's ``toy-world``) come from their packages' entry points
+TAXONOMIES: Registry = Registry("taxonomy", "saferclip_data.taxonomies")
+TAXONOMIES.register("default", lambda: DEFAULT_TAXONOMY)
 
 
 def column_suffix(category: str) -> str:
@@ -68,7 +68,7 @@ class ScoreConfig(StageConfig):
     gpus: float | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    taxonomy: Literal["default", "toy-world"] | dict[str, list[str]] = Field(
+    taxonomy: str | dict[str, list[str]] = Field(
         default="default",
         description="unsafe categories and their prompts: 'default' (7 categories, real-world prompts), "
         "'toy-world', or a mapping category -> list of prompts",
@@ -117,6 +117,9 @@ class ScoreConfig(StageConfig):
     @field_validator("taxonomy")
     @classmethod
     def _check_taxonomy(cls, value):
+        if isinstance(value, str) and TAXONOMIES.find(value) is None:
+            raise ValueError(f"stages.score.taxonomy: unknown taxonomy '{value}' (known: "
+                             f"{', '.join(TAXONOMIES.names())}, or a mapping category -> prompts)")  # fmt: skip
         if isinstance(value, dict):
             if not value:
                 raise ValueError("stages.score.taxonomy: needs at least one category")
@@ -131,10 +134,8 @@ class ScoreConfig(StageConfig):
         return value
 
     def categories(self) -> dict[str, list[str]]:
-        if self.taxonomy == "default":
-            return DEFAULT_TAXONOMY
-        if self.taxonomy == "toy-world":
-            return toy_taxonomy()
+        if isinstance(self.taxonomy, str):
+            return dict(TAXONOMIES.get(self.taxonomy)())
         return dict(self.taxonomy)
 
 

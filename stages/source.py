@@ -21,15 +21,20 @@ from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.schema import field_like
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet, cache_root
-from saferclip_data.stages import download, layouts, readers
+from saferclip_data.stages import download, readers, source_tables
 from saferclip_data.stages.blocklist import Blocklist, load_blocklist
 from saferclip_data.stages.caption_edit import CaptionEditor, with_edit_rows
 from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.download import is_url
 from saferclip_data.stages.embedding_source import EmbeddingPart, find_parts
 from saferclip_data.stages.embedding_source import records as embedding_records
-from saferclip_data.stages.source_config import OUTPUT_COLUMNS, SourceConfig, SourcePart, ToyWorldOptions, tar_files
-from saferclip_data.toyworld import world_fingerprint, write_world
+from saferclip_data.stages.source_config import (
+    GENERATED_SOURCES,
+    OUTPUT_COLUMNS,
+    SourceConfig,
+    ToyWorldOptions,
+    tar_files,
+)
 
 __all__ = ["OUTPUT_COLUMNS", "SourceConfig", "SourceStage", "ToyWorldOptions", "tar_files"]
 UNSAFE_LABELS = frozenset({"unsafe", "nsfw", "1", "true", "yes"})  # label values that mark an unsafe record
@@ -51,16 +56,11 @@ class SourceStage(Stage):
                       [field_like(name) for name in self.config.extra_columns])  # fmt: skip
 
     # ---- driver side -------------------------------------------------------------------------------------
-    def toy_dir(self) -> Path:
-        world = self.config.toy.world_config()
-        return Path(self.config.path) if self.config.path else cache_root() / "toy-world" / world_fingerprint(world)
-
-    def ensure_toy_world(self) -> list[str]:
-        """Generate the toy world once (it is cached by its settings) and return its tar shards."""
-        folder = self.toy_dir()
-        if not (folder / "world.json").is_file():
-            write_world(self.config.toy.world_config(), folder)
-        return tar_files(str(folder / "shards"))
+    def generated_shards(self) -> list[str]:
+        """A generated source's tar shards (the toy world: generated once, cached by its settings)."""
+        c = self.config
+        provider = GENERATED_SOURCES.get(c.kind)
+        return tar_files(str(provider.shards(c.toy.model_dump(), Path(c.path) if c.path else None, cache_root())))
 
     @cached_property
     def embedding_parts(self) -> list[EmbeddingPart]:
@@ -98,7 +98,7 @@ class SourceStage(Stage):
             return {
                 **out,
                 "toy_world": self.config.toy.model_dump(),
-                "world_version": world_fingerprint(self.config.toy.world_config()),
+                "world_version": GENERATED_SOURCES.get("toy").fingerprint(self.config.toy.model_dump()),
             }
         for f in self._files():
             st = f.stat()
@@ -135,7 +135,7 @@ class SourceStage(Stage):
         if c.download:
             self.fetch_images(workdir)
         if c.kind in ("webdataset", "toy"):
-            files = self.ensure_toy_world() if c.kind == "toy" else tar_files(c.path)
+            files = self.generated_shards() if c.kind == "toy" else tar_files(c.path)
             specs = [ShardSpec(f"part-{i:05d}", {"file": f}) for i, f in enumerate(files)]
         elif c.kind == "embeddings":  # each part cut into shards of shard_size rows
             slices = [(i, start, min(start + size, part.rows)) for i, part in enumerate(self.embedding_parts)
@@ -162,7 +162,7 @@ class SourceStage(Stage):
                 for i, start in enumerate(range(0, len(files), size))
             ]
         if not specs:
-            raise UserError(f"source: no records in {c.path or self.toy_dir()}")
+            raise UserError(f"source: no records in {c.path or 'the generated ' + c.kind + ' source'}")
         return specs
 
     # ---- worker side -------------------------------------------------------------------------------------
@@ -185,61 +185,9 @@ class SourceStage(Stage):
     def blocklist(self) -> Blocklist | None:
         return load_blocklist(self.config.blocklist) if self.config.blocklist else None
 
-    @staticmethod
-    def _read_part(part: SourcePart) -> tuple[pa.Table, str]:
-        if part.hub_dataset:
-            try:
-                import datasets
-            except ImportError:
-                raise UserError(
-                    "source: hub data sets need the datasets package: pip install 'saferclip-data[hub]'"
-                ) from None
-            split = part.hub_split or "train"
-            try:
-                return datasets.load_dataset(part.hub_dataset, split=split).data.table, part.hub_dataset
-            except Exception as exc:  # offline, unknown id, gated: one clear line
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"source: cannot load hub data set {part.hub_dataset} ({split}): {first}") from None
-        path = Path(part.path)
-        try:
-            return readers.read_manifest(path, readers.manifest_format(path, part.format)), str(path)
-        except (pa.ArrowInvalid, OSError, ValueError) as exc:
-            raise UserError(f"source: cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
-
-    def _part_records(self, part: SourcePart) -> tuple[pa.Table, str]:
-        """One table as records: expanded from its layout, or as it is (plain) with a key and split added."""
-        c = self.config
-        table, where = self._read_part(part)
-        if part.layout != "plain":
-            try:
-                table = layouts.expand(table, part.layout, f"source {where}", split=part.split,
-                                       coco_root=part.coco_root, coco_url=part.coco_url,
-                                       punsafe_threshold=c.punsafe_threshold or 0.5)  # fmt: skip
-            except ValueError as exc:
-                raise UserError(str(exc)) from None
-            return table, where
-        if c.key_column not in table.column_names and len(c.table_parts()) > 1:
-            stem = readers.sanitize_key(Path(where).stem)
-            table = table.append_column(c.key_column, pa.array([f"{stem}_{i:09d}" for i in range(table.num_rows)]))
-        if part.split is not None and "split" not in table.column_names:
-            table = table.append_column("split", pa.array([part.split] * table.num_rows, pa.string()))
-        return table, where
-
     @cached_property
     def manifest_table(self) -> pa.Table:
-        c = self.config
-        tables, names = zip(*(self._part_records(p) for p in c.table_parts()))
-        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-        path = ", ".join(names)
-        if c.caption_column not in table.column_names and c.image_column not in table.column_names:
-            raise UserError(
-                f"source: manifest {path} has neither caption column '{c.caption_column}' nor image column "
-                f"'{c.image_column}' (columns: {', '.join(table.column_names)})"
-            )
-        missing = [col for col in c.extra_columns if col not in table.column_names]
-        if missing:
-            raise UserError(f"source.extra_columns: {path} has no column {', '.join(missing)}")
-        return table
+        return source_tables.manifest_table(self.config)
 
     def read_shard(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         table = self._read_raw(spec, workdir)

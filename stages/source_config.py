@@ -10,6 +10,7 @@ from braceexpand import braceexpand
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.registry import Registry
 from saferclip_data.pipeline.stage import StageConfig
 from saferclip_data.stages import layouts, readers
 from saferclip_data.stages.blocklist import load_blocklist
@@ -17,9 +18,12 @@ from saferclip_data.stages.caption_edit import CaptionEditOptions
 from saferclip_data.stages.download import DownloadOptions
 from saferclip_data.stages.embedding_source import EMBEDDING_COLUMNS, EmbeddingSourceOptions, find_parts
 from saferclip_data.stages.layouts import COCO_URL
-from saferclip_data.toyworld import TOY_COLUMNS, WorldConfig
 
 OUTPUT_COLUMNS = ("key", "caption", "image", "group", "label", "category")
+#: generated sources (``source.kind: toy``: the toy world), from their packages' entry points: an object with
+#: ``columns()`` (the ground-truth columns it adds), ``fingerprint(options)`` and ``shards(options, folder, cache)``
+#: (the folder of its WebDataset tars, generated once)
+GENERATED_SOURCES: Registry = Registry("generated source kind", "saferclip_data.source_kinds")
 
 
 class ToyWorldOptions(BaseModel):
@@ -37,17 +41,6 @@ class ToyWorldOptions(BaseModel):
     noisy_pair_fraction: float = Field(default=0.4, ge=0, le=1, description="ViSU-like wrong paired_safe share")
     image_size: int = Field(default=64, ge=16)
     shard_size: int = Field(default=1000, gt=0)
-
-    def world_config(self) -> WorldConfig:
-        return WorldConfig(
-            seed=self.seed,
-            scenes=self.scenes,
-            shifted_scenes=self.shifted_scenes,
-            shift=self.shift,
-            image_size=self.image_size,
-            noisy_pair_fraction=self.noisy_pair_fraction,
-            shard_size=self.shard_size,
-        )
 
 
 Layout = Literal["plain", "visu", "nsfwcaps", "laion"]
@@ -184,7 +177,7 @@ class SourceConfig(StageConfig):
             self.require_image = not part_layouts & {"visu", "nsfwcaps"}
         if self.kind == "toy":
             if not self.extra_columns:
-                self.extra_columns = list(TOY_COLUMNS)
+                self.extra_columns = list(GENERATED_SOURCES.get(self.kind).columns())
             return self
         if (self.split or any(p.split for p in self.parts or [])) and "split" not in self.extra_columns:
             self.extra_columns.append("split")

@@ -137,10 +137,23 @@ def circles(arrows: set[tuple[str, str, str]]) -> list[list[str]]:
     return found
 
 
+#: (importer prefix, imported prefix): arrows allowed by the layers but not wanted: the demo off the load path
+FORBIDDEN = (
+    ("saferclip_data.stages", "saferclip_data.toyworld"),
+    ("saferclip_data.models", "saferclip_data.toyworld"),
+)
+
+
 def violations(arrows: set[tuple[str, str, str]]) -> list[str]:
-    """Every broken rule, one line each: upward imports, circles, another module's private names."""
+    """Every broken rule, one line each: upward imports, forbidden arrows, circles, another module's private names."""
     pairs = sorted({(source, target) for source, target, _ in arrows})
     problems = [
+        f"demo on the load path: {source} imports {target} (the toy world provides through entry points)"
+        for source, target in pairs
+        for low, high in FORBIDDEN
+        if (source == low or source.startswith(low + ".")) and (target == high or target.startswith(high + "."))
+    ]
+    problems += [
         f"upward import: {source} (layer {layer(source)}) imports {target} (layer {layer(target)})"
         for source, target in pairs
         if layer(target) > layer(source)
@@ -169,8 +182,9 @@ def test_the_check_catches_an_upward_import_a_circle_and_a_private_import() -> N
         ("saferclip_data.stages.knn", "saferclip_data.stages.score", "column_suffix"),
         ("saferclip_data.stages.score", "saferclip_data.stages.knn", "_private_helper"),
     }
-    problems = violations(bad)
+    problems = violations(bad | {("saferclip_data.stages.embed", "saferclip_data.toyworld.pretrain", "")})
     assert any(p.startswith("upward import: saferclip_data.pipeline.stage") for p in problems), problems
+    assert any(p.startswith("demo on the load path: saferclip_data.stages.embed") for p in problems), problems
     assert any(p.startswith("import circle:") and "saferclip_data.stages.knn" in p for p in problems), problems
     assert any(p.startswith("private import: saferclip_data.stages.score") for p in problems), problems
 
@@ -186,3 +200,73 @@ def test_a_private_helper_reached_through_its_module_is_caught(tmp_path: Path) -
     modules = {"saferclip_data.stages.lists": tmp_path / "lists.py", "saferclip_data.stages.user": tmp_path / "user.py"}
     problems = violations(import_arrows(modules) | private_attribute_uses(modules))
     assert problems == ["private import: saferclip_data.stages.user imports saferclip_data.stages.lists._save"]
+
+
+# ---- sizes and the command layer ----------------------------------------------------------------------------
+#: libraries that do data or model work: a command module that imports one does more than handle arguments
+DATA_LIBRARIES = frozenset({"numpy", "pyarrow", "polars", "torch", "faiss", "PIL", "open_clip", "webdataset",
+                            "pandas", "sklearn", "ray"})  # fmt: skip
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_COMMAND_STATEMENTS = 400, 60, 25
+
+
+def _body(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.stmt]:
+    """A function's statements after its docstring."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return body
+
+
+def size_problems(modules: dict[str, Path]) -> list[str]:
+    """Modules over 400 lines and functions whose body (after the signature and docstring) is over 60 lines."""
+    problems = []
+    for module, path in modules.items():
+        text = path.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            problems.append(f"long module: {module} has {text.count(chr(10))} lines (most {MAX_MODULE_LINES})")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _body(node):
+                lines = node.end_lineno - _body(node)[0].lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    problems.append(f"long function: {module}.{node.name} has {lines} lines of body "
+                                    f"(most {MAX_FUNCTION_LINES})")  # fmt: skip
+    return problems
+
+
+def command_problems(modules: dict[str, Path]) -> list[str]:
+    """A command module (``cli/``) only handles arguments: it imports no data or model library, and no function
+    of it has more than 25 statements (checks, one call into the layers below, printing what came back)."""
+    problems = []
+    for module, path in modules.items():
+        if not module.startswith("saferclip_data.cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            problems += [f"command does data work: {module} imports {n}" for n in names
+                         if n.split(".")[0] in DATA_LIBRARIES]  # fmt: skip
+            if isinstance(node, ast.FunctionDef):
+                count = sum(isinstance(x, ast.stmt) for stmt in _body(node) for x in ast.walk(stmt))
+                if count > MAX_COMMAND_STATEMENTS:
+                    problems.append(f"command does data work: {module}.{node.name} has {count} statements "
+                                    f"(most {MAX_COMMAND_STATEMENTS}; move the work below cli/)")  # fmt: skip
+    return problems
+
+
+def test_no_module_or_function_is_too_long_and_commands_stay_thin() -> None:
+    modules = package_modules()
+    problems = size_problems(modules) + command_problems(modules)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_size_and_command_rules_can_fail(tmp_path: Path) -> None:
+    lines = "\n".join(f"    x{i} = {i}" for i in range(61))
+    (tmp_path / "long.py").write_text(f"def f():\n    \"\"\"Doc.\"\"\"\n{lines}\n" + "# pad\n" * 340)
+    (tmp_path / "cmd.py").write_text("import numpy as np\n\n\ndef run():\n" + "\n".join(
+        f"    if np.pi > {i}:\n        print({i})" for i in range(13)) + "\n")
+    modules = {"saferclip_data.stages.long": tmp_path / "long.py", "saferclip_data.cli.cmd": tmp_path / "cmd.py"}
+    problems = size_problems(modules) + command_problems(modules)
+    assert any(p.startswith("long module: saferclip_data.stages.long has 403") for p in problems), problems
+    assert any(p.startswith("long function: saferclip_data.stages.long.f has 61") for p in problems), problems
+    assert "command does data work: saferclip_data.cli.cmd imports numpy" in problems, problems
+    assert any(p.startswith("command does data work: saferclip_data.cli.cmd.run has 26") for p in problems), problems

@@ -198,3 +198,35 @@ def test_line_progress_prints_start_end_and_a_heartbeat_while_a_step_runs():
     assert [s.stage for s in lines.steps] == ["  pretrain toy CLIP"] and lines.steps[0].parent == "embed"
     assert lines.steps[0].seconds >= 1.5
     assert all(line[:2].isdigit() and line[2] == ":" for line in text.splitlines())  # every line timestamped
+
+
+def test_a_column_the_stage_does_not_declare_stops_the_build_naming_stage_and_column(tmp_path, manifest_200, cli,
+                                                                                      monkeypatch):  # fmt: skip
+    from saferclip_data.stages.embed import EmbedStage
+
+    real = EmbedStage.compute_batch
+
+    def with_a_surprise(self, prepared):
+        result = real(self, prepared)
+        result = result() if callable(result) else result
+        result.table = result.table.append_column("surprise", pa.array([1] * result.table.num_rows, pa.int64()))
+        return result
+
+    monkeypatch.setattr(EmbedStage, "compute_batch", with_a_surprise)
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(manifest_200))
+    code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "w"), "--executor", "local", "--no-progress")
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and lines == [
+        "error: stage embed wrote column 'surprise', which its declared schema does not have (declared: key, "
+        "image_embedding, text_embedding)"
+    ], err
+    assert not list((tmp_path / "w" / "embed").glob("part-*.parquet"))  # nothing written that breaks the promise
+    assert WorkDir(tmp_path / "w").manifest("source")["complete"]  # the stage before keeps its work
+
+    monkeypatch.setattr(EmbedStage, "compute_batch", real)  # declared types are checked too
+    monkeypatch.setattr(EmbedStage, "output_schema",
+                        lambda self: pa.schema([("key", pa.string()), ("image_embedding", pa.float32()),
+                                                ("text_embedding", pa.float32())]))  # fmt: skip
+    code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "w2"), "--executor", "local", "--no-progress")
+    assert code == 2 and "error: stage embed wrote column 'image_embedding' as fixed_size_list<" in err
+    assert "its declared schema says float" in err

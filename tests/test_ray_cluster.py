@@ -184,7 +184,8 @@ def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(t
     """The partitioned dedup's search and write tasks run on both nodes; the outputs equal an in-process run."""
 
     from saferclip_data.bench.scale import SyntheticPool, write_pool
-    from saferclip_data.pipeline.executors import LocalExecutor, RayExecutor, StageJob
+    from saferclip_data.pipeline.executors import LocalExecutor, RayExecutor
+    from saferclip_data.pipeline.worker import StageJob
     from saferclip_data.stages.dedup import DedupConfig, DedupStage
 
     os.environ["RAY_AUTH_MODE"] = "disabled"

@@ -8,9 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from saferclip_data.pipeline.executors import ShardWorker, StageJob
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.pipeline.worker import ShardWorker, StageJob
+from saferclip_data.stages import source_tables
 from saferclip_data.stages.embed import EmbedConfig, EmbedStage, ModelConfig
 from saferclip_data.stages.source import SourceConfig, SourceStage
 
@@ -47,8 +48,8 @@ def test_a_manifest_worker_reads_only_its_shard_rows_written_when_planning(tmp_p
     specs = _source(kind="manifest", path=str(manifest), shard_size=3).plan_shards(wd)
     assert [s.payload["input"] for s in specs] == [f"_input/part-0000{i}.parquet" for i in range(3)]
     reads: list[str] = []
-    real = SourceStage._read_part
-    monkeypatch.setattr(SourceStage, "_read_part", staticmethod(lambda part: reads.append(part.path) or real(part)))
+    real = source_tables.read_part
+    monkeypatch.setattr(source_tables, "read_part", lambda part: reads.append(part.path) or real(part))
     worker = _source(kind="manifest", path=str(manifest), shard_size=3)
     from_slices = pa.concat_tables([worker.read_shard(s, wd) for s in specs])
     assert reads == []  # the worker never loaded the manifest
@@ -235,7 +236,7 @@ def _noise_jpeg(width: int, height: int, seed: int, fmt: str = "JPEG") -> bytes:
 def test_gpu_pipelined_batches_match_batch_by_batch():
     """Side-stream decoding, two batches in flight and asynchronous copies back give the vectors each batch
     gets alone (a missed stream wait or event would hand back unfinished or reused memory)."""
-    from saferclip_data.pipeline.executors import batch_results
+    from saferclip_data.pipeline.worker import batch_results
 
     gpu = EmbedStage(EmbedConfig(device="cuda"), {"model": ModelConfig(arch="toy-vit-tiny")})
     gpu.setup()
@@ -337,7 +338,7 @@ def test_prefetching_stage_prepares_the_next_batch_while_the_current_one_compute
     import threading
     import time
 
-    from saferclip_data.pipeline.executors import batch_results
+    from saferclip_data.pipeline.worker import batch_results
 
     events: list[tuple[str, int, str]] = []
 
@@ -367,7 +368,7 @@ def test_prefetching_stage_prepares_the_next_batch_while_the_current_one_compute
 
 def test_a_result_handed_back_as_a_function_is_finished_after_the_next_compute_starts():
     """Two batches in flight on the device: the host's bookkeeping of batch i waits until batch i+1 is queued."""
-    from saferclip_data.pipeline.executors import batch_results
+    from saferclip_data.pipeline.worker import batch_results
 
     events: list[tuple[str, int]] = []
 

@@ -56,12 +56,15 @@ def test_unsafe_captions_are_nearest_to_their_safe_twins(pretrained):
 
 @pytest.mark.slow
 def test_toy_checkpoint_loads_through_the_same_function(pretrained):
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.models.clip import WEIGHTS, load_recipe_clip
+    from saferclip_data.toyworld.plugins import ToyWeights
 
     path, _, _ = pretrained
     by_tag = load_recipe_clip("toy-resnet-tiny", "toy-world")
     by_path = load_clip("toy-resnet-tiny", str(path))
     assert by_tag.identity == by_path.identity
     assert by_tag.identity != load_clip("toy-resnet-tiny", None).identity
-    with pytest.raises(ValueError, match="resolve_pretrained"):  # the model floor does not make toy weights itself
+    with pytest.raises(ValueError, match="load_recipe_clip"):  # the model floor does not make toy weights itself
         load_clip("toy-resnet-tiny", "toy-world")
+    # found through the package's entry point, not because a test imported the provider
+    assert isinstance(WEIGHTS.find("toy-world"), type) and WEIGHTS.find("toy-world") is ToyWeights

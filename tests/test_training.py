@@ -422,8 +422,8 @@ def test_a_bf16_reference_runs_outside_autocast_and_matches_the_model_it_copies(
     the preservation terms begin near zero, and it must stay frozen."""
     from saferclip_data.models.clip import load_clip
     from saferclip_data.training.data import quad_pipeline
+    from saferclip_data.training.device import reference_dtype
     from saferclip_data.training.reference import TrainedWithReference
-    from saferclip_data.training.trainer import reference_dtype
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert reference_dtype(cuda, "auto", "auto") is torch.bfloat16 and reference_dtype(cpu, "auto", "auto") is None
@@ -450,7 +450,8 @@ def test_a_bf16_reference_runs_outside_autocast_and_matches_the_model_it_copies(
 
 
 def test_bf16_autocast_step_trains_and_auto_means_fp32_on_cpu(built, tmp_path):
-    from saferclip_data.training.trainer import TrainConfig, train, uses_bf16
+    from saferclip_data.training.device import uses_bf16
+    from saferclip_data.training.trainer import TrainConfig, train
 
     assert not uses_bf16(torch.device("cpu"), "auto") and uses_bf16(torch.device("cuda"), "auto")
     assert not uses_bf16(torch.device("cuda"), "fp32") and uses_bf16(torch.device("cpu"), "bf16")
@@ -571,7 +572,7 @@ def test_two_process_ddp_keeps_replicas_identical(built, tmp_path, split):
 def test_zero_shot_on_an_image_folder_matches_the_direct_computation(tmp_path):
     import random
 
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.models.clip import load_recipe_clip
     from saferclip_data.toyworld.world import TRAIN_PLACES, sample_scene
     from saferclip_data.training.evaluate import zero_shot_folder
 
@@ -643,8 +644,9 @@ def test_training_step_on_cuda_never_waits_for_the_device(finetune):
     device-to-host copy) into an error: the step as the trainer runs it has none."""
     from saferclip_data.bench.train import synthetic_batch
     from saferclip_data.training.adapters import AdapterSettings
+    from saferclip_data.training.device import autocast_for, reference_dtype
     from saferclip_data.training.reference import TrainedWithReference
-    from saferclip_data.training.trainer import StepLog, autocast_for, reference_dtype
+    from saferclip_data.training.trainer import StepLog
 
     device = torch.device("cuda")
     clip = _tiny()

@@ -192,6 +192,13 @@ def draw_place(draw: ImageDraw.ImageDraw, place: str, size: int, rng: random.Ran
 
 def draw_unsafe(draw: ImageDraw.ImageDraw, glyph: str, box: Box, rng: random.Random) -> None:
     """Abstract stand-ins for unsafe content, each with its own silhouette and colours."""
+    if glyph in ("knife", "gun", "pills", "razor", "xxx"):
+        _draw_objects(draw, glyph, box)
+    else:
+        _draw_marks(draw, glyph, box, rng)
+
+
+def _draw_objects(draw: ImageDraw.ImageDraw, glyph: str, box: Box) -> None:
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     dark, blood = (60, 60, 65), (150, 0, 0)
@@ -229,7 +236,13 @@ def draw_unsafe(draw: ImageDraw.ImageDraw, glyph: str, box: Box, rng: random.Ran
             a, b = x0 + w * (0.08 + 0.3 * k), x0 + w * (0.32 + 0.3 * k)
             draw.line((a, y0 + h * 0.3, b, y0 + h * 0.7), fill=(200, 0, 40), width=2)
             draw.line((a, y0 + h * 0.7, b, y0 + h * 0.3), fill=(200, 0, 40), width=2)
-    elif glyph == "banner":
+
+
+def _draw_marks(draw: ImageDraw.ImageDraw, glyph: str, box: Box, rng: random.Random) -> None:
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    dark = (60, 60, 65)
+    if glyph == "banner":
         draw.rectangle(_flat(_scale(box, [(0.05, 0.0), (0.12, 1.0)])), fill=dark)
         draw.rectangle(_flat(_scale(box, [(0.12, 0.05), (1.0, 0.6)])), fill=(10, 10, 10))
         draw.line(_flat(_scale(box, [(0.25, 0.15), (0.85, 0.5)])), fill=(230, 30, 30), width=3)

@@ -329,21 +329,3 @@ def ensure_pretrained(config: PretrainConfig, on_step=None, force: bool = False)
             torch.save({"state_dict": clip.model.state_dict()}, tmp)
         atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
         return path, metrics
-
-
-def resolve_pretrained(arch: str, pretrained: str | None, seed: int = 0) -> str | None:
-    """``pretrained`` as :func:`load_clip` takes it: the ``toy-world`` tag becomes the cached checkpoint's path
-    (pretrained first if absent); anything else is returned as it is."""
-    from saferclip_data.models.clip import TOY_TAG
-
-    if pretrained != TOY_TAG:
-        return pretrained
-    return str(ensure_pretrained(PretrainConfig(arch=arch, seed=seed))[0])
-
-
-def load_recipe_clip(arch: str, pretrained: str | None = None, *, init_seed: int = 0, cache_dir: str | None = None):
-    """:func:`load_clip` for every weight source a recipe may name, the toy world's pretrained tiny CLIP included."""
-    from saferclip_data.models.clip import load_clip
-
-    resolved = resolve_pretrained(arch, pretrained, init_seed)
-    return load_clip(arch, resolved, init_seed=init_seed, cache_dir=cache_dir)

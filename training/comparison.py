@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from saferclip_data.pipeline.workdir import atomic_path, atomic_write_text
 
@@ -131,3 +133,42 @@ def write_comparison(out: Path, base: dict, runs: dict[tuple[str, str, int], dic
     atomic_write_text(out / "results.md", markdown(rows, seeds, budget))
     plot_tradeoff(base, points, out / "tradeoff.png")
     return out / "results.md"
+
+
+def run_comparison(pipeline: Any, methods: list[str], modes: list[str], seeds: int, epochs: int | None, out: Path,
+                   progress: bool, echo: Callable[[str], None]) -> Path:  # fmt: skip
+    """Train and evaluate every method x mode x seed of a finished build (runs done before are read back, an
+    interrupted one resumes), then write the comparison; returns results.md."""
+    from saferclip_data.pipeline.progress import step_progress
+    from saferclip_data.training.recipe_inputs import evaluation_inputs, finished_shards, training_config
+    from saferclip_data.training.trainer import load_checkpoint, train
+
+    shard_dir = finished_shards(pipeline)
+    configs = {(m, f, s): training_config(pipeline, {"method": m, "finetune": f, "seed": s, "epochs": epochs})
+               for m in methods for f in modes for s in range(seeds)}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = evaluation_inputs(pipeline)
+    base_file = out / "base.json"
+    if base_file.is_file():
+        base = json.loads(base_file.read_text())
+    else:
+        base = inputs.figures(inputs.fresh())
+        atomic_write_text(base_file, json.dumps(base, indent=2) + "\n")
+    results = {}
+    for i, (key, config) in enumerate(configs.items(), 1):
+        name = run_name(*key)
+        run_dir = out / "runs" / name
+        figures_file = run_dir / "eval.json"
+        if figures_file.is_file():
+            echo(f"[{i}/{len(configs)}] {name}: done before ({figures_file})")
+            results[key] = json.loads(figures_file.read_text())
+            continue
+        resumed = " (resuming)" if (run_dir / "last.pt").is_file() else ""
+        echo(f"[{i}/{len(configs)}] {name}: training{resumed}")
+        with step_progress(name, enabled=progress) as on_step:
+            train(inputs.fresh(), shard_dir, run_dir, config, on_step=on_step)
+        results[key] = inputs.figures(load_checkpoint(inputs.fresh(), run_dir / "last.pt"))
+        atomic_write_text(figures_file, json.dumps(results[key], indent=2) + "\n")
+    first = next(iter(configs.values()))
+    budget = f"{first.epochs} epochs, batch {first.batch_size}, lr {first.lr:g}, the recipe's loss weights"
+    return write_comparison(out, base, results, seeds, budget)

@@ -20,7 +20,7 @@ def _worker_loop(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from saferclip_data.toyworld.pretrain import load_recipe_clip
+    from saferclip_data.models.clip import load_recipe_clip
     from saferclip_data.training.trainer import train
 
     config = TrainConfig(**cfg["config"]).model_copy(update={"device": str(ray.train.torch.get_device())})

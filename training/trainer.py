@@ -14,23 +14,30 @@ DistributedDataParallel, and rank 0 writes the log and checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
-import torch.distributed as dist
 
 from saferclip_data.models.clip import CompileMode, text_trim
 from saferclip_data.pipeline.workdir import atomic_path
 from saferclip_data.training.adapters import attach, load_trainable, merged, trainable_state
 from saferclip_data.training.config import TrainConfig
 from saferclip_data.training.data import SPLITS, buckets_for_epoch, epoch_shard_order, quad_pipeline
+from saferclip_data.training.device import (
+    autocast_for,
+    batch_to_device,
+    device_decoder,
+    device_for,
+    loader_workers,
+    process_group,
+    reference_dtype,
+)
 from saferclip_data.training.losses import SaferWeights
 from saferclip_data.training.reference import TrainedWithReference
 
@@ -78,86 +85,6 @@ def _truncate_log(path: Path, last_step: int) -> None:
 def _save(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def _process_group() -> tuple[int, int]:
-    """(rank, world size): joins the process group a launcher set up through the environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL wants each rank on its own GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def loader_workers(setting: int | str, device: torch.device) -> int:
-    """DataLoader processes: as set, or for "auto" one per CPU core up to 8 (one core spared for the step) when
-    training on CUDA, so decoding never starves the GPU; none on a CPU, where they would take the step's cores."""
-    if setting != "auto":
-        return int(setting)
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-def device_decoder(clip, setting: str, device: torch.device):
-    """A ``DeviceDecoder`` when images are to be decoded on the training device: asked for ("device"), or
-    "auto" on CUDA where the model's preprocessing can be reproduced there; None = PIL in the loader."""
-    from saferclip_data.models.decode import DeviceDecoder, tensor_path_mismatch
-
-    if setting not in ("auto", "cpu", "device"):
-        raise ValueError(f"decode: '{setting}' is not auto, cpu or device")
-    if setting == "cpu" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "auto" and tensor_path_mismatch(clip.preprocess, clip.image_size):
-        return None
-    return DeviceDecoder(clip.preprocess, clip.image_size, device)
-
-
-def _device(config: TrainConfig) -> torch.device:
-    if config.device != "auto":
-        return torch.device(config.device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def uses_bf16(device: torch.device, precision: str) -> bool:
-    """bf16 autocast on CUDA by default (weights stay fp32 for the optimiser); fp32 otherwise."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision: '{precision}' is not auto, fp32 or bf16")
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-def reference_dtype(device: torch.device, precision: str, reference_precision: str) -> torch.dtype | None:
-    """The frozen reference's weight dtype: bf16 where the step runs in bf16 (``auto``), or as asked; None = as
-    the trained model (fp32)."""
-    if reference_precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"reference_precision: '{reference_precision}' is not auto, fp32 or bf16")
-    if reference_precision == "bf16" or (reference_precision == "auto" and uses_bf16(device, precision)):
-        return torch.bfloat16
-    return None
-
-
-def autocast_for(device: torch.device, precision: str):
-    if not uses_bf16(device, precision):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-#: batch fields that stay on the host: they decide which rows go where, and reading them on the GPU would wait
-HOST_FIELDS = frozenset({"has_image", "has_safe_image"})
-
-
-def batch_to_device(batch: dict, device: torch.device, decoder=None) -> dict:
-    """The batch on ``device`` (row flags stay on the host); encoded images decoded there by ``decoder``."""
-    moved = {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_FIELDS else v
-        for k, v in batch.items()
-    }
-    return decoder(moved) if decoder is not None else moved
 
 
 class StepLog:
@@ -260,6 +187,114 @@ def _epoch_batches(urls: list[str], clip, decoder, config: TrainConfig, epoch: i
     return stream
 
 
+@dataclass
+class _Run:
+    """One training run's state between optimiser steps: what a checkpoint saves and the loop advances."""
+
+    clip: Any
+    config: TrainConfig
+    out_dir: Path
+    rank: int
+    world: int
+    device: Any
+    decoder: Any
+    urls: list[str]
+    weights: SaferWeights
+    pair: Any
+    optimizer: Any
+    scheduler: Any
+    per_rank: list[int]
+    total_steps: int
+    log: Any = None
+    step: int = 0
+    start_epoch: int = 0
+    skip_batches: int = 0
+
+    def save(self, epoch: int, batches_done: int) -> None:
+        if self.rank == 0:
+            self.log.flush()
+            _save(self.out_dir / "last.pt", {
+                "trainable": trainable_state(self.pair.wrapper), "base": self.clip.identity,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": epoch,
+                "batches_done": batches_done, "step": self.step, "rng": torch.get_rng_state(),
+                "config": self.config.model_dump()})  # fmt: skip
+
+    def optimiser_step(self, epoch: int, loss: torch.Tensor, parts: dict, keys: list[str], on_step) -> None:
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.log.add({"step": self.step, "epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "keys": keys},
+                     loss, parts)  # fmt: skip
+        if on_step is not None:
+            on_step(self.step, self.total_steps, self.log.last_loss)
+
+    def epoch(self, epoch: int, stop_after: int | None, on_step) -> bool:
+        """One epoch's stream (from where a resumed run stopped); True when ``stop_after`` ended the run."""
+        c = self.config
+        stream = _epoch_batches(self.urls, self.clip, self.decoder, c, epoch, self.rank, self.world,
+                                self.per_rank[epoch], self.device)  # fmt: skip
+        done, pending, keys = 0, 0, []
+        loss, parts = torch.zeros(()), {}
+        autocast = autocast_for(self.device, c.precision)
+        for batch in stream:
+            done += 1
+            if epoch == self.start_epoch and done <= self.skip_batches:
+                continue  # consumed before the checkpoint: same stream, same order
+            on_device = batch_to_device(batch, self.device, self.decoder)  # outside autocast: fp32 pixels
+            with autocast:
+                loss, parts = self.pair.loss(on_device, c.method, self.weights)
+            (loss / c.grad_accum).backward()
+            keys += batch["key"]
+            pending += 1
+            if pending < c.grad_accum:
+                continue
+            self.optimiser_step(epoch, loss, parts, keys, on_step)
+            pending, keys = 0, []
+            stop = stop_after is not None and self.step >= stop_after
+            if self.step % c.checkpoint_every == 0 or stop:
+                self.save(epoch, done)
+            if stop:
+                return True
+        if pending:  # the epoch's last micro-batches
+            self.optimiser_step(epoch, loss, parts, keys, on_step)
+        self.save(epoch + 1, 0)
+        return False
+
+
+def _start(clip, shard_dir: Path, out_dir: Path, config: TrainConfig) -> _Run:
+    """The run's model pair, optimiser, schedule and data plan, resumed from ``out_dir/last.pt`` if it exists."""
+    from saferclip_data.training.losses import weights_from
+
+    _checked(config)
+    rank, world = process_group()
+    device = device_for(config)
+    config = config.model_copy(update={"num_workers": loader_workers(config.num_workers, device)})
+    decoder = device_decoder(clip, config.decode, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"no training tars in {shard_dir}")
+    config = config.model_copy(update={"split": resolve_split(config.split, len(urls), world)})
+    pair = _trained_pair(clip, config, device, world)
+    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")  # fmt: skip
+    per_rank = [samples_per_rank(shard_dir, urls, e, config, world) for e in range(config.epochs)]
+    total_steps = max(1, sum(math.ceil(n / config.batch_size / config.grad_accum) for n in per_rank))
+    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, total_steps)
+    run = _Run(clip, config, out_dir, rank, world, device, decoder, urls, weights_from(config.weights), pair,
+               optimizer, scheduler, per_rank, total_steps)  # fmt: skip
+    checkpoint = out_dir / "last.pt"
+    if checkpoint.is_file():
+        run.start_epoch, run.skip_batches, run.step, run.config = _resume(checkpoint, clip, pair, optimizer,
+                                                                          scheduler, config, device)  # fmt: skip
+    if rank == 0:
+        _truncate_log(out_dir / "log.jsonl", run.step)  # steps after the checkpoint are done again
+    run.log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, run.config.log_every)
+    return run
+
+
 def train(
     clip,
     shard_dir: Path,
@@ -275,89 +310,17 @@ def train(
     (adapters merged), loadable as ``model.pretrained``. ``stop_after`` ends the run after that many optimiser
     steps (for tests and budgets). ``on_step(step, total_steps, last_logged_loss)`` follows progress.
     """
-    from saferclip_data.training.losses import weights_from
-
-    _checked(config)
-    rank, world = _process_group()
-    device = _device(config)
-    config = config.model_copy(update={"num_workers": loader_workers(config.num_workers, device)})
-    decoder = device_decoder(clip, config.decode, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    urls = sorted(str(p) for p in shard_dir.glob("*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"no training tars in {shard_dir}")
-    config = config.model_copy(update={"split": resolve_split(config.split, len(urls), world)})
-    weights: SaferWeights = weights_from(config.weights)
-    pair = _trained_pair(clip, config, device, world)
-    optimizer = torch.optim.AdamW(pair.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")  # fmt: skip
-    per_rank = [samples_per_rank(shard_dir, urls, e, config, world) for e in range(config.epochs)]
-    total_steps = max(1, sum(math.ceil(n / config.batch_size / config.grad_accum) for n in per_rank))
-    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, total_steps)
-    start_epoch, skip_batches, step = 0, 0, 0
-    checkpoint = out_dir / "last.pt"
-    if checkpoint.is_file():
-        start_epoch, skip_batches, step, config = _resume(checkpoint, clip, pair, optimizer, scheduler, config, device)
-    if rank == 0:
-        _truncate_log(out_dir / "log.jsonl", step)  # steps after the checkpoint are done again
-    log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, config.log_every)
-    autocast = autocast_for(device, config.precision)
-
-    def save(epoch: int, batches_done: int) -> None:
-        if rank == 0:
-            log.flush()
-            _save(checkpoint, {"trainable": trainable_state(pair.wrapper), "base": clip.identity,
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "epoch": epoch, "batches_done": batches_done, "step": step,
-                               "rng": torch.get_rng_state(), "config": config.model_dump()})  # fmt: skip
-
-    def optimiser_step(epoch: int, loss: torch.Tensor, parts: dict, keys: list[str]) -> None:
-        nonlocal step
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        log.add({"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "keys": keys}, loss, parts)
-        if on_step is not None:
-            on_step(step, total_steps, log.last_loss)
-
-    stopped = False
-    for epoch in range(start_epoch, config.epochs):
-        stream = _epoch_batches(urls, clip, decoder, config, epoch, rank, world, per_rank[epoch], device)
-        done, pending = 0, 0
-        keys: list[str] = []
-        loss, parts = torch.zeros(()), {}
-        for batch in stream:
-            done += 1
-            if epoch == start_epoch and done <= skip_batches:
-                continue  # consumed before the checkpoint: same stream, same order
-            # decoded outside autocast: pixels stay fp32 as the PIL path's
-            on_device = batch_to_device(batch, device, decoder)
-            with autocast:
-                loss, parts = pair.loss(on_device, config.method, weights)
-            (loss / config.grad_accum).backward()
-            keys += batch["key"]
-            pending += 1
-            if pending < config.grad_accum:
-                continue
-            optimiser_step(epoch, loss, parts, keys)
-            pending, keys = 0, []
-            if step % config.checkpoint_every == 0 or (stop_after is not None and step >= stop_after):
-                save(epoch, done)
-            if stop_after is not None and step >= stop_after:
-                stopped = True
-                break
+    run = _start(clip, shard_dir, out_dir, config)
+    stopped, epoch = False, run.start_epoch
+    for epoch in range(run.start_epoch, run.config.epochs):
+        stopped = run.epoch(epoch, stop_after, on_step)
         if stopped:
             break
-        if pending:  # the epoch's last micro-batches
-            optimiser_step(epoch, loss, parts, keys)
-        save(epoch + 1, 0)
-    log.close()
-    if rank == 0 and not stopped:
-        export = merged(copy.deepcopy(pair.wrapper)).to("cpu")
+    run.log.close()
+    if run.rank == 0 and not stopped:
+        export = merged(copy.deepcopy(run.pair.wrapper)).to("cpu")
         _save(out_dir / "model.pt", export.state_dict())
-    return {"step": step, "epoch": epoch if stopped else config.epochs, "stopped": stopped}
+    return {"step": run.step, "epoch": epoch if stopped else run.config.epochs, "stopped": stopped}
 
 
 def load_checkpoint(clip, path: Path):

@@ -35,8 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from saferclip_data.pipeline.executors import worker_identity
-from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Reject, Stage, StageConfig, write_global_shard
+from saferclip_data.pipeline.stage import (
+    GlobalContext,
+    GlobalOutput,
+    Reject,
+    Stage,
+    StageConfig,
+    write_global_shard,
+)
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
 from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.dedup.partitions import (
@@ -141,8 +147,7 @@ def write_dedup_shard(root: str, stage: str, metadata: dict[str, str], shard_id:
                for k in keys if k in duplicate_of]  # fmt: skip
     out = table.take(pa.array(keep, pa.int64()))
     out = out.append_column("duplicates", pa.array([absorbed.get(keys[i], 0) for i in keep], pa.int32()))
-    return write_global_shard(WorkDir(root), stage, metadata, shard_id, out, rejects, table.num_rows,
-                              worker_identity())  # fmt: skip
+    return write_global_shard(WorkDir(root), stage, metadata, shard_id, out, rejects, table.num_rows)  # fmt: skip
 
 
 class DedupStage(Stage):

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saferclip_data.pipeline.executors import worker_identity
+from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
 from saferclip_data.stages.knn import knn_search
 from saferclip_data.stages.score import unit_rows

@@ -40,7 +40,6 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.pipeline.executors import worker_identity
 from saferclip_data.pipeline.stage import (
     ENABLED_STAGES,
     GlobalContext,
@@ -86,7 +85,7 @@ def output_shard(root: str, shard_id: str, index: int, inputs: dict, metadata: d
     out = pa.table({"key": table["key"], "role": table["role"],
                     "training": pa.array([status[k] for k in keys], pa.string()),
                     "tar": pa.array([tar.get(k) for k in keys], pa.string())})  # fmt: skip
-    return write_global_shard(wd, "shards", metadata, shard_id, out, [], len(keys), worker_identity())
+    return write_global_shard(wd, "shards", metadata, shard_id, out, [], len(keys))
 
 
 class ShardsStage(Stage):

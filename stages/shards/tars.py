@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from saferclip_data.pipeline.executors import worker_identity
+from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import atomic_path
 from saferclip_data.stages import download
 from saferclip_data.stages.samples import image_extension, quad_sample, sha256_file
