@@ -380,3 +380,29 @@ def kills(
             if r[what]:
                 console.print(f"  kill at {r['kill_at_s']} s: {what}: {r[what][:5]}")
     console.print(f"results: {folder / 'kills.json'}")
+
+
+@bench_app.command(name="same-output", epilog="Example: saferclip-data bench same-output /tmp/work-old /tmp/work-new")
+def same_output(
+    first: Annotated[Path, typer.Argument(help="A finished work dir.")],
+    second: Annotated[Path, typer.Argument(help="Another build of the same recipe.")],
+    tolerance: Annotated[float, typer.Option(help="Largest float difference that still counts as the same.")] = 1e-6,
+) -> None:
+    """Compare two builds of one recipe, stage by stage: data files byte-identical, or else the same records by
+    key with the same values (floats within TOLERANCE; tar samples by key, whichever tar holds them). Exits 1
+    when anything differs. Markers, manifests, task logs and the report are left out."""
+    from saferclip_data.bench.same_output import compare_builds
+
+    for folder in (first, second):
+        if not folder.is_dir():
+            raise UserError(f"bench same-output: no work dir at {folder}")
+    rows = compare_builds(first, second, tolerance)
+    table = Table(title=f"{first} vs {second}")
+    for column in ("stage", "files", "byte-identical", "same records", "largest float difference", "differ"):
+        table.add_column(column, justify="left" if column in ("stage", "differ") else "right")
+    for r in rows:
+        table.add_row(r["stage"], str(r["files"]), str(r["identical"]), str(r["same_records"]),
+                      f"{r['max_float_diff']:.2e}", "; ".join(r["differ"][:3]) or "-")  # fmt: skip
+    Console(width=max(Console().width, 120)).print(table)
+    if any(r["differ"] for r in rows):
+        raise typer.Exit(1)

@@ -215,3 +215,26 @@ def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_faile
     bench_suite.run_suite(tmp_path, quick=True, log=lambda line: None, parts=["loader"])
     third = json.loads((tmp_path / "results.json").read_text())
     assert "knn effective TFLOP/s" not in third["figures"]  # figures from another device are not mixed in
+
+
+def test_same_output_tells_identical_from_reordered_from_different(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from saferclip_data.bench.same_output import compare_builds
+
+    table = pa.table({"key": ["a", "b", "c"], "score": pa.array([0.1, 0.2, 0.3], pa.float32()),
+                      "targets": [["x"], ["y", "z"], None]})  # fmt: skip
+    for name in ("one", "two", "three"):
+        (tmp_path / name / "mine").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "one" / "mine" / "part-00000.parquet")
+    noisy = table.take([2, 0, 1]).set_column(1, "score", pa.array([0.3, 0.1 + 1e-8, 0.2], pa.float32()))
+    pq.write_table(noisy, tmp_path / "two" / "mine" / "part-00000.parquet")
+    changed = table.set_column(2, "targets", pa.array([["x"], ["z", "y"], None]))
+    pq.write_table(changed, tmp_path / "three" / "mine" / "part-00000.parquet")
+    (same,) = compare_builds(tmp_path / "one", tmp_path / "one")
+    assert same["identical"] == 1 and not same["differ"]
+    (reordered,) = compare_builds(tmp_path / "one", tmp_path / "two")
+    assert reordered["same_records"] == 1 and not reordered["differ"] and reordered["max_float_diff"] < 1e-6
+    (different,) = compare_builds(tmp_path / "one", tmp_path / "three")
+    assert different["differ"] == ["mine/part-00000.parquet: column targets differs"]
