@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BOOKKEEPING = ("_manifest.json", "_lock.json")
 
@@ -119,3 +120,27 @@ def run(recipe: Path, out: Path, trials: int, seed: int, executor: str) -> tuple
         results.append(trial(recipe, work, clean, stage, rng.uniform(0.0, 0.9) * stages[stage], executor))
         shutil.rmtree(work, ignore_errors=True)
     return seconds, results
+
+
+def print_results(seconds: float, results: list[dict], executor: str, console: Any) -> None:
+    """The trials' table, the two totals (nothing alive, outputs identical) and what went wrong where."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"kill -9 inside each stage in turn of a {seconds:.0f} s build ({executor} executor), "
+                  "then resume")
+    for column in ("trial", "killed at s", "during", "processes", "alive 15 s later", "files equal"):
+        table.add_column(column, justify="left" if column == "during" else "right")
+    for i, r in enumerate(results):
+        equal = r["files"] - len(r["differ"]) - len(r["missing"])
+        table.add_row(str(i), f"{r['kill_at_s']:.1f}", r["stage"] if r["killed"] else "(finished first)",
+                      str(r["processes_seen"]), str(len(r["alive_after_15s"])), f"{equal} / {r['files']}")
+    Console(width=max(Console().width, 100)).print(table)
+    clean = sum(not r["alive_after_15s"] for r in results)
+    same = sum(not (r["differ"] or r["missing"] or r["extra"]) for r in results)
+    console.print(f"nothing alive 15 s after the kill: {clean}/{len(results)}; "
+                  f"outputs identical: {same}/{len(results)}")
+    for r in results:
+        for what in ("alive_after_15s", "differ", "missing", "extra"):
+            if r[what]:
+                console.print(f"  kill at {r['kill_at_s']} s: {what}: {r[what][:5]}")

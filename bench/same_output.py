@@ -135,3 +135,16 @@ def compare_builds(a: Path, b: Path, tolerance: float = 1e-6) -> list[dict]:
         else:
             row["differ"].append(f"{folder}: {why}")
     return list(rows.values())
+
+
+def print_comparison(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("stage", "files", "byte-identical", "same records", "largest float difference", "differ"):
+        table.add_column(column, justify="left" if column in ("stage", "differ") else "right")
+    for r in rows:
+        table.add_row(r["stage"], str(r["files"]), str(r["identical"]), str(r["same_records"]),
+                      f"{r['max_float_diff']:.2e}", "; ".join(r["differ"][:3]) or "-")  # fmt: skip
+    Console(width=max(Console().width, 120)).print(table)

@@ -251,7 +251,7 @@ def exact_sample_precision(wd: WorkDir, truth: dict, sample: int, seed: int = 0)
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    from saferclip_data.stages.score import unit_rows
+    from saferclip_data.stages.columns import unit_rows
 
     rejected = {r["key"] for r in wd.rejects("dedup").to_pylist()}
     mined = wd.read_stage_columns("mine", ["key", "text_targets"]).to_pylist()

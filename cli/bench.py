@@ -356,29 +356,13 @@ def kills(
     import json
     import tempfile
 
-    from saferclip_data.bench.kills import run
+    from saferclip_data.bench.kills import print_results, run
     from saferclip_data.cli.common import default_recipe
 
     folder = out or Path(tempfile.gettempdir()) / "saferclip-kills"
     seconds, results = run((recipe or default_recipe()).resolve(), folder, trials, seed, executor)
     (folder / "kills.json").write_text(json.dumps({"clean_seconds": seconds, "trials": results}, indent=2) + "\n")
-    table = Table(title=f"kill -9 inside each stage in turn of a {seconds:.0f} s build ({executor} executor), "
-                  "then resume")
-    for column in ("trial", "killed at s", "during", "processes", "alive 15 s later", "files equal"):
-        table.add_column(column, justify="left" if column == "during" else "right")
-    for i, r in enumerate(results):
-        equal = r["files"] - len(r["differ"]) - len(r["missing"])
-        table.add_row(str(i), f"{r['kill_at_s']:.1f}", r["stage"] if r["killed"] else "(finished first)",
-                      str(r["processes_seen"]), str(len(r["alive_after_15s"])), f"{equal} / {r['files']}")
-    Console(width=max(Console().width, 100)).print(table)
-    clean = sum(not r["alive_after_15s"] for r in results)
-    same = sum(not (r["differ"] or r["missing"] or r["extra"]) for r in results)
-    console.print(f"nothing alive 15 s after the kill: {clean}/{len(results)}; "
-                  f"outputs identical: {same}/{len(results)}")
-    for r in results:
-        for what in ("alive_after_15s", "differ", "missing", "extra"):
-            if r[what]:
-                console.print(f"  kill at {r['kill_at_s']} s: {what}: {r[what][:5]}")
+    print_results(seconds, results, executor, console)
     console.print(f"results: {folder / 'kills.json'}")
 
 
@@ -391,18 +375,12 @@ def same_output(
     """Compare two builds of one recipe, stage by stage: data files byte-identical, or else the same records by
     key with the same values (floats within TOLERANCE; tar samples by key, whichever tar holds them). Exits 1
     when anything differs. Markers, manifests, task logs and the report are left out."""
-    from saferclip_data.bench.same_output import compare_builds
+    from saferclip_data.bench.same_output import compare_builds, print_comparison
 
     for folder in (first, second):
         if not folder.is_dir():
             raise UserError(f"bench same-output: no work dir at {folder}")
     rows = compare_builds(first, second, tolerance)
-    table = Table(title=f"{first} vs {second}")
-    for column in ("stage", "files", "byte-identical", "same records", "largest float difference", "differ"):
-        table.add_column(column, justify="left" if column in ("stage", "differ") else "right")
-    for r in rows:
-        table.add_row(r["stage"], str(r["files"]), str(r["identical"]), str(r["same_records"]),
-                      f"{r['max_float_diff']:.2e}", "; ".join(r["differ"][:3]) or "-")  # fmt: skip
-    Console(width=max(Console().width, 120)).print(table)
+    print_comparison(rows, f"{first} vs {second}")
     if any(r["differ"] for r in rows):
         raise typer.Exit(1)

@@ -42,9 +42,8 @@ from saferclip_data.pipeline.stage import (
     write_global_shard,
 )
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
-from saferclip_data.stages.columns import fields, schema
+from saferclip_data.stages.columns import fields, schema, unit_rows
 from saferclip_data.stages.knn import knn_search
-from saferclip_data.stages.score import unit_rows
 
 WORK_DIR = "_tasks"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from saferclip_data.pipeline.schema import field_like
@@ -102,3 +103,13 @@ def mined_modalities(sections: dict) -> list[str]:
     """The modalities the recipe mines (``stages.neighbours.modalities``), as column-name parts."""
     neighbours = sections.get(STAGE_CONFIGS, {}).get("neighbours")
     return [column_part(m) for m in (neighbours.modalities if neighbours is not None else ["text"])]
+
+
+def unit_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size-list embedding column as a float32 matrix (null rows are zeros) and its validity mask."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
+    values = column.flatten() if column.null_count == 0 else column.fill_null([0.0] * dim).flatten()
+    matrix = np.asarray(values.to_numpy(zero_copy_only=False), np.float32).reshape(len(column), dim)
+    return matrix, valid

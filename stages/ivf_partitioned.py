@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_bytes, atomic_write_npy
+from saferclip_data.stages.columns import unit_rows
 from saferclip_data.stages.knn import train_centroids
-from saferclip_data.stages.score import unit_rows
 
 LISTS_DIR = "lists"
 KMEANS_ITERATIONS = 20
@@ -285,11 +285,11 @@ def search_lists(folder: str, pool_kind: str, modality: str, task: int, lo: int,
         admissible &= groups[r] != qmeta["group"].to_numpy()[q]
     bound = settings["category_max_score"]
     if bound is not None:  # a target scoring above the bound for the query's own category is excluded
-        from saferclip_data.stages.score import column_suffix
+        from saferclip_data.stages.columns import column_part
 
         categories = np.asarray(qmeta["category"].to_pylist(), dtype=object)[q]
         for category in {c for c in categories.tolist() if c}:
-            name = f"score_{column_suffix(category)}"
+            name = f"score_{column_part(category)}"
             if name in scores.column_names:
                 values = np.asarray(scores[name].fill_null(np.nan).to_numpy(), np.float64)
                 at = categories == category

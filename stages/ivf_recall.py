@@ -107,10 +107,10 @@ def _exclusions(meta: pa.Table, qgroup: np.ndarray, qcategory: np.ndarray, setti
         excluded = qgroup[:, None] == meta["group"].to_numpy()[None, :]
     bound = settings["category_max_score"]
     if bound is not None:
-        from saferclip_data.stages.score import column_suffix
+        from saferclip_data.stages.columns import column_part
 
         for category in {c for c in qcategory.tolist() if c}:
-            name = f"score_{column_suffix(category)}"
+            name = f"score_{column_part(category)}"
             if name not in meta.column_names:
                 continue
             over = np.asarray(meta[name].fill_null(np.nan).to_numpy(), np.float64) > bound

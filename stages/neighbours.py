@@ -30,11 +30,10 @@ from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageCo
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_bytes, atomic_write_npy
 from saferclip_data.stages import ivf_partitioned as lists
 from saferclip_data.stages import ivf_recall
-from saferclip_data.stages.columns import fields, schema
+from saferclip_data.stages.columns import column_part, fields, schema, unit_rows
 from saferclip_data.stages.ivf import build_ivf, default_nlist, search_ivf
 from saferclip_data.stages.knn import knn_search
 from saferclip_data.stages.safe_pool import RowView, SafePool, group_hash, piece_blocks, pool_piece
-from saferclip_data.stages.score import column_suffix, unit_rows
 
 Modality = Literal["text", "image", "text-image", "image-text"]
 POOL_DIR = "_pool"
@@ -373,7 +372,7 @@ class NeighboursStage(Stage):
                     pair = self._searchable_row(pool_kind, pairs[row])
                     if pair is not None:
                         pair_sims[row] = float(vectors[row] @ np.asarray(pool.rows(np.array([pair]))[0], np.float32))
-            name = column_suffix(modality)
+            name = column_part(modality)
             columns[f"{name}_candidates"] = pa.array(cand_keys, pa.list_(pa.string()))
             columns[f"{name}_similarities"] = pa.array(cand_sims, pa.list_(pa.float32()))
             columns[f"{name}_pair_similarity"] = pa.array(pair_sims, pa.float32())

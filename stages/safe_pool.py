@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_npy, atomic_write_parquet
-from saferclip_data.stages.score import column_suffix, unit_rows
+from saferclip_data.stages.columns import column_part, unit_rows
 
 
 def group_hash(groups: list[Any]) -> np.ndarray:
@@ -166,7 +166,7 @@ class SafePool:
         return self._positions.get(key)
 
     def category_score(self, pool_row: int, category: str) -> float | None:
-        values = self.scores.get(column_suffix(category))
+        values = self.scores.get(column_part(category))
         if values is None or np.isnan(values[pool_row]):
             return None
         return float(values[pool_row])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
 from typing import Literal
 
@@ -26,7 +25,7 @@ from saferclip_data.pipeline.registry import Registry
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage, StageConfig
 from saferclip_data.pipeline.workdir import WorkDir
 from saferclip_data.stages.classifiers import ClassifierConfig
-from saferclip_data.stages.columns import fields, schema
+from saferclip_data.stages.columns import column_part, fields, schema, unit_rows
 from saferclip_data.stages.embed import ModelConfig, load_worker_model
 
 #: the SaFeR-CLIP / ViSU taxonomy with plain-language prompts for real-world CLIP models
@@ -46,11 +45,6 @@ DEFAULT_NEUTRAL = ["a photo", "an ordinary everyday photo", "a picture of someth
 #: (the toy world's ``toy-world``) come from their packages' entry points
 TAXONOMIES: Registry = Registry("taxonomy", "saferclip_data.taxonomies")
 TAXONOMIES.register("default", lambda: DEFAULT_TAXONOMY)
-
-
-def column_suffix(category: str) -> str:
-    """A category name as a column-name part: ``illegal activity`` -> ``illegal_activity``."""
-    return re.sub(r"[^0-9a-z]+", "_", category.lower()).strip("_")
 
 
 def resolve_role_column(role_column: str | None, source) -> str | None:
@@ -127,7 +121,7 @@ class ScoreConfig(StageConfig):
             for category, prompts in value.items():
                 if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
                     raise ValueError(f"stages.score.taxonomy.{category}: needs a list of non-empty prompts")
-                suffix = column_suffix(category)
+                suffix = column_part(category)
                 if not suffix or suffix in suffixes:
                     raise ValueError(f"stages.score.taxonomy.{category}: name clashes with '{suffixes.get(suffix)}'")
                 suffixes[suffix] = category
@@ -152,16 +146,6 @@ def one_cpu_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def unit_rows(column: pa.ChunkedArray | pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-size-list embedding column as a float32 matrix (null rows are zeros) and its validity mask."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), bool)
-    values = column.flatten() if column.null_count == 0 else column.fill_null([0.0] * dim).flatten()
-    matrix = np.asarray(values.to_numpy(zero_copy_only=False), np.float32).reshape(len(column), dim)
-    return matrix, valid
 
 
 class ScoreStage(Stage):
@@ -299,7 +283,7 @@ class ScoreStage(Stage):
         for modality, vectors, valid in (("image", images, has_image), ("text", texts, has_text)):
             scores = self.scores(vectors).astype(np.float32)
             for c, category in enumerate(self.categories):
-                columns[f"{modality}_score_{column_suffix(category)}"] = pa.array(scores[:, c], mask=~valid)
+                columns[f"{modality}_score_{column_part(category)}"] = pa.array(scores[:, c], mask=~valid)
             columns[f"{modality}_unsafe_score"] = pa.array(scores.max(1), mask=~valid)
             top = np.array(self.categories, dtype=object)[scores.argmax(1)]
             columns[f"{modality}_top_category"] = pa.array(top.tolist(), pa.string(), mask=~valid)
@@ -330,7 +314,7 @@ class ScoreStage(Stage):
             for modality, vectors, valid in (("image", images, has_image), ("text", texts, has_text)):
                 p = self.probes.probabilities(modality, vectors, keys, labelled & valid)
                 for c, category in enumerate(self.categories):
-                    columns[f"probe_{modality}_score_{column_suffix(category)}"] = pa.array(p[:, c + 1], mask=~valid)
+                    columns[f"probe_{modality}_score_{column_part(category)}"] = pa.array(p[:, c + 1], mask=~valid)
         return BatchResult(pa.table(columns), partial=partial)
 
     def labels(self, batch: pa.Table) -> dict[str, pa.Array]:

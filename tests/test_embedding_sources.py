@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.score import unit_rows
+from saferclip_data.stages.columns import unit_rows
 
 from conftest import write_recipe
 from embedding_layouts import planted_pool, write_clip_retrieval, write_datacomp

@@ -8,11 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from saferclip_data.stages.columns import column_part
 from saferclip_data.stages.dedup import leader_over_edges
 from saferclip_data.stages.dedup.partitions import EDGE_SCHEMA, near_duplicates
 from saferclip_data.stages.filter import FilterConfig, FilterStage
 from saferclip_data.stages.mine import capped_picks, difficulty
-from saferclip_data.stages.score import ScoreConfig, ScoreStage, column_suffix
+from saferclip_data.stages.score import ScoreConfig, ScoreStage
 
 
 # ---- score --------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def test_score_is_highest_for_the_category_an_embedding_sits_on():
 def test_taxonomy_names_must_make_distinct_columns():
     with pytest.raises(ValueError, match="clashes"):
         ScoreConfig(taxonomy={"self-harm": ["a"], "self harm": ["b"]})
-    assert column_suffix("illegal activity") == "illegal_activity"
+    assert column_part("illegal activity") == "illegal_activity"
 
 
 # ---- filter -------------------------------------------------------------------------------------------------

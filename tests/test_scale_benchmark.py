@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from saferclip_data.pipeline.workdir import WorkDir
-from saferclip_data.stages.score import unit_rows
+from saferclip_data.stages.columns import unit_rows
 
 from conftest import write_recipe
 from helpers import safety_recipe

@@ -10,9 +10,9 @@ import pytest
 from saferclip_data.bench.scale import SyntheticPool, write_pool
 from saferclip_data.pipeline.stage import GlobalContext
 from saferclip_data.pipeline.workdir import WorkDir
+from saferclip_data.stages.columns import unit_rows
 from saferclip_data.stages.dedup import DedupConfig, DedupStage, leader_over_edges
 from saferclip_data.stages.dedup.partitions import EDGE_SCHEMA, buckets
-from saferclip_data.stages.score import unit_rows
 
 
 def _run(root, **config) -> dict[str, str]:

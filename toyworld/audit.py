@@ -71,13 +71,13 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
 
 def scoring_auroc(workdir: WorkDir, min_records: int = 50) -> list[dict]:
     """Per category and modality: AUROC of the category's score, its unsafe records against all safe ones."""
-    from saferclip_data.stages.score import column_suffix
+    from saferclip_data.stages.columns import column_part
     from saferclip_data.toyworld.pretrain import auroc
 
     truth = _source(workdir)
     manifest = workdir.manifest("score") or {}
     categories = manifest.get("metadata", {}).get("categories", "").split("|")
-    names = [f"{m}_score_{column_suffix(c)}" for c in categories for m in ("image", "text")]
+    names = [f"{m}_score_{column_part(c)}" for c in categories for m in ("image", "text")]
     scores = workdir.read_stage_columns("score", ["key", *names])
     keys = scores["key"].to_pylist()
     role = np.array([truth[k]["role"] for k in keys], dtype=object)
@@ -87,7 +87,7 @@ def scoring_auroc(workdir: WorkDir, min_records: int = 50) -> list[dict]:
         positive = (role == "unsafe") & (category == c)
         row = {"category": c, "unsafe_records": int(positive.sum())}
         for m in ("image", "text"):
-            values = np.asarray(scores[f"{m}_score_{column_suffix(c)}"].fill_null(np.nan).to_numpy(), np.float64)
+            values = np.asarray(scores[f"{m}_score_{column_part(c)}"].fill_null(np.nan).to_numpy(), np.float64)
             pos, neg = values[positive], values[role == "safe"]
             pos, neg = pos[~np.isnan(pos)], neg[~np.isnan(neg)]
             enough = len(pos) >= min_records and len(neg) > 0

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.stage import worker_identity
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
+from saferclip_data.stages.columns import unit_rows
 from saferclip_data.stages.knn import knn_search
-from saferclip_data.stages.score import unit_rows
 
 PARTITION_DIR = "_partitions"
 ROLES = ("safe", "unsafe")

@@ -49,8 +49,7 @@ from saferclip_data.pipeline.stage import (
     write_global_shard,
 )
 from saferclip_data.pipeline.workdir import WorkDir, atomic_path
-from saferclip_data.stages.columns import fields, schema
-from saferclip_data.stages.score import column_suffix
+from saferclip_data.stages.columns import column_part, fields, schema
 from saferclip_data.stages.shards.plan import BUCKETS, blocked_keys, plan_shard, resolve_bucket, task_dir, write_piece
 from saferclip_data.stages.shards.tars import write_group
 
@@ -117,7 +116,7 @@ class ShardsStage(Stage):
         from saferclip_data.stages.download import DownloadOptions
 
         c, wd = self.config, ctx.workdir
-        m = column_suffix(c.modality)
+        m = column_part(c.modality)
         with_benchmark = "benchmark" in self.sections.get(ENABLED_STAGES, ())
         first = "benchmark" if with_benchmark else "mine"
         shard_ids = wd.completed_shards(first)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
-from saferclip_data.stages.score import unit_rows
+from saferclip_data.stages.columns import unit_rows
 
 WORK_DIR = "_tasks"
 BUCKETS = 16  # hash buckets of the request join
