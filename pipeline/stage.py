@@ -234,9 +234,9 @@ class Stage(ABC):
 
 
 class GlobalContext:
-    """Column access for whole-data-set stages: read upstream columns, write named output tables, and fan work
-    out (``map``) so that a stage can be built from per-shard or per-partition tasks instead of holding the whole
-    data set in one process."""
+    """What a whole-data-set stage's steps run through: ``map`` fans a step out as tasks (in-process, or on the
+    cluster when the build runs on Ray), ``write_table`` writes a named table, ``committed`` records the output
+    shards the tasks wrote. No process holds the data set: data travels between steps through the work dir."""
 
     def __init__(self, stage: Stage, workdir: WorkDir, task_map: TaskMap = serial_map):
         self.stage, self.workdir = stage, workdir
@@ -249,24 +249,9 @@ class GlobalContext:
         function whose arguments and result are small (paths, ids, counts): data travels through the work dir."""
         return self._task_map(fn, items, cpus)
 
-    def read_columns(self, upstream: str, columns: Iterable[str]) -> pa.Table:
-        return self.workdir.read_stage_columns(upstream, list(columns))
-
     def write_table(self, name: str, table: pa.Table, metadata: dict[str, str] | None = None) -> None:
         """A named table of the stage (``<stage>/<name>.parquet``), with the output metadata given."""
         self.workdir.write_table(self.stage.name, name, table, metadata or {})
-
-    def write_rejects(self, rejects: Iterable[Reject]) -> None:
-        self.workdir.write_table(self.stage.name, "rejects", rejects_table(self.stage.name, rejects))
-
-    def write_shard(self, shard_id: str, table: pa.Table, rejects: list[Reject], records_in: int,
-                    partial: list[Reject] = ()) -> None:  # fmt: skip
-        """Write output in shards, like a map stage, so that map stages can follow this one. Every record in
-        must be kept or rejected; a kept record that lost part of its output is listed in ``partial`` with the
-        reason. The shard's marker (with its counts) commits it."""
-        write_global_shard(self.workdir, self.stage.name, self.stage.output_metadata(), shard_id, table, rejects,
-                           records_in, partial=partial)  # fmt: skip
-        self.shards.append(shard_id)
 
     def committed(self, shard_ids: Iterable[str]) -> None:
         """Record shards that tasks of this stage wrote with :func:`write_global_shard`, in output order."""

@@ -114,18 +114,25 @@ def test_duplicate_keys_fail_clearly_keeping_shards(tmp_path, cli):
     assert (tmp_path / "w" / "source" / "part-00000.done.json").is_file()
 
 
+def _count_keys(root: str, shard_id: str) -> tuple[int, str]:
+    keys = WorkDir(root).read_shard("embed", shard_id, ["key"])["key"]
+    return len(keys), keys[0].as_py()
+
+
 class _KeyCount(Stage):
-    """A whole-data-set stage for the contract test: reads every key at once and writes one table."""
+    """A whole-data-set stage for the contract test: a step over every shard as tasks, one table from their
+    results."""
 
     name = "keycount"
     mode = "global"
     inputs = {"embed": ("key",)}
 
     def run_global(self, ctx):
-        keys = ctx.read_columns("embed", ["key"])["key"]
-        ctx.write_table("counts", pa.table({"n": [len(keys)], "first": [keys[0].as_py()]}))
-        ctx.write_rejects([])
-        return GlobalOutput({"in": len(keys), "out": 1})
+        shards = ctx.workdir.completed_shards("embed")
+        counts = ctx.map(_count_keys, [(str(ctx.workdir.root), s) for s in shards])
+        n = sum(c for c, _ in counts)
+        ctx.write_table("counts", pa.table({"n": [n], "first": [counts[0][1]]}))
+        return GlobalOutput({"in": n, "out": 1})
 
 
 def test_global_stage_gets_column_access(tmp_path, manifest_200):
