@@ -18,7 +18,7 @@ from saferclip_data.stages import REGISTRY
 from conftest import recipe_dict, write_recipe
 
 
-# ---- the example: 36 lines ------------------------------------------------------------------------------------
+# ---- the example: 24 lines ------------------------------------------------------------------------------------
 class CaptionWordsConfig(StageConfig):
     min_words: int = Field(default=1, ge=0, description="records with fewer caption words are rejected")
 
