@@ -306,7 +306,7 @@ def _say_os_error(error: OSError) -> None:
 def main() -> None:
     """Console-script entry: run the app, turning user mistakes into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except UserError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -329,6 +329,8 @@ def main() -> None:
             sys.exit(2)
         console.print(f"error: {user}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

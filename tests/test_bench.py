@@ -217,7 +217,7 @@ def test_suite_parts_run_alone_add_to_the_results_already_there_and_redo_a_faile
     assert "knn effective TFLOP/s" not in third["figures"]  # figures from another device are not mixed in
 
 
-def test_same_output_tells_identical_from_reordered_from_different(tmp_path):
+def test_same_output_tells_identical_from_reordered_from_different(tmp_path, cli):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -238,3 +238,6 @@ def test_same_output_tells_identical_from_reordered_from_different(tmp_path):
     assert reordered["same_records"] == 1 and not reordered["differ"] and reordered["max_float_diff"] < 1e-6
     (different,) = compare_builds(tmp_path / "one", tmp_path / "three")
     assert different["differ"] == ["mine/part-00000.parquet: column targets differs"]
+    for other, expected in (("two", 0), ("three", 1)):  # the command's exit code says whether anything differs
+        code, _, _ = cli("bench", "same-output", str(tmp_path / "one"), str(tmp_path / other))
+        assert code == expected
