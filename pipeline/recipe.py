@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import RecipeError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -27,6 +28,11 @@ class RecipeHeader(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="recipe name; the default work dir is work/<name>")
     workdir: str | None = Field(default=None, description="work dir; relative paths resolve against the recipe")
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per protocol (s3, gs, hf, ...), options of its file system, e.g. s3: {endpoint_url: ...}; "
+        "used in memory only, never written anywhere (use ${ENV} for secrets)",
+    )
 
 
 #: what a recipe may expand to: YAML aliases can make a few lines mean billions of values ("billion laughs")
@@ -182,6 +188,9 @@ def load_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(file, "", f"expected a mapping of recipe keys, got {type(raw).__name__}")
     raw = interpolate_env(raw, file)
+    options = raw.get("storage_options")
+    if isinstance(options, dict) and all(isinstance(v, dict) for v in options.values()):
+        storage.configure(options)  # before validation: the source's checks may read a bucket
     schema = _schema(tuple((k, m, r) for k, (m, r) in sections.items()), tuple(sorted(stages.items())))
     try:
         return schema.model_validate(raw, context={"base_dir": path.resolve().parent, "file": file})

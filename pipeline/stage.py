@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.workdir import REJECT_SCHEMA
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ def serial_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) ->
     return [fn(*args) for args in items]
 
 
+#: key of the recipe's file-system options in the sections (see :mod:`storage`; never written anywhere)
+STORAGE_OPTIONS = "storage_options"
 #: key of the tuple of stage names the recipe enables, in the sections every stage receives
 ENABLED_STAGES = "enabled_stages"
 #: key of every enabled stage's config by name, in the sections (what a stage's output schema may depend on:
@@ -154,6 +157,7 @@ class Stage(ABC):
         self.config = config
         self.sections = sections
         self.task_map: TaskMap = serial_map
+        storage.configure(sections.get(STORAGE_OPTIONS))  # the driver and every worker read with the recipe's
 
     # ---- driver side -------------------------------------------------------------------------------------
     @classmethod

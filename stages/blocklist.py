@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import UserError
 
 DIGEST_LENGTH = {"sha256": 64, "md5": 32}
@@ -39,9 +40,9 @@ class Blocklist:
 
 def load_blocklist(path: str | Path) -> Blocklist:
     """Parse a blocklist file; a malformed line is a one-line error naming the file and line number."""
-    path = Path(path)
+    path = str(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = storage.read_bytes(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"source.blocklist: cannot read {path}: {exc}") from None
     found: dict[str, set[str]] = {"sha256": set(), "md5": set()}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.stage import BatchResult, Reject
 from saferclip_data.stages import readers
 
@@ -54,39 +55,49 @@ class EmbeddingPart:
     text: str
     rows: int
 
-    def files(self) -> list[Path]:
-        return sorted({Path(self.metadata), *(Path(v.split("::")[0]) for v in (self.image, self.text))})
+    def files(self) -> list[str]:
+        return sorted({self.metadata, *(v.split("::")[0] for v in (self.image, self.text))})
 
 
-def _number(path: Path) -> int:
-    match = _NUMBER.search(path.stem)
+def _number(path: str) -> int:
+    match = _NUMBER.search(PurePosixPath(storage.name(path)).stem)
     return int(match.group(1)) if match else -1
 
 
+def _row_count(path: str) -> int:
+    """Rows of a parquet file, from its footer only (a range read at a URL)."""
+    if not storage.is_url(path):
+        return pq.ParquetFile(path).metadata.num_rows
+    with storage.open_file(path) as file:
+        return pq.ParquetFile(file).metadata.num_rows
+
+
 def find_parts(folder: str, options: EmbeddingSourceOptions) -> list[EmbeddingPart]:
-    """The folder's parts in order; raises ValueError naming what is missing."""
-    root = Path(folder)
+    """The folder's parts in order (a local folder or a URL prefix); raises ValueError naming what is missing."""
     parts = []
     if options.layout == "clip-retrieval":
-        metadata = sorted((root / "metadata").glob("metadata_*.parquet"), key=_number)
+        metadata = sorted(storage.list_files(storage.join(folder, "metadata"), "metadata_*.parquet"), key=_number)
         if not metadata:
-            raise ValueError(f"no metadata/metadata_N.parquet in {root} (clip-retrieval layout)")
+            raise ValueError(f"no metadata/metadata_N.parquet in {folder} (clip-retrieval layout)")
         for meta in metadata:
             n = _number(meta)
-            image, text = root / "img_emb" / f"img_emb_{n}.npy", root / "text_emb" / f"text_emb_{n}.npy"
-            for path in (image, text):
-                if not path.is_file():
-                    raise ValueError(f"{meta.name} has no matching {path.relative_to(root)} in {root}")
-            parts.append(EmbeddingPart(str(meta), str(image), str(text), pq.ParquetFile(meta).metadata.num_rows))
+            image, text = f"img_emb/img_emb_{n}.npy", f"text_emb/text_emb_{n}.npy"
+            found = storage.existing_files([storage.join(folder, image), storage.join(folder, text)])
+            for relative in (image, text):
+                if storage.join(folder, relative) not in found:
+                    raise ValueError(f"{storage.name(meta)} has no matching {relative} in {folder}")
+            parts.append(EmbeddingPart(meta, storage.join(folder, image), storage.join(folder, text), _row_count(meta)))
     else:
-        for meta in sorted(root.glob("*.parquet")):
-            npz = meta.with_suffix(".npz")
-            if not npz.is_file():
-                raise ValueError(f"{meta.name} has no matching {npz.name} in {root} (datacomp layout)")
-            rows = pq.ParquetFile(meta).metadata.num_rows
-            parts.append(EmbeddingPart(str(meta), f"{npz}::{options.image_key}", f"{npz}::{options.text_key}", rows))
+        files = storage.list_files(folder)
+        for meta in [f for f in files if f.endswith(".parquet")]:
+            npz = meta.removesuffix(".parquet") + ".npz"
+            if npz not in files:
+                missing = storage.name(npz)
+                raise ValueError(f"{storage.name(meta)} has no matching {missing} in {folder} (datacomp layout)")
+            parts.append(EmbeddingPart(meta, f"{npz}::{options.image_key}", f"{npz}::{options.text_key}",
+                                       _row_count(meta)))  # fmt: skip
         if not parts:
-            raise ValueError(f"no <shard>.parquet + <shard>.npz pairs in {root} (datacomp layout)")
+            raise ValueError(f"no <shard>.parquet + <shard>.npz pairs in {folder} (datacomp layout)")
     return parts
 
 
@@ -96,14 +107,15 @@ def vector_width(part: EmbeddingPart) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=4)
-def _vectors(ref: str) -> np.ndarray:
-    """A part's vectors: a memory-mapped .npy, or one array of an .npz (loaded: npz members cannot be mapped)."""
+def _vectors(ref: str) -> Any:
+    """A part's vectors: a memory-mapped .npy (at a URL: rows read by byte range), or one array of an .npz
+    (loaded: npz members cannot be mapped)."""
     path, _, key = ref.partition("::")
     if not key:
-        return np.load(path, mmap_mode="r")
-    with np.load(path) as archive:
+        return storage.npy_rows(path)
+    with storage.open_file(path) as file, np.load(file) as archive:
         if key not in archive.files:
-            raise ValueError(f"{Path(path).name} has no array '{key}' (has: {', '.join(archive.files)})")
+            raise ValueError(f"{storage.name(path)} has no array '{key}' (has: {', '.join(archive.files)})")
         return archive[key]
 
 
@@ -114,7 +126,13 @@ def read_vectors(part: EmbeddingPart, kind: str, rows: np.ndarray) -> np.ndarray
 
 def _metadata_rows(path: str, start: int, stop: int) -> pa.Table:
     """Rows start..stop of a parquet file, reading only the row groups that hold them."""
-    file = pq.ParquetFile(path)
+    if not storage.is_url(path):
+        return _row_range(pq.ParquetFile(path), start, stop)
+    with storage.open_file(path) as handle:
+        return _row_range(pq.ParquetFile(handle), start, stop)
+
+
+def _row_range(file: pq.ParquetFile, start: int, stop: int) -> pa.Table:
     groups, first, offset = [], None, 0
     for g in range(file.num_row_groups):
         n = file.metadata.row_group(g).num_rows
@@ -139,7 +157,7 @@ def records(part: EmbeddingPart, index: int, start: int, stop: int, options: Emb
                 return table[name].cast(pa.string()).to_pylist()
         return [None] * n
 
-    stem = readers.sanitize_key(Path(part.metadata).stem)
+    stem = readers.sanitize_key(PurePosixPath(storage.name(part.metadata)).stem)
     keys = [readers.sanitize_key(k) if k else f"{stem}_{start + i:09d}" for i, k in enumerate(column("key", "uid"))]
     if "punsafe" in table.column_names:
         punsafe = table["punsafe"].cast(pa.float64()).to_pylist()

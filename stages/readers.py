@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.tars import NotPlainTar, TarDamage, scan_tar
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # what a manifest path may be too
@@ -32,10 +33,10 @@ def sanitize_key(value: Any) -> str:
     return key or "_"
 
 
-def manifest_format(path: Path, declared: str) -> str:
+def manifest_format(path: str | Path, declared: str) -> str:
     if declared != "auto":
         return declared
-    suffix = path.suffix.lower().lstrip(".")
+    suffix = PurePosixPath(storage.name(str(path))).suffix.lower().lstrip(".")
     return {
         "parquet": "parquet",
         "pq": "parquet",
@@ -47,21 +48,29 @@ def manifest_format(path: Path, declared: str) -> str:
     }.get(suffix, "")
 
 
-def read_manifest(path: Path, fmt: str) -> pa.Table:
-    """The whole manifest as Arrow (no image bytes are loaded here, only what the file holds)."""
+def read_manifest(path: str | Path, fmt: str) -> pa.Table:
+    """The whole manifest as Arrow (no image bytes are loaded here, only what the file holds); a URL is
+    streamed through the storage layer."""
+    if storage.is_url(str(path)):
+        with storage.open_file(str(path)) as file:
+            return _read_manifest(file, fmt, storage.name(str(path)))
+    return _read_manifest(path, fmt, Path(path).name)
+
+
+def _read_manifest(source: Any, fmt: str, filename: str) -> pa.Table:
     if fmt == "parquet":
-        return pq.read_table(path)
+        return pq.read_table(source)
     if fmt == "jsonl":
-        return pajson.read_json(path)
+        return pajson.read_json(source)
     if fmt == "csv":
-        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        delimiter = "\t" if filename.lower().endswith(".tsv") else ","
         parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
         # strings stay strings: a key or a caption like "0012" must not become an integer
         convert = pacsv.ConvertOptions(strings_can_be_null=False)
-        table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
+        table = pacsv.read_csv(source, parse_options=parse, convert_options=convert)
         # a column with bytes that are not UTF-8 comes back as binary: decode it value by value
         return _decoded_per_row(table) if any(pa.types.is_binary(f.type) for f in table.schema) else table
-    raise ValueError(f"unknown manifest format for {path}")
+    raise ValueError(f"unknown manifest format for {filename}")
 
 
 UNDECODABLE = "_undecodable"  # manifest column: why a row's text could not be read (its record is rejected)
@@ -86,32 +95,48 @@ def _decoded_per_row(table: pa.Table) -> pa.Table:
     return pa.table({**columns, UNDECODABLE: pa.array(problems, pa.string())})
 
 
-def list_image_folder(root: Path) -> list[str]:
-    """Image files below ``root``, relative and sorted, so that shard contents are deterministic."""
-    files = [
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
-    ]
-    return sorted(files)
+def list_image_folder(root: str | Path) -> list[str]:
+    """Image files below ``root`` (a folder or a URL prefix), relative and sorted, so that shard contents are
+    deterministic."""
+    files = storage.walk_files(str(root))
+    return [f for f in files if PurePosixPath(f).suffix.lower().lstrip(".") in IMAGE_EXTENSIONS]
 
 
-def read_image_folder(root: Path, files: list[str]) -> pa.Table:
+def _sidecars(root: str, files: list[str]) -> set[str]:
+    """Which caption files exist beside these images (relative names): one listing per folder of a URL
+    prefix instead of a request per image."""
+    wanted = {str(PurePosixPath(rel).with_suffix(f".{ext}")) for rel in files for ext in CAPTION_EXTENSIONS}
+    if not storage.is_url(root):
+        return {rel for rel in wanted if (Path(root) / rel).is_file()}
+    folders = {str(PurePosixPath(rel).parent) for rel in files}
+    present = set()
+    for folder in folders:
+        base = storage.join(root, folder) if folder != "." else root
+        names = {storage.name(f) for f in storage.list_files(base)}
+        here = PurePosixPath(folder)
+        present |= {rel for rel in wanted if PurePosixPath(rel).parent == here and PurePosixPath(rel).name in names}
+    return present
+
+
+def read_image_folder(root: str | Path, files: list[str]) -> pa.Table:
+    root = str(root)
+    captions = _sidecars(root, files)
     rows: dict[str, list] = {c: [] for c in RAW_COLUMNS}
     for rel in files:
-        path = root / rel
         caption = None
         for ext in CAPTION_EXTENSIONS:
-            sidecar = path.parent / f"{path.stem}.{ext}"
-            if sidecar.is_file():
-                caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+            sidecar = str(PurePosixPath(rel).with_suffix(f".{ext}"))
+            if sidecar in captions:
+                text = storage.read_bytes(storage.join(root, sidecar))
+                caption = text.decode("utf-8", errors="replace").strip()
                 break
-        label = path.parent.relative_to(root).as_posix() if path.parent != root else None
-        key = sanitize_key(Path(rel).with_suffix("").as_posix())
+        folder = PurePosixPath(rel).parent
+        label = folder.as_posix() if str(folder) != "." else None
+        key = sanitize_key(PurePosixPath(rel).with_suffix("").as_posix())
         values = {
             "key": key,
             "caption": caption,
-            "image": str(path),
+            "image": storage.join(root, rel),
             "group": key,
             "label": label,
             "category": None,
@@ -130,14 +155,19 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def read_webdataset_tar(path: Path, extra_columns: list[str]) -> tuple[pa.Table, dict[str, list]]:
+def read_webdataset_tar(path: str | Path, extra_columns: list[str]) -> tuple[pa.Table, dict[str, list]]:
     """Samples of one tar, grouped by key from *contiguous* members (the WebDataset layout).
 
     A tar that breaks (truncated, or a damaged header) keeps every sample before the break; the sample whose
     member is cut, or a record named after the last good key, carries ``_reason``, because nothing after a
     break can be trusted. Plain ustar/pax tars are read through the header index of ``pipeline.tars`` (about
-    three times tarfile's speed), others (compressed, GNU long names) through tarfile.
+    three times tarfile's speed), others (compressed, GNU long names) through tarfile. A URL is copied to the
+    node's scratch dir first (one sequential read) and read the same way.
     """
+    if storage.is_url(str(path)):
+        with storage.local_copy(str(path)) as local:
+            return read_webdataset_tar(local, extra_columns)
+    path = Path(path)
     try:
         members, damage = _indexed_members(path)
     except NotPlainTar:

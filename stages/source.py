@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import urllib.request
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.schema import field_like
 from saferclip_data.pipeline.stage import BatchResult, Reject, ShardSpec, Stage
@@ -66,21 +67,20 @@ class SourceStage(Stage):
     def embedding_parts(self) -> list[EmbeddingPart]:
         return find_parts(self.config.path, self.config.embeddings)
 
-    def _files(self) -> list[Path]:
+    def _files(self) -> list[str]:
         c = self.config
         if c.kind == "embeddings":
             return [f for part in self.embedding_parts for f in part.files()]
         if c.kind in ("hub", "manifest"):
-            return [Path(p.path) for p in c.table_parts() if p.path]
+            return [p.path for p in c.table_parts() if p.path]
         if c.kind == "webdataset":
-            return [Path(p) for p in tar_files(c.path)]
-        root = Path(c.path)
-        return [root / rel for rel in readers.list_image_folder(root)]
+            return tar_files(c.path)
+        return [storage.join(c.path, rel) for rel in readers.list_image_folder(c.path)]
 
     def input_fingerprint(self, workdir: WorkDir) -> dict[str, Any]:
-        """Sizes and modification times of the input files (and the blocklist's content): a change re-runs
-        the source. With ``download``, also the download attempt that is due: failed URLs left to retry make
-        the next build run the source again."""
+        """Sizes and modification times (an object's version tag) of the input files, and the blocklist's
+        content: a change re-runs the source. With ``download``, also the download attempt that is due: failed
+        URLs left to retry make the next build run the source again."""
         out: dict[str, Any] = {}
         if self.config.download:
             out["download"] = self.config.download.result_settings()
@@ -93,16 +93,14 @@ class SourceStage(Stage):
         if hub:
             out["hub"] = hub
         if self.config.blocklist:
-            out["blocklist"] = hashlib.sha256(Path(self.config.blocklist).read_bytes()).hexdigest()
+            out["blocklist"] = hashlib.sha256(storage.read_bytes(self.config.blocklist)).hexdigest()
         if self.config.kind == "toy":
             return {
                 **out,
                 "toy_world": self.config.toy.model_dump(),
                 "world_version": GENERATED_SOURCES.get("toy").fingerprint(self.config.toy.model_dump()),
             }
-        for f in self._files():
-            st = f.stat()
-            out[str(f)] = [st.st_size, st.st_mtime_ns]
+        out.update(storage.stamps(self._files()))
         return out
 
     @staticmethod
@@ -154,7 +152,7 @@ class SourceStage(Stage):
             if workdir is not None:
                 self._write_input_slices(workdir, specs)
         else:
-            files = readers.list_image_folder(Path(c.path))
+            files = readers.list_image_folder(c.path)
             specs = [
                 ShardSpec(
                     f"part-{i:05d}", {"files": files[start : start + size], "rows": len(files[start : start + size])}
@@ -196,12 +194,12 @@ class SourceStage(Stage):
     def _read_raw(self, spec: ShardSpec, workdir: WorkDir) -> pa.Table:
         c = self.config
         if c.kind in ("webdataset", "toy"):
-            table, extras = readers.read_webdataset_tar(Path(spec.payload["file"]), c.extra_columns)
+            table, extras = readers.read_webdataset_tar(spec.payload["file"], c.extra_columns)
             for col, values in extras.items():
                 table = table.append_column(col, pa.array(values, type=pa.string()))
             return table
         if c.kind == "image_folder":
-            return readers.read_image_folder(Path(c.path), spec.payload["files"])
+            return readers.read_image_folder(c.path, spec.payload["files"])
         if c.kind == "embeddings":
             p = spec.payload
             part = self.embedding_parts[p["part"]]
@@ -214,11 +212,15 @@ class SourceStage(Stage):
         c = self.config
         if c.key_column in part.column_names:  # a row without a key gets its row's name and is rejected
             keys = part[c.key_column].cast(pa.string()).to_pylist()
-            stem = readers.sanitize_key(Path(c.path).stem if c.path else c.hub_dataset or "hub")
+            stem = self._stem()
             return [readers.sanitize_key(k) if k not in (None, "") else f"{stem}_row{start + i:09d}"
                     for i, k in enumerate(keys)]  # fmt: skip
-        stem = readers.sanitize_key(Path(c.path).stem if c.path else c.hub_dataset or "hub")
-        return [f"{stem}_{i:09d}" for i in range(start, stop)]
+        return [f"{self._stem()}_{i:09d}" for i in range(start, stop)]
+
+    def _stem(self) -> str:
+        """The source's name in generated keys: its file's stem (or the hub data set id)."""
+        c = self.config
+        return readers.sanitize_key(PurePosixPath(storage.name(c.path)).stem if c.path else c.hub_dataset or "hub")
 
     def _write_input_slices(self, workdir: WorkDir, specs: list[ShardSpec]) -> None:
         """Each shard's manifest rows as a parquet file in the stage's folder, written once by the driver, so a
@@ -279,18 +281,19 @@ class SourceStage(Stage):
         return pa.table(columns)
 
     def _load_image(self, ref: Any) -> bytes:
-        """Image bytes from bytes, a URL, or a path (relative paths resolve against image_root)."""
+        """Image bytes from bytes, a URL, or a path (relative paths resolve against image_root, else the
+        manifest's folder, which may be a URL prefix)."""
         if isinstance(ref, bytes):
             return ref
         ref = str(ref)
         if ref.startswith(("http://", "https://", "file://")):
             with urllib.request.urlopen(ref, timeout=self.config.url_timeout) as response:
                 return response.read()
-        path = Path(ref)
-        if not path.is_absolute():
-            root = self.config.image_root or str(Path(self.config.path).parent)
-            path = Path(root) / path
-        return path.read_bytes()
+        if storage.is_url(ref):
+            return storage.read_bytes(ref, strict=False)
+        if not Path(ref).is_absolute():
+            ref = storage.join(self.config.image_root or storage.parent(self.config.path), ref)
+        return storage.read_bytes(ref, strict=False)
 
     def process_batch(self, batch: pa.Table) -> BatchResult:
         """Load image bytes, check required fields; every row is kept or rejected with a reason."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Literal
 
 from braceexpand import braceexpand
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.registry import Registry
 from saferclip_data.pipeline.stage import StageConfig
@@ -78,10 +78,10 @@ class SourcePart(BaseModel):
         if (self.path is None) == (self.hub_dataset is None):
             raise ValueError("source.parts: give each part either path or hub_dataset")
         if self.path is not None:
-            if not Path(self.path).is_file():
+            if not storage.is_file(self.path):
                 raise ValueError(f"source.parts: manifest file not found: {self.path}")
-            if not readers.manifest_format(Path(self.path), self.format):
-                raise ValueError(f"source.parts: cannot tell the format of {Path(self.path).name}; set format")
+            if not readers.manifest_format(self.path, self.format):
+                raise ValueError(f"source.parts: cannot tell the format of {storage.name(self.path)}; set format")
         if self.coco_root is not None and not Path(self.coco_root).is_dir():
             raise ValueError(f"source.parts: coco_root folder not found: {self.coco_root}")
         return self
@@ -161,7 +161,7 @@ class SourceConfig(StageConfig):
     @model_validator(mode="after")
     def _check_path(self):
         if self.blocklist is not None:
-            if not Path(self.blocklist).is_file():
+            if not storage.is_file(self.blocklist):
                 raise ValueError(f"source.blocklist: file not found: {self.blocklist}")
             try:
                 load_blocklist(self.blocklist)  # a malformed line fails validation, before any work
@@ -197,18 +197,18 @@ class SourceConfig(StageConfig):
             return self
         if self.path is None:
             raise ValueError(f"source.path: required for kind {self.kind}")
-        path = Path(self.path)
         if self.kind == "manifest":
-            if not path.is_file():
+            if not storage.is_file(self.path):
                 raise ValueError(f"source.path: manifest file not found: {self.path}")
-            if not readers.manifest_format(path, self.format):
-                raise ValueError(f"source.format: cannot tell the format of {path.name}; set parquet, jsonl or csv")
+            if not readers.manifest_format(self.path, self.format):
+                name = storage.name(self.path)
+                raise ValueError(f"source.format: cannot tell the format of {name}; set parquet, jsonl or csv")
         elif self.kind == "image_folder":
-            if not path.is_dir():
+            if not storage.is_dir(self.path):
                 raise ValueError(f"source.path: image folder not found: {self.path}")
         elif not tar_files(self.path):
             raise ValueError(f"source.path: no .tar files match {self.path}")
-        if self.image_root is not None and not Path(self.image_root).is_dir():
+        if self.image_root is not None and not storage.is_dir(self.image_root):
             raise ValueError(f"source.image_root: folder not found: {self.image_root}")
         if not (self.require_image or self.require_caption):
             raise ValueError("source: require_image and require_caption cannot both be false")
@@ -222,7 +222,7 @@ class SourceConfig(StageConfig):
             self.require_image = False
         if self.require_image:
             raise ValueError("source.require_image: an embeddings source has no image bytes (URLs are fetched later)")
-        if self.path is None or not Path(self.path).is_dir():
+        if self.path is None or not storage.is_dir(self.path):
             raise ValueError(f"source.path: folder of embedding parts not found: {self.path}")
         try:
             find_parts(self.path, self.embeddings)
@@ -233,11 +233,11 @@ class SourceConfig(StageConfig):
 
 
 def tar_files(pattern: str) -> list[str]:
-    """Tar shards named by a file, a folder of tars, a glob, or a brace pattern (``shard-{000..009}.tar``)."""
-    path = Path(pattern)
-    if path.is_dir():
-        return sorted(str(p) for p in path.glob("*.tar"))
+    """Tar shards named by a file, a folder of tars, a glob, or a brace pattern (``shard-{000..009}.tar``),
+    local or at a URL (a prefix is listed once per folder, not asked a file at a time)."""
+    if "{" not in pattern and not any(c in pattern for c in "*?[") and storage.is_dir(pattern):
+        return storage.list_files(pattern, "*.tar")
     found: list[str] = []
     for expanded in braceexpand(pattern):
-        found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
-    return [f for f in found if Path(f).is_file()]
+        found.extend(storage.glob(expanded) if any(c in expanded for c in "*?[") else [expanded])
+    return storage.existing_files(found)

@@ -3,10 +3,11 @@ plain tables, and checked for the columns the recipe names."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import PurePosixPath
 
 import pyarrow as pa
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.stages import layouts, readers
 from saferclip_data.stages.source_config import SourceConfig, SourcePart
@@ -27,9 +28,9 @@ def read_part(part: SourcePart) -> tuple[pa.Table, str]:
         except Exception as exc:  # offline, unknown id, gated: one clear line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"source: cannot load hub data set {part.hub_dataset} ({split}): {first}") from None
-    path = Path(part.path)
+    path = part.path
     try:
-        return readers.read_manifest(path, readers.manifest_format(path, part.format)), str(path)
+        return readers.read_manifest(path, readers.manifest_format(path, part.format)), path
     except (pa.ArrowInvalid, OSError, ValueError) as exc:
         raise UserError(f"source: cannot read manifest {path}: {str(exc).splitlines()[0]}") from None
 
@@ -45,7 +46,7 @@ def part_records(c: SourceConfig, part: SourcePart) -> tuple[pa.Table, str]:
             raise UserError(str(exc)) from None
         return table, where
     if c.key_column not in table.column_names and len(c.table_parts()) > 1:
-        stem = readers.sanitize_key(Path(where).stem)
+        stem = readers.sanitize_key(PurePosixPath(storage.name(where)).stem)
         table = table.append_column(c.key_column, pa.array([f"{stem}_{i:09d}" for i in range(table.num_rows)]))
     if part.split is not None and "split" not in table.column_names:
         table = table.append_column("split", pa.array([part.split] * table.num_rows, pa.string()))
