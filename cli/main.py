@@ -109,7 +109,9 @@ def build(
         typer.Option(help="ray: Ray actors (embedded Ray unless --ray-address); local: in-process, same results."),
     ] = ExecutorKind.ray,
     ray_address: Annotated[
-        str | None, typer.Option("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 or auto.")
+        str | None,
+        typer.Option("--ray-address", help="Ray cluster to join, e.g. 127.0.0.1:6379 or auto (default: $RAY_ADDRESS, "
+                     "which `ray job submit` sets, else an embedded Ray)."),  # fmt: skip
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
     progress_style: Annotated[

@@ -264,5 +264,6 @@ def make_executor(kind: str, ray_address: str | None = None):
             raise UserError("--ray-address needs --executor ray")
         return LocalExecutor()
     if kind == "ray":
-        return RayExecutor(ray_address)
+        # inside `ray job submit` Ray sets RAY_ADDRESS: the job joins the cluster it was submitted to
+        return RayExecutor(ray_address or os.environ.get("RAY_ADDRESS") or None)
     raise UserError(f"unknown executor '{kind}' (expected ray or local)")
