@@ -157,8 +157,8 @@ class Pipeline:
         started = time.perf_counter()
         progress.begin(planned.name)
         stage = planned.instance(self.sections)
+        stage.task_map = executor.map  # planning and a prepare step may fan out over the cluster too
         manifest = self._open_manifest(planned, stage, state)
-        stage.task_map = executor.map  # a prepare step may fan out over the cluster too
         stage.prepare(progress, self.workdir)
         job = StageJob(planned.cls, planned.config, self.sections, str(self.workdir.root))
         run = self._run_global if stage.mode == "global" else self._run_map

@@ -1,15 +1,18 @@
 """URL images fetched with img2dataset into WebDataset shards, before the source stage reads them.
 
 Each build attempt downloads the URLs that have no successful download yet into ``WORKDIR/downloads/
-attempt-N/`` (img2dataset's tars plus its per-shard parquet with ``status`` and ``error_message`` for every
-URL, successful or not); ``index.parquet`` then maps each record key to its latest outcome and, on success, to
-the byte range of its image inside the tar. The source stage reads images from there and turns every failure
-into a reject carrying img2dataset's status and message. A later ``build`` retries the failed URLs (up to
-``rerun_attempts`` more times): the attempt it wants is part of the source's fingerprint.
+attempt-N/task-M/`` (img2dataset's tars plus its per-shard parquet with ``status`` and ``error_message`` for
+every URL, successful or not): a task per ``samples_per_shard`` URLs, spread over the cluster's nodes by the
+build's executor, each noted with its node in ``attempt-N/tasks.json``. ``index.parquet`` then maps each
+record key to its latest outcome and, on success, to the byte range of its image inside the tar. The source
+stage reads images from there and turns every failure into a reject carrying img2dataset's status and
+message. A later ``build`` retries the failed URLs (up to ``rerun_attempts`` more times): the attempt it wants
+is part of the source's fingerprint.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -17,13 +20,14 @@ import tarfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from saferclip_data.pipeline.workdir import atomic_path
+from saferclip_data.pipeline.stage import serial_map, worker_identity
+from saferclip_data.pipeline.workdir import atomic_path, atomic_write_bytes
 
 KEY_COLUMN = "saferclip_key"  # our record key, carried through img2dataset as an additional column
 INDEX_COLUMNS = ("key", "url", "status", "error", "attempt", "tar", "offset", "size")
@@ -42,7 +46,7 @@ class DownloadOptions(BaseModel):
     rerun_attempts: int = Field(default=2, ge=0, description="later builds retry failed URLs this many times")
     processes: int = Field(default=1, gt=0)
     threads: int = Field(default=32, gt=0)
-    samples_per_shard: int = Field(default=10000, gt=0)
+    samples_per_shard: int = Field(default=10000, gt=0, description="URLs per img2dataset task (and per tar)")
 
     RUNTIME: ClassVar[tuple[str, ...]] = ("timeout", "retries", "rerun_attempts", "processes", "threads")
 
@@ -96,23 +100,37 @@ def pending_urls(folder: Path, urls: dict[str, str]) -> dict[str, str]:
     return {k: u for k, u in urls.items() if (k, u) not in ok}
 
 
-def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions) -> pa.Table:
-    """Download ``urls`` (key -> URL) as attempt N+1 and rewrite the index; returns the index."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: no phoning home
-    from img2dataset import download
-
+def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions, task_map: Any = None) -> pa.Table:
+    """Download ``urls`` (key -> URL) as attempt N+1, a task per ``samples_per_shard`` URLs on ``task_map`` (the
+    build's executor: Ray tasks over the cluster; default in this process), and rewrite the index; returns it."""
     n = attempts_done(folder) + 1
     out = folder / f"attempt-{n}"
     if out.exists():
         shutil.rmtree(out)  # an attempt that crashed before it was marked done starts over
     out.mkdir(parents=True)
+    keys, size = list(urls), options.samples_per_shard
+    items = [(str(out / f"task-{i // size:05d}"), {k: urls[k] for k in keys[i : i + size]}, options)
+             for i in range(0, len(keys), size)]  # fmt: skip
+    tasks = (task_map or serial_map)(fetch_task, items, float(options.processes))
+    atomic_write_bytes(out / "tasks.json", json.dumps(tasks, indent=1).encode())
+    (out / "done").write_text("")
+    return rebuild_index(folder)
+
+
+def fetch_task(folder: str, urls: dict[str, str], options: DownloadOptions) -> dict[str, Any]:
+    """One img2dataset run over ``urls`` into ``folder`` (a task: it runs on whichever node the executor picks,
+    writing to the work dir); returns how many URLs and where it ran."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations: no phoning home
+    from img2dataset import download
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
     listing = out / "urls.parquet"
     pq.write_table(pa.table({"url": list(urls.values()), KEY_COLUMN: list(urls)}), listing)
     logging.getLogger("img2dataset").setLevel(logging.WARNING)
     with _quiet_progress():
         _img2dataset(download, listing, out, options)
-    (out / "done").write_text("")
-    return rebuild_index(folder)
+    return {"folder": out.name, "urls": len(urls), **worker_identity()}
 
 
 @contextmanager
@@ -157,7 +175,8 @@ def _img2dataset(download, listing: Path, out: Path, options: DownloadOptions) -
 
 def _attempt_rows(attempt_dir: Path, attempt: int) -> list[dict]:
     rows = []
-    for table_path in sorted((attempt_dir / "shards").glob("*.parquet")):
+    tables = sorted(attempt_dir.glob("task-*/shards/*.parquet")) + sorted((attempt_dir / "shards").glob("*.parquet"))
+    for table_path in tables:  # (an attempt of an earlier version has one shards folder and no tasks)
         table = pq.read_table(table_path)
         offsets: dict[str, tuple[int, int]] = {}
         tar_path = table_path.with_suffix(".tar")

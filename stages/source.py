@@ -125,7 +125,7 @@ class SourceStage(Stage):
         if download.wanted_attempt(folder, self.config.download, lambda: urls) > download.attempts_done(folder):
             pending = download.pending_urls(folder, urls)
             if pending:
-                download.run_attempt(folder, pending, self.config.download)
+                download.run_attempt(folder, pending, self.config.download, self.task_map)
 
     def plan_shards(self, workdir: WorkDir) -> list[ShardSpec]:
         c = self.config

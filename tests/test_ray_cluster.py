@@ -259,3 +259,44 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
     assert tars and sorted(p.relative_to(local_work) for p in local_work.glob("shards/quad/*.tar")) == tars
     for rel in [*produced, *tars, Path("mine/targets.parquet"), Path("shards/selection.parquet")]:
         assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.head_cpus(2)
+@pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
+def test_downloads_run_as_tasks_on_both_nodes_and_match_a_local_build(tmp_path, two_node_cluster):
+    """``source.download``: img2dataset runs as a task per ``samples_per_shard`` URLs spread over the cluster (the
+    attempt's tasks.json names each task's node), and the records equal an in-process build's bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loopback import Server, image_bytes
+
+    def static(body):
+        return lambda request: (200, "image/png", body)
+
+    colours = [(i * 5 % 256, i * 11 % 256, i * 17 % 256) for i in range(20)]
+    routes = {f"/{i}.png": static(image_bytes("PNG", c, 40)) for i, c in enumerate(colours)}
+    with Server(routes) as server:
+        manifest = tmp_path / "urls.parquet"
+        pq.write_table(pa.table({"key": [f"r{i:03d}" for i in range(20)], "caption": [f"colour {i}" for i in range(20)],
+                                 "url": [f"{server.url}/{i}.png" for i in range(20)]}), manifest)  # fmt: skip
+        data = {"name": "fetch", "model": {"arch": "toy-vit-tiny", "pretrained": None}, "stages": {},
+                "source": {"kind": "manifest", "path": str(manifest), "image_column": "url", "shard_size": 10,
+                           "download": {"image_size": 32, "threads": 2, "samples_per_shard": 5}}}  # fmt: skip
+        recipe = write_recipe(tmp_path / "r.yaml", data)
+        cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
+        proc = run_cli("build", str(recipe), "-w", str(cluster_work), "--ray-address", two_node_cluster,
+                       "--no-progress", env={"RAY_AUTH_MODE": "disabled"})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        tasks = json.loads((cluster_work / "downloads" / "attempt-1" / "tasks.json").read_text())
+        assert len(tasks) == 4 and sum(t["urls"] for t in tasks) == 20
+        assert len({t["node"] for t in tasks}) == 2, tasks
+        proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert WorkDir(cluster_work).manifest("source")["counts"]["out"] == 20
+    produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("source/part-*.parquet"))
+    assert len(produced) == 4  # 2 shards x (output, rejects)
+    for rel in produced:
+        assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from s3_server import free_port
 
 from conftest import REPO, recipe_dict, run_cli, write_recipe
-from s3_server import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 BIN = str(Path(sys.executable).parent)
