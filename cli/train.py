@@ -33,6 +33,12 @@ def train_command(
     ] = 0,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --ray-workers (default: local).")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    log_dir: Annotated[
+        Path | None, typer.Option(help="Also log loss terms and learning rate as TensorBoard event files here.")
+    ] = None,
+    wandb: Annotated[
+        str | None, typer.Option(help="Also log them to this Weights & Biases project (offline without a login).")
+    ] = None,
 ) -> None:
     """Stream the build's quadruplet shards into the trainer: the recipe's model is fine-tuned (LoRA on both
     towers, or in full) against a frozen copy of itself with SaFeR-CLIP's losses (or Safe-CLIP's), easy-to-hard
@@ -47,7 +53,8 @@ def train_command(
     wd = pipeline.workdir
     shard_dir = finished_shards(pipeline)
     config = training_config(pipeline, {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr,
-                                        "seed": seed, "compile": compile_mode})  # fmt: skip
+                                        "seed": seed, "compile": compile_mode, "wandb": wandb,
+                                        "log_dir": str(log_dir.resolve()) if log_dir else None})  # fmt: skip
     if ray_workers < 0:
         raise UserError(f"--ray-workers: {ray_workers} is negative")
     clip = None if ray_workers else recipe_clip(pipeline.recipe.model)
@@ -84,6 +91,8 @@ def eval_command(
         list[Path] | None,
         typer.Option(help="Image-folder set (a sub-folder per class) for zero-shot accuracy; repeatable."),
     ] = None,
+    log_dir: Annotated[Path | None, typer.Option(help="Also log the figures as TensorBoard event files here.")] = None,
+    wandb: Annotated[str | None, typer.Option(help="Also log them to this Weights & Biases project.")] = None,
 ) -> None:
     """Compare the recipe's base model with fine-tuned checkpoints on the build's benchmark: R@1/5/10 for T->V,
     V->T, T*->V, V*->T on safe-only and safe+unsafe galleries, Safe-CLIP's protocol (eight text/image pairings,
@@ -91,6 +100,7 @@ def eval_command(
     model. Writes WORKDIR/eval/eval.md and eval.json and prints the tables."""
     from saferclip_data.cli.common import open_pipeline
     from saferclip_data.training.evaluate import write_results
+    from saferclip_data.training.tracking import log_figures
     from saferclip_data.training.trainer import load_checkpoint
 
     pipeline = open_pipeline(recipe, workdir)
@@ -107,5 +117,6 @@ def eval_command(
         except ValueError as exc:
             raise UserError(f"--checkpoint {path}: {exc}") from None
     md = write_results(results, wd.root / "eval")
+    log_figures(results, log_dir, wandb, wd.root / "eval" / "wandb")
     typer.echo(md.read_text())
     typer.echo(f"written: {md} and eval.json")

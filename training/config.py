@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from saferclip_data.models.clip import CompileMode
+from saferclip_data.pipeline.recipe import resolve_path
 
 if TYPE_CHECKING:
     from saferclip_data.training.adapters import AdapterSettings
@@ -73,6 +74,16 @@ class TrainConfig(BaseModel):
         description="DataLoader processes decoding images; auto = one per CPU core up to 8 (one spared) on CUDA, "
         "none on a CPU, where they would take cores from the step",
     )
+    log_dir: str | None = Field(
+        default=None, description="TensorBoard event files of the loss terms and learning rate (relative: against "
+        "the recipe's folder); needs the track extra"
+    )
+    wandb: str | None = Field(
+        default=None, description="a Weights & Biases project to log the same to (offline unless WANDB_MODE or a "
+        "login says otherwise); needs the track extra"
+    )
+
+    _log_dir = field_validator("log_dir")(resolve_path)
 
     def adapter(self) -> AdapterSettings:
         from saferclip_data.training.adapters import AdapterSettings
@@ -87,6 +98,8 @@ class ZeroShotSet(BaseModel):
     name: str
     path: str
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1)
+
+    _path = field_validator("path")(resolve_path)
 
 
 class EvaluationConfig(BaseModel):

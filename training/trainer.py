@@ -40,6 +40,7 @@ from saferclip_data.training.device import (
 )
 from saferclip_data.training.losses import SaferWeights
 from saferclip_data.training.reference import TrainedWithReference
+from saferclip_data.training.tracking import Trackers, step_scalars
 
 
 def samples_per_epoch(shard_dir: Path, epoch: int, schedule) -> int:
@@ -92,9 +93,10 @@ class StepLog:
     so the training step never waits for the GPU to report a number. ``flush`` before a checkpoint keeps the
     log and the checkpoint in step (resume truncates the log to the checkpoint's step)."""
 
-    def __init__(self, path: Path | None, every: int):
+    def __init__(self, path: Path | None, every: int, trackers: Trackers | None = None):
         self.file = path.open("a") if path is not None else None
         self.every, self.pending, self.last_loss = every, [], None
+        self.trackers = trackers  # TensorBoard / wandb: the same numbers, when the config asks
 
     def add(self, entry: dict, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         if self.file is not None:
@@ -111,13 +113,19 @@ class StepLog:
             self.last_loss = next(numbers)
             values = {name: next(numbers) for name in terms}
             self.file.write(json.dumps({**entry, "loss": self.last_loss, "terms": values}) + "\n")
+            if self.trackers is not None:
+                self.trackers.scalars(entry["step"], step_scalars(entry, self.last_loss, values))
         self.file.flush()
+        if self.trackers is not None:
+            self.trackers.flush()
         self.pending = []
 
     def close(self) -> None:
         self.flush()
         if self.file is not None:
             self.file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _checked(config: TrainConfig) -> None:
@@ -291,7 +299,9 @@ def _start(clip, shard_dir: Path, out_dir: Path, config: TrainConfig) -> _Run:
                                                                           scheduler, config, device)  # fmt: skip
     if rank == 0:
         _truncate_log(out_dir / "log.jsonl", run.step)  # steps after the checkpoint are done again
-    run.log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, run.config.log_every)
+    trackers = Trackers(run.config.log_dir, run.config.wandb, out_dir / "wandb", run.config.model_dump()) \
+        if rank == 0 and (run.config.log_dir or run.config.wandb) else None  # fmt: skip
+    run.log = StepLog(out_dir / "log.jsonl" if rank == 0 else None, run.config.log_every, trackers)
     return run
 
 
@@ -305,7 +315,8 @@ def train(
 ) -> dict:
     """Train ``clip.model`` in place on the quad shards in ``shard_dir``; resumes from ``out_dir/last.pt``.
 
-    Writes ``out_dir/log.jsonl`` (one line per optimiser step: step, epoch, loss, terms, the batch's keys),
+    Writes ``out_dir/log.jsonl`` (one line per optimiser step: step, epoch, loss, terms, the batch's keys; the
+    same numbers to TensorBoard and wandb where ``config.log_dir`` / ``config.wandb`` ask),
     checkpoints, and at the end ``out_dir/model.pt``: the fine-tuned model as a plain open_clip state dict
     (adapters merged), loadable as ``model.pretrained``. ``stop_after`` ends the run after that many optimiser
     steps (for tests and budgets). ``on_step(step, total_steps, last_logged_loss)`` follows progress.
