@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from saferclip_data.cli.common import open_pipeline, opened_workdir
+from saferclip_data.cli.common import open_pipeline, opened_workdir, work_dir_of
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.lock import WorkDirLock
 from saferclip_data.pipeline.progress import build_progress, summary_table
@@ -176,27 +176,12 @@ def status(
     _setup_logging(log_level)
     from saferclip_data.stages import REGISTRY
 
-    root = _status_root(target, workdir, list(REGISTRY))
+    root = work_dir_of(target, workdir, "status")
     rows = stage_status(WorkDir(root), list(REGISTRY))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
         _print_status(root, rows)
-
-
-def _status_root(target: Path | None, workdir: Path | None, stages: list[str]) -> Path:
-    """The work dir ``status`` reads: TARGET itself when it is one, else the recipe's (one-line errors)."""
-    if target is not None and not target.exists():
-        raise UserError(f"status: no work dir or recipe at {target}")
-    if target is not None and target.is_dir():
-        root = target
-        if not any((target / name / "_manifest.json").is_file() for name in stages):
-            raise UserError(f"status: {target} is not a work dir (no stage has run there); give a work dir or a recipe")
-    else:
-        root = open_pipeline(target, workdir).workdir.root
-    if not root.is_dir():
-        raise UserError(f"status: no work dir at {root}: run build first")
-    return root
 
 
 def _print_status(root: Path, rows: list[dict]) -> None:
@@ -240,12 +225,14 @@ _plain_flags_in_help()
 def _add_subapps() -> None:
     from saferclip_data.cli.bench import bench_app
     from saferclip_data.cli.compare import compare_command
+    from saferclip_data.cli.export import export_app
     from saferclip_data.cli.report import report_command
     from saferclip_data.cli.toy import toy_app
     from saferclip_data.cli.train import eval_command, train_command
 
     app.add_typer(toy_app, name="toy")
     app.add_typer(bench_app, name="bench")
+    app.add_typer(export_app, name="export")
     app.command(name="report", epilog="Example: saferclip-data report work/demo --out audit/")(report_command)
     app.command(name="train", epilog="Example: saferclip-data train recipes/demo.yaml --method safeclip")(train_command)
     app.command(name="eval", epilog="Example: saferclip-data eval recipes/demo.yaml")(eval_command)
@@ -305,8 +292,18 @@ def _say_os_error(error: OSError) -> None:
     console.print(f"error: {where}: {_OS_ADVICE[error.errno]}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _warn_about_the_install() -> None:
+    """One line where the environment is broken in a way the user must fix (two faiss wheels in one folder)."""
+    from saferclip_data.stages.knn import faiss_install_problem
+
+    problem = faiss_install_problem()
+    if problem:
+        console.print(f"warning: {problem}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry: run the app, turning user mistakes into one line and exit code 2."""
+    _warn_about_the_install()
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
     except UserError as exc:

@@ -18,3 +18,13 @@ class RecipeError(UserError):
 
 class ModelIdentityError(UserError):
     """Embeddings from one model were fed to a stage configured for another."""
+
+
+def missing_extra(module: str, extra: str) -> str | None:
+    """Why a feature cannot run here: its package (``module``) is not installed, with the pip extra that adds it
+    (``needs img2dataset: pip install 'saferclip-data[download]'``); None where it is installed."""
+    from importlib.util import find_spec
+
+    if find_spec(module) is not None:
+        return None
+    return f"needs the {module} package: pip install 'saferclip-data[{extra}]'"

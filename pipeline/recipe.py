@@ -161,6 +161,18 @@ def _suggestion(schema: type[BaseModel], loc: tuple[Any, ...]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def resolve_path(value: str | None, info: Any) -> str | None:
+    """A recipe path field's validator: relative paths resolve against the recipe's folder (the validation
+    context's ``base_dir``), ``~`` expands; URLs stay as they are."""
+    if value is None or "://" in value:
+        return value
+    base = (getattr(info, "context", None) or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return str(path)
+
+
 def load_recipe(
     path: str | Path,
     sections: dict[str, tuple[type[BaseModel], bool]],

@@ -33,6 +33,28 @@ RERANK_MARGIN = 16
 GROUP = 64
 
 
+#: the distributions that install the one ``faiss/`` package (each overwrites the other's files)
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12", "faiss-gpu-cu13", "faiss-cuda")
+
+
+def faiss_install_problem() -> str | None:
+    """One line naming a double faiss install (a CPU and a GPU wheel share the ``faiss/`` folder: upgrading or
+    removing either breaks the import), with the command that leaves one; None where there is one or none."""
+    from importlib import metadata
+
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if len(found) < 2:
+        return None
+    names = " ".join(f.split()[0] for f in found)
+    return (f"faiss is installed twice ({', '.join(found)}) and both write the same faiss/ folder; keep one: "
+            f"pip uninstall -y {names} && pip install faiss-gpu-cu12 (GPU) or faiss-cpu")  # fmt: skip
+
+
 def _block_topk_faiss(queries: np.ndarray, block: np.ndarray, k: int, use_gpu: bool):
     import faiss
 

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Literal
 
 from braceexpand import braceexpand
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from saferclip_data.pipeline import storage
-from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.errors import UserError, missing_extra
+from saferclip_data.pipeline.recipe import resolve_path
 from saferclip_data.pipeline.registry import Registry
 from saferclip_data.pipeline.stage import StageConfig
 from saferclip_data.stages import layouts, readers
@@ -46,17 +47,6 @@ class ToyWorldOptions(BaseModel):
 Layout = Literal["plain", "visu", "nsfwcaps", "laion"]
 
 
-def _resolve_path(value: str | None, info: ValidationInfo) -> str | None:
-    """Relative paths resolve against the recipe's folder; URLs stay as they are."""
-    if value is None or "://" in value:
-        return value
-    base = (info.context or {}).get("base_dir")
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return str(path)
-
-
 class SourcePart(BaseModel):
     """One table of a multi-part source (``source.parts``): a file or a hub data set, in its layout, as a split.
     A recipe can so train on ViSU-Text and draw its benchmark from NSFW-Caps."""
@@ -71,7 +61,7 @@ class SourcePart(BaseModel):
     coco_root: str | None = None
     coco_url: str | None = None
 
-    _paths = field_validator("path", "coco_root")(_resolve_path)
+    _paths = field_validator("path", "coco_root")(resolve_path)
 
     @model_validator(mode="after")
     def _check(self):
@@ -148,7 +138,7 @@ class SourceConfig(StageConfig):
     # download and caption_edit add their result-changing settings in SourceStage.input_fingerprint
     RUNTIME_FIELDS = StageConfig.RUNTIME_FIELDS | {"url_timeout", "download", "caption_edit"}
 
-    _paths = field_validator("path", "image_root", "blocklist", "coco_root")(_resolve_path)
+    _paths = field_validator("path", "image_root", "blocklist", "coco_root")(resolve_path)
 
     def table_parts(self) -> list[SourcePart]:
         """The tables a manifest or hub source reads: its parts, or the one its top-level fields describe."""
@@ -160,6 +150,10 @@ class SourceConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check_path(self):
+        for key, module, extra in (("download", "img2dataset", "download"), ("caption_edit", "openai", "llm")):
+            problem = missing_extra(module, extra) if getattr(self, key) is not None else None
+            if problem:
+                raise ValueError(f"source.{key}: {problem}")
         if self.blocklist is not None:
             if not storage.is_file(self.blocklist):
                 raise ValueError(f"source.blocklist: file not found: {self.blocklist}")

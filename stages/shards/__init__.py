@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.errors import UserError, missing_extra
 from saferclip_data.pipeline.stage import (
     ENABLED_STAGES,
     GlobalContext,
@@ -48,7 +48,7 @@ from saferclip_data.pipeline.stage import (
     StageConfig,
     write_global_shard,
 )
-from saferclip_data.pipeline.workdir import WorkDir, atomic_path
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_text
 from saferclip_data.stages.columns import column_part, fields, schema
 from saferclip_data.stages.shards.plan import BUCKETS, blocked_keys, plan_shard, resolve_bucket, task_dir, write_piece
 from saferclip_data.stages.shards.tars import write_group
@@ -110,6 +110,10 @@ class ShardsStage(Stage):
         if mined is not None and config.modality not in mined:
             return (f"stages.shards.modality: '{config.modality}' targets are not mined "
                     f"(stages.neighbours.modalities: {', '.join(mined)})")  # fmt: skip
+        if getattr(stages.get("source"), "kind", None) == "embeddings":  # its images are URLs, fetched here
+            problem = missing_extra("img2dataset", "download")
+            if problem:
+                return f"stages.shards: an embeddings source's images are fetched by URL: {problem}"
         return None
 
     def run_global(self, ctx: GlobalContext) -> GlobalOutput:
@@ -189,8 +193,8 @@ class ShardsStage(Stage):
             if per_tar:
                 folder = ctx.workdir.stage_dir("shards") / kind
                 sizes = {n: t["samples"] for n, t in sorted(per_tar.items())}
-                (folder / "sizes.json").write_text(json.dumps(sizes, indent=2) + "\n")
-                (folder / "stats.json").write_text(json.dumps(dict(sorted(per_tar.items())), indent=2) + "\n")
+                atomic_write_text(folder / "sizes.json", json.dumps(sizes, indent=2) + "\n")
+                atomic_write_text(folder / "stats.json", json.dumps(dict(sorted(per_tar.items())), indent=2) + "\n")
         path = ctx.workdir.stage_dir("shards") / "selection.parquet"
         offsets = {"quad": 0, "plain": 0}
         with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SELECTION_SCHEMA, compression="zstd") as writer:
