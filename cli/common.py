@@ -55,3 +55,23 @@ def open_pipeline(recipe_path: Path | None, workdir: Path | None) -> Pipeline:
         return Pipeline(recipe, REGISTRY, WorkDir(root))
     except UserError as exc:  # a stage needing one the recipe does not enable: name the recipe file
         raise UserError(f"{path}: {exc}") from None
+
+
+def work_dir_of(target: Path | None, workdir: Path | None, command: str) -> Path:
+    """The work dir a reading command (``status``, ``report``) reads: ``-w``, else TARGET itself when it is a work
+    dir, else the work dir of TARGET as a recipe (default: the demo's); one-line errors."""
+    from saferclip_data.stages import REGISTRY
+
+    if workdir is not None:
+        root = workdir
+    elif target is not None and not target.exists():
+        raise UserError(f"{command}: no work dir or recipe at {target}")
+    elif target is not None and target.is_dir():
+        root = target
+    else:
+        root = open_pipeline(target, workdir).workdir.root
+    if not root.is_dir():
+        raise UserError(f"{command}: no work dir at {root}: run build first")
+    if not any((root / name / "_manifest.json").is_file() for name in REGISTRY):
+        raise UserError(f"{command}: {root} is not a work dir (no stage has run there); give a work dir or a recipe")
+    return root

@@ -1,4 +1,5 @@
-"""`saferclip-data report WORKDIR`: the audit report of a work dir, at any time (also of a partial build)."""
+"""`saferclip-data report [WORKDIR | RECIPE] [-w WORKDIR]`: the audit report of a work dir, at any time (also of a
+partial build)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from saferclip_data.pipeline.errors import UserError
 
 
 def report_command(
-    workdir: Annotated[Path, typer.Argument(help="The work dir of a build (e.g. work/demo).")],
+    target: Annotated[
+        Path | None, typer.Argument(help="A work dir (e.g. work/demo), or a recipe whose work dir to read.")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="The work dir, if not TARGET's.")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Where to write it (default: WORKDIR/report).")
     ] = None,
@@ -25,8 +29,10 @@ def report_command(
     category, rejects by stage and reason, score and alignment histograms before and after thresholds, mined
     target similarity, rank, difficulty and reuse (Gini), given pair vs mined target, the benchmark datasheet and
     leakage findings, and a sample table of pairs with thumbnails."""
+    from saferclip_data.cli.common import work_dir_of
     from saferclip_data.stages.report import write_report
 
+    workdir = work_dir_of(target, workdir, "report")
     if not (workdir / "source" / "_manifest.json").is_file():
         raise UserError(f"{workdir}: not a work dir with a finished source stage (run build first)")
     path = write_report(workdir, out, show_unsafe=show_unsafe, samples=samples, modality=modality)

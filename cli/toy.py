@@ -113,7 +113,7 @@ def audit(
     recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
     modality: Annotated[
-        str, typer.Option(help="Mined modality to check: text, image, text_image, image_text.")
+        str, typer.Option(help="Mined modality to check: text, image, text-image, image-text.")
     ] = "text",
 ) -> None:
     """Check a finished toy-world build against the world's ground truth: scoring AUROC per category, mining

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from saferclip_data.pipeline.stage import GlobalContext, Stage
-from saferclip_data.pipeline.workdir import atomic_path
+from saferclip_data.pipeline.workdir import atomic_path, atomic_write_text
 from saferclip_data.stages.samples import image_extension, sha256_file, source_rows
 
 SAMPLES_PER_TAR = 1000
@@ -53,8 +53,8 @@ def _write_retrieval_set(folder: Path, samples: list[tuple[str, bytes, str, dict
             for key, image, caption, meta in chunk:
                 writer.write({"__key__": key, image_extension(image): image, "txt": caption, "json": meta})
         written.append(final)
-    (test / "nshards.txt").write_text(f"{len(shards)}\n")
-    (folder / "dataset_type.txt").write_text("retrieval\n")
+    atomic_write_text(test / "nshards.txt", f"{len(shards)}\n")
+    atomic_write_text(folder / "dataset_type.txt", "retrieval\n")
     return [*written, test / "nshards.txt", folder / "dataset_type.txt"]
 
 
@@ -104,8 +104,8 @@ def export_benchmark(
     for role, samples in sets.items():
         exported += _write_retrieval_set(folder / "export" / role, samples)
     sheet = datasheet(ctx, stage, table_rows, leaks, per_category, thresholds, exported)
-    (folder / "datasheet.json").write_text(json.dumps(sheet, indent=2) + "\n")
-    (folder / "datasheet.md").write_text(datasheet_markdown(sheet))
+    atomic_write_text(folder / "datasheet.json", json.dumps(sheet, indent=2) + "\n")
+    atomic_write_text(folder / "datasheet.md", datasheet_markdown(sheet))
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from saferclip_data.pipeline.recipe import resolve_path
 from saferclip_data.pipeline.workdir import atomic_write_text
 
 UNSAFE_EDIT_PROMPT = (
@@ -63,6 +64,8 @@ class CaptionEditOptions(BaseModel):
     retries: int = Field(default=4, ge=0, description="per request, with exponential backoff")
     timeout: float = Field(default=60.0, gt=0)
     cache_dir: str | None = Field(default=None, description="answer cache (default: the saferclip cache)")
+
+    _cache_dir = field_validator("cache_dir")(resolve_path)
 
     def user_prompt(self) -> str:
         return self.prompt or (UNSAFE_EDIT_PROMPT if self.mode == "unsafe_edit" else SAFE_REWRITE_PROMPT)

@@ -113,7 +113,7 @@ def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions, ta
              for i in range(0, len(keys), size)]  # fmt: skip
     tasks = (task_map or serial_map)(fetch_task, items, float(options.processes))
     atomic_write_bytes(out / "tasks.json", json.dumps(tasks, indent=1).encode())
-    (out / "done").write_text("")
+    atomic_write_bytes(out / "done", b"")
     return rebuild_index(folder)
 
 

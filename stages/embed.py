@@ -29,6 +29,7 @@ from saferclip_data.models.decode import (
     tensor_path_mismatch,
 )
 from saferclip_data.pipeline.errors import UserError
+from saferclip_data.pipeline.recipe import resolve_path
 from saferclip_data.pipeline.stage import BatchResult, Reject, Stage, StageConfig
 from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.embedding_source import model_identity, precomputed_batch, to_fixed_list
@@ -43,11 +44,10 @@ class ModelConfig(BaseModel):
     arch: str = Field(
         description="open_clip architecture (ViT-B-32, ViT-L-14, toy-vit-tiny), hf-hub:org/repo or local-dir:/path"
     )
-    pretrained: str | None = Field(
-        default=None, description="pretrained tag (openai), checkpoint path, or null for random init"
-    )
+    pretrained: str | None = Field(default=None, description="pretrained tag, checkpoint path, or null: random init")
     init_seed: int = Field(default=0, description="seed of the random init when pretrained is null")
     cache_dir: str | None = Field(default=None, description="where open_clip keeps downloaded weights")
+    _cache_dir = field_validator("cache_dir")(resolve_path)
 
     @field_validator("pretrained")
     @classmethod

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from saferclip_data.models.decode import to_rgb
 from saferclip_data.pipeline.stage import GlobalContext, GlobalOutput, Stage, StageConfig
+from saferclip_data.pipeline.workdir import atomic_write_text
 from saferclip_data.stages.report_render import render_html, render_markdown
 
 BLUR_RADIUS = 6
@@ -195,9 +196,9 @@ def write_report(
     shown = ("key", "category", "target", "similarity", "difficulty", "target_unsafe_score")
     stats["samples"] = [{k: r.get(k) for k in shown} for r in rows]
     stats["unsafe_thumbnails"] = "shown" if show_unsafe else "blurred"
-    (out / "report.html").write_text(render_html(stats, plots, rows, show_unsafe), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(stats), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    atomic_write_text(out / "report.html", render_html(stats, plots, rows, show_unsafe))
+    atomic_write_text(out / "report.md", render_markdown(stats))
+    atomic_write_text(out / "report.json", json.dumps(stats, indent=2, default=str) + "\n")
     return out / "report.html"
 
 

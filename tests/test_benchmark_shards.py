@@ -318,3 +318,35 @@ def test_report_renders_in_headless_chromium_without_console_errors(built, tmp_p
     assert console == []
     image = np.asarray(Image.open(shot).convert("L"))
     assert image.shape == (4000, 1200) and image.std() > 10  # a page with content, not a blank
+
+
+def test_hf_export_loads_with_datasets_with_image_features(built, tmp_path, cli_module):
+    """`export hf`: `datasets.load_dataset(OUT)` reads it with Image features; one row per quadruplet, images
+    that decode, captions equal to the benchmark's; the card's front matter declares configs, features, license."""
+    datasets = pytest.importorskip("datasets")
+    import yaml
+
+    out = tmp_path / "hf"
+    code, stdout, err = cli_module("export", "hf", "-w", str(built), "--out", str(out), "--license", "cc-by-4.0")
+    assert code == 0, err
+    benchmark = pq.read_table(built / "benchmark" / "benchmark.parquet").to_pylist()
+    ds = datasets.load_dataset(str(out), split="test")
+    assert ds.num_rows == len(benchmark) > 0
+    assert all(isinstance(ds.features[f"{role}_image"], datasets.Image) for role in ("safe", "unsafe"))
+    for row, expected in zip(ds, benchmark):
+        assert row["benchmark_id"] == expected["benchmark_id"]
+        assert row["safe_caption"] == expected["safe_caption"] and row["unsafe_caption"] == expected["unsafe_caption"]
+        for role in ("safe", "unsafe"):
+            image = row[f"{role}_image"]
+            if image is not None:
+                image.load()
+                assert image.size[0] > 0
+    assert sum(r["unsafe_image"] is not None for r in ds) > 0
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "cc-by-4.0" and front["configs"][0]["data_files"][0]["split"] == "test"
+    assert {f["name"]: f["dtype"] for f in front["dataset_info"]["features"]}["unsafe_image"] == "image"
+    sheet = json.loads((built / "benchmark" / "datasheet.json").read_text())
+    assert all(f["sha256"] in card for f in sheet["files"].values())
+    code, _, err = cli_module("export", "hf", "-w", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
+    assert code == 2 and "no work dir" in err

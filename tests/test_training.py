@@ -706,3 +706,30 @@ def test_the_tar_split_is_the_default_wherever_there_are_more_tars_than_ranks():
     assert resolve_split("auto", tars=8, world=8) == "samples"  # a rank per tar would leave ranks idle at the end
     assert resolve_split("auto", tars=16, world=1) == "samples"  # one process reads the same either way
     assert resolve_split("samples", tars=64, world=8) == "samples"  # an explicit choice stands
+
+
+def test_training_metrics_reach_tensorboard_and_wandb_offline(built, tmp_path, monkeypatch):
+    """training.log_dir: TensorBoard's own reader finds, for every logged step, the loss, each loss term and the
+    learning rate, with log.jsonl's values; training.wandb writes an offline run without any network."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from saferclip_data.training.trainer import TrainConfig, train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    board = tmp_path / "tb"
+    config = TrainConfig(epochs=1, batch_size=8, warmup_steps=1, log_every=1, log_dir=str(board), wandb="saferclip-t")
+    train(_tiny("toy-resnet-tiny"), built / "shards" / "quad", tmp_path / "run", config, stop_after=3)
+    logged = _steps(tmp_path / "run")
+    assert len(logged) == 3
+    events = EventAccumulator(str(board))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    terms = set(logged[0]["terms"])
+    assert terms and {"loss", "lr", *(f"loss/{t}" for t in terms)} <= tags
+    for tag in ("loss", "lr", *(f"loss/{t}" for t in terms)):
+        assert [e.step for e in events.Scalars(tag)] == [s["step"] for s in logged], tag
+    for event, step in zip(events.Scalars("loss"), logged):
+        assert abs(event.value - step["loss"]) < 1e-5
+    assert list((tmp_path / "run" / "wandb").rglob("*.wandb")), "an offline wandb run file"

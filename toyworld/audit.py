@@ -29,6 +29,9 @@ def mining_figures(workdir: WorkDir, modality: str = "text") -> dict:
     unsafe records that never reached mining (removed by the filter or dedup) or got no target in this modality,
     so that the four counts add up to the source's unsafe records.
     """
+    from saferclip_data.stages.columns import column_part
+
+    modality = column_part(modality)  # text-image, as recipes write it, is the column part text_image
     truth = _source(workdir)
     pool = set(pool_keys(workdir))
     mined = workdir.read_stage_columns("mine", ["key", "role", f"{modality}_targets", f"{modality}_margin"]).to_pylist()

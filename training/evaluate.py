@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from saferclip_data.models.clip import encode_text, trim_tokens
 from saferclip_data.models.decode import to_rgb
+from saferclip_data.pipeline.workdir import atomic_write_text
 
 KS = (1, 5, 10)
 PROTOCOL_KS = (1, 5, 10, 20)
@@ -250,6 +251,6 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 def write_results(results: dict[str, dict], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "eval.md").write_text(markdown_table(results))
+    atomic_write_text(out_dir / "eval.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out_dir / "eval.md", markdown_table(results))
     return out_dir / "eval.md"
