@@ -1,11 +1,11 @@
 """Real photographs for checks: the ones that ship inside installed packages, gathered into a manifest at run time.
 
-scikit-image's ``data`` folder, scikit-learn's two sample images, matplotlib's sample data and caer's labelled
-photos are ordinary photographs (people, animals, objects, landscapes, microscopy, astronomy, scanned text), all
-safe. They are found where the packages are installed (none is imported, nothing is downloaded or copied into
-the repository) and listed in a manifest the manifest source reads, with a few variants written next to it that
-real collections contain: an EXIF-rotated JPEG, a transparent PNG and a 16-bit PNG. A classifier's false-positive
-rate on this set is what ``bench classifiers`` reports.
+scikit-image's ``data`` folder, scikit-learn's two sample images, matplotlib's sample data and, where caer is
+installed, its labelled photos are ordinary photographs (people, animals, objects, landscapes, microscopy,
+astronomy, scanned text), all safe. They are found where the packages are installed (none is imported, nothing
+is downloaded or copied into the repository) and listed in a manifest the manifest source reads, with a few
+variants written next to it that real collections contain: an EXIF-rotated JPEG, a transparent PNG and a 16-bit
+PNG. A classifier's false-positive rate on this set is what ``bench classifiers`` reports.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_real_photographs_ingest_and_opennsfw_rarely_calls_them_unsafe(tmp_path,
     code, _, err = cli("build", str(recipe), "--executor", "local", "--no-progress")
     assert code == 0, err
     found = false_positives(tmp_path / "work")
-    assert found["photos"] >= 30 and found["kept"] + len(found["rejected"]) == found["photos"]
+    assert found["photos"] >= 20 and found["kept"] + len(found["rejected"]) == found["photos"]
     assert all(reason for _, reason in found["rejected"])
     assert {"variant-exif-rotated", "variant-transparent", "variant-sixteen-bit"} <= set(found["scores"])
     assert found["false_positive_rate"] <= 0.05, found["flagged"]

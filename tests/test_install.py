@@ -92,8 +92,13 @@ def test_no_installed_package_overwrites_another_ones_files():
 
 
 def test_pip_check_is_clean():
+    """(On a GPU machine whose faiss-cpu was swapped for the GPU wheel, as the README says, pip names the base's
+    faiss-cpu requirement: that one line is expected there.)"""
     result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    swapped = any(d.metadata["Name"].startswith("faiss-gpu") for d in metadata.distributions())
+    problems = [line for line in lines if not (swapped and "requires faiss-cpu, which is not installed" in line)]
+    assert result.returncode == 0 or (swapped and not problems), result.stdout + result.stderr
 
 
 def test_a_double_faiss_install_is_named_in_one_line(monkeypatch):
