@@ -145,3 +145,25 @@ def test_the_w_check_fails_when_an_option_is_removed():
 def test_a_reading_command_takes_a_work_dir_as_w(cli, tmp_path, command):
     code, _, err = cli(command, "-w", str(tmp_path / "nothing"))
     assert code == 2 and f"no work dir at {tmp_path / 'nothing'}" in err
+
+
+def test_relative_paths_in_a_recipe_resolve_against_its_folder(tmp_path, monkeypatch):
+    """As recipes/README.md says: model.cache_dir, source.caption_edit.cache_dir and evaluation.zero_shot[].path
+    too, whatever the current directory."""
+    from saferclip_data.cli.common import open_pipeline
+
+    from conftest import write_recipe
+    from helpers import write_image_manifest
+
+    folder = tmp_path / "recipes"
+    manifest = write_image_manifest(folder / "data", 4)
+    recipe = write_recipe(folder / "r.yaml", {
+        "name": "paths", "model": {"arch": "toy-vit-tiny", "pretrained": None, "cache_dir": "weights"},
+        "source": {"kind": "manifest", "path": str(manifest.relative_to(folder)),
+                   "caption_edit": {"endpoint": "http://127.0.0.1:9/v1", "model": "m", "cache_dir": "edits"}},
+        "evaluation": {"zero_shot": [{"name": "z", "path": "sets/z"}]}, "stages": {}})  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    loaded = open_pipeline(recipe, None).recipe
+    assert loaded.model.cache_dir == str(folder / "weights")
+    assert loaded.source.caption_edit.cache_dir == str(folder / "edits")
+    assert loaded.evaluation.zero_shot[0].path == str(folder / "sets" / "z")
