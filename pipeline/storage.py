@@ -183,7 +183,8 @@ def glob(pattern: str) -> list[str]:
         return sorted(globbing.glob(str(local_path(pattern))))
     fs, path = filesystem(pattern)
     with errors(pattern):
-        return sorted(_url_of(fs, p, pattern) for p in fs.glob(path) if fs.isfile(p))
+        found = fs.glob(path, detail=True)  # one listing answers type and size: no request per match
+    return sorted(_url_of(fs, p, pattern) for p, info in found.items() if info.get("type") == "file")
 
 
 def list_files(folder: str, pattern: str = "*") -> list[str]:
@@ -200,24 +201,30 @@ def list_files(folder: str, pattern: str = "*") -> list[str]:
 def existing_files(locations: list[str]) -> list[str]:
     """Those of ``locations`` that are files, in order: a URL's folder is listed once for all its files (a
     brace pattern of 10,000 tars is a few listings, not 10,000 requests)."""
-    listed: dict[str, set[str]] = {}
+    listed: dict[str, dict[str, dict]] = {}
     kept = []
     for location in locations:
         if not is_url(location):
             if local_path(location).is_file():
                 kept.append(location)
-            continue
-        folder = parent(location)
-        if folder not in listed:
-            try:
-                listed[folder] = {name(f) for f in list_files(folder)}
-            except UserError as exc:
-                if "not found" not in str(exc):
-                    raise
-                listed[folder] = set()
-        if name(location) in listed[folder]:
+        elif name(location) in _files_in(parent(location), listed, missing_ok=True):
             kept.append(location)
     return kept
+
+
+def _files_in(folder: str, listed: dict[str, dict[str, dict]], missing_ok: bool = False) -> dict[str, dict]:
+    """name -> info of the files directly in a URL's folder, listed once per call site (``listed`` caches)."""
+    if folder not in listed:
+        fs, path = filesystem(folder)
+        try:
+            with errors(folder):
+                entries = fs.ls(path, detail=True)
+        except UserError as exc:
+            if not (missing_ok and isinstance(exc.__cause__, FileNotFoundError)):
+                raise
+            entries = []
+        listed[folder] = {PurePosixPath(e["name"]).name: e for e in entries if e["type"] == "file"}
+    return listed[folder]
 
 
 def walk_files(folder: str) -> list[str]:
@@ -271,12 +278,7 @@ def stamps(locations: list[str]) -> dict[str, list]:
         if not is_url(location):
             out[location] = stamp(location)
             continue
-        folder = parent(location)
-        if folder not in listed:
-            fs, path = filesystem(folder)
-            with errors(folder):
-                listed[folder] = {PurePosixPath(e["name"]).name: e for e in fs.ls(path, detail=True)}
-        info = listed[folder].get(name(location))
+        info = _files_in(parent(location), listed).get(name(location))
         if info is None:
             raise UserError(f"storage: {location}: not found")
         out[location] = _stamp_of(info)
