@@ -34,6 +34,31 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    if any(Path(str(item.fspath)).name in TOY_CLIP_USERS for item in items):
+        _pretrain_in_background(config)
+
+
+#: test files that need the pretrained toy CLIP (the demo recipe's weights; minutes to train on 2 cores)
+TOY_CLIP_USERS = {"test_toy_mining.py", "test_toy_pretrain.py", "test_training.py"}
+
+
+def _pretrain_in_background(config) -> None:
+    """Train the toy CLIP on one thread beside the tests that come before its users: much of the suite waits on
+    subprocesses and Ray, so the other core is often idle. Its users take the same cache file under its lock
+    (they wait for it, or find it done); the process is stopped when the session ends."""
+    from saferclip_data.toyworld.pretrain import PretrainConfig, checkpoint_path
+
+    if checkpoint_path(PretrainConfig()).is_file():
+        return
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from saferclip_data.toyworld.pretrain import PretrainConfig, ensure_pretrained\n"
+            "ensure_pretrained(PretrainConfig())")  # fmt: skip
+    from saferclip_data.pipeline.workdir import cache_root
+
+    cache_root().mkdir(parents=True, exist_ok=True)
+    log = open(cache_root() / "background-pretrain.log", "w")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
+    config.add_cleanup(lambda: (proc.kill(), proc.wait(), log.close()))
 
 
 def recipe_dict(manifest: Path, **stage_overrides) -> dict:

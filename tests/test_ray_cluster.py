@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,15 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path, request):
-    """Head and worker started with --block, so stopping them stops exactly the processes this test made. A test
-    may ask for more head CPUs with ``@pytest.mark.head_cpus(n)``; the worker's process is ``cluster_nodes[1]``."""
+@contextlib.contextmanager
+def _cluster(log_dir: Path, head_cpus: int):
+    """Head and worker started with --block, so stopping them stops exactly the processes this test made; the
+    worker's process is ``CLUSTER_NODES[address][1]``."""
     port = _free_port()
-    marker = request.node.get_closest_marker("head_cpus")
-    head_cpus = marker.args[0] if marker else 1
     common = ["--object-store-memory=150000000", "--disable-usage-stats", "--block"]
-    logs = [open(tmp_path / f"ray-{n}.log", "w") for n in ("head", "worker")]
+    logs = [open(log_dir / f"ray-{n}.log", "w") for n in ("head", "worker")]
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--num-cpus={head_cpus}", *common],
         env=ENV,
@@ -74,6 +73,22 @@ def two_node_cluster(tmp_path, request):
             current.unlink()
 
 
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """One cluster for the tests that leave it as they found it (starting one takes ~15 s): a head with 2 CPUs,
+    a worker with 1; the executors spread tasks and actors over both."""
+    with _cluster(tmp_path_factory.mktemp("cluster-logs"), head_cpus=2) as address:
+        yield address
+
+
+@pytest.fixture
+def own_two_node_cluster(tmp_path):
+    """A cluster of the test's own, for a test that kills one of its nodes (that test comes first in the file, so
+    its cluster is gone before the shared one starts)."""
+    with _cluster(tmp_path, head_cpus=2) as address:
+        yield address
+
+
 def _wait_for_nodes(address: str, count: int, proc: subprocess.Popen, timeout: float = 90) -> None:
     probe = (
         "import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR');"
@@ -87,6 +102,59 @@ def _wait_for_nodes(address: str, count: int, proc: subprocess.Popen, timeout: f
             return
         time.sleep(1)
     raise AssertionError(f"the cluster at {address} did not reach {count} nodes")
+
+
+def _kill_tree(proc: subprocess.Popen) -> int:
+    """SIGKILL a `ray start --block` process and everything it started (raylet, workers): a node lost."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    victims = [parent, *parent.children(recursive=True)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(victims)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
+def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(tmp_path, manifest_200,
+                                                                              own_two_node_cluster):  # fmt: skip
+    data = recipe_dict(manifest_200, concurrency=2, batch_size=8)
+    data["source"]["shard_size"] = 10  # 20 shards: enough work in flight when the node goes
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
+    env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    build = subprocess.Popen(
+        [*CLI, "build", str(recipe), "-w", str(cluster_work), "--ray-address", own_two_node_cluster, "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker_node = CLUSTER_NODES[own_two_node_cluster][1]
+    deadline = time.time() + 240
+    while time.time() < deadline and build.poll() is None:
+        done = list((cluster_work / "embed").glob("*.done.json"))
+        nodes = {json.loads(p.read_text())["worker"]["node"] for p in done}
+        if len(nodes) == 2 and len(done) >= 3:  # both nodes are embedding
+            break
+        time.sleep(0.2)
+    assert build.poll() is None, f"the build ended before the node could be lost: {build.stderr.read()[-2000:]}"
+    assert len(nodes) == 2, "the worker node never embedded a shard before the deadline"
+    killed_at = len(list((cluster_work / "embed").glob("*.done.json")))
+    assert killed_at < 20 and _kill_tree(worker_node) >= 2
+    out, err = build.communicate(timeout=400)
+    assert build.returncode == 0, err[-3000:]
+
+    _assert_same_as_local(recipe, cluster_work, local_work, parts=80)  # 2 stages x 20 shards x (output, rejects)
+    # every shard is done; one the worker node finished just before the loss may carry the head node's marker
+    # (its result never reached the driver, so it ran again there): which node ends up named is a race
+    after = [json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")]
+    assert len(after) == 20 and set(after) <= nodes
 
 
 @pytest.mark.ray
@@ -121,60 +189,6 @@ def _assert_same_as_local(recipe, cluster_work, local_work, parts: int) -> None:
     assert len(produced) == parts
     for rel in produced:
         assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
-
-
-def _kill_tree(proc: subprocess.Popen) -> int:
-    """SIGKILL a `ray start --block` process and everything it started (raylet, workers): a node lost."""
-    import psutil
-
-    parent = psutil.Process(proc.pid)
-    victims = [parent, *parent.children(recursive=True)]
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return len(victims)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-@pytest.mark.head_cpus(2)
-@pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
-def test_losing_a_worker_node_mid_build_still_completes_with_identical_outputs(tmp_path, manifest_200,
-                                                                              two_node_cluster):  # fmt: skip
-    data = recipe_dict(manifest_200, concurrency=2, batch_size=8)
-    data["source"]["shard_size"] = 10  # 20 shards: enough work in flight when the node goes
-    recipe = write_recipe(tmp_path / "r.yaml", data)
-    cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
-    env = {**ENV, "PYTHONUNBUFFERED": "1"}
-    build = subprocess.Popen(
-        [*CLI, "build", str(recipe), "-w", str(cluster_work), "--ray-address", two_node_cluster, "--no-progress"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    worker_node = CLUSTER_NODES[two_node_cluster][1]
-    deadline = time.time() + 240
-    while time.time() < deadline and build.poll() is None:
-        done = list((cluster_work / "embed").glob("*.done.json"))
-        nodes = {json.loads(p.read_text())["worker"]["node"] for p in done}
-        if len(nodes) == 2 and len(done) >= 3:  # both nodes are embedding
-            break
-        time.sleep(0.2)
-    assert build.poll() is None, f"the build ended before the node could be lost: {build.stderr.read()[-2000:]}"
-    assert len(nodes) == 2, "the worker node never embedded a shard before the deadline"
-    killed_at = len(list((cluster_work / "embed").glob("*.done.json")))
-    assert killed_at < 20 and _kill_tree(worker_node) >= 2
-    out, err = build.communicate(timeout=400)
-    assert build.returncode == 0, err[-3000:]
-
-    _assert_same_as_local(recipe, cluster_work, local_work, parts=80)  # 2 stages x 20 shards x (output, rejects)
-    # every shard is done; one the worker node finished just before the loss may carry the head node's marker
-    # (its result never reached the driver, so it ran again there): which node ends up named is a race
-    after = [json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / "embed").glob("*.done.json")]
-    assert len(after) == 20 and set(after) <= nodes
 
 
 @pytest.mark.ray
@@ -215,7 +229,6 @@ def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(t
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.head_cpus(2)
 @pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
 def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, two_node_cluster):
     """A precomputed-embedding build with the scale paths forced (partitioned dedup, IVF neighbours, streaming
@@ -263,7 +276,6 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.head_cpus(2)
 @pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
 def test_downloads_run_as_tasks_on_both_nodes_and_match_a_local_build(tmp_path, two_node_cluster):
     """``source.download``: img2dataset runs as a task per ``samples_per_shard`` URLs spread over the cluster (the
