@@ -45,10 +45,15 @@ def _all_pairs(root, by: list[str], neighbours: int = 16, threshold: float = 0.9
             matrix = vectors[rows]
             for start in range(0, len(rows), 2_000):
                 sims = matrix[start : start + 2_000] @ matrix.T
-                for q, line in enumerate(sims, start):
-                    line[q] = -2  # not its own duplicate
-                    best = np.argsort(-line, kind="stable")[:neighbours]
-                    edges += [(modality, keys[rows[q]], keys[rows[j]], float(line[j]), 0, 0)
+                sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -2  # not its own duplicate
+                # a row's `neighbours` largest, ties broken by position (a stable sort's first ones): every
+                # entry at or above its k-th largest value is a candidate; only those over the threshold count
+                kth = -np.partition(-sims, neighbours - 1, axis=1)[:, neighbours - 1]
+                for q in np.flatnonzero((sims >= np.maximum(kth, threshold)[:, None]).any(axis=1)):
+                    line = sims[q]
+                    candidates = np.flatnonzero(line >= kth[q])
+                    best = candidates[np.lexsort((candidates, -line[candidates]))][:neighbours]
+                    edges += [(modality, keys[rows[start + q]], keys[rows[j]], float(line[j]), 0, 0)
                               for j in best if line[j] >= threshold]  # fmt: skip
     edges = pa.Table.from_pylist([dict(zip(EDGE_SCHEMA.names, e)) for e in edges], schema=EDGE_SCHEMA)
     return {dup: kept for dup, (kept, _) in leader_over_edges(edges, by).items()}
