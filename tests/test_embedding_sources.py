@@ -91,7 +91,7 @@ def test_only_the_selected_records_images_are_fetched(tmp_path, cli_module, layo
     with Server({}, fallback=lambda request: (404, "text/plain", b"gone") if "/img/safe000005" in request.path
                 else (200, "image/jpeg", jpeg)) as server:  # fmt: skip
         url = server.url + "/img/{key}.jpg"
-        pool = planted_pool(2_000, DIM, seed=1)
+        pool = planted_pool(1_000, DIM, seed=1)
         if layout == "clip-retrieval":
             folder, options = write_clip_retrieval(tmp_path / "laion", pool, parts=3, url=url), {}
         else:
@@ -109,13 +109,13 @@ def test_only_the_selected_records_images_are_fetched(tmp_path, cli_module, layo
     training = {r["key"]: r for r in wd.read_stage_columns("shards", ["key", "training", "tar"]).to_pylist()}
     in_tars = {k for k, r in training.items() if r["tar"]}
     filtered = {r["key"] for r in wd.rejects("filter").to_pylist()}
-    assert len(filtered) >= 200 and len(in_tars) >= 1_200
+    assert len(filtered) >= 100 and len(in_tars) >= 600
     assert set(requested) == in_tars | {"safe000005"} and len(requested) == len(set(requested))  # each once
     assert not set(requested) & filtered
     assert training["safe000005"]["training"].startswith("safe image not fetched (download failed_to_download")
     sizes = json.loads((wd.stage_dir("shards") / "quad" / "sizes.json").read_text())
     quads = [k for k, r in training.items() if r["training"] == "quad"]
-    assert sum(sizes.values()) == len(quads) >= 600
+    assert sum(sizes.values()) == len(quads) >= 300
     tar = next((wd.stage_dir("shards") / "quad").glob("*.tar"))
     import webdataset as wds
 
