@@ -12,7 +12,7 @@ from saferclip_data.pipeline.errors import UserError
 
 def compare_command(
     recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
     seeds: Annotated[int, typer.Option(help="Runs per method and fine-tuning mode (seeds 0 .. N-1).")] = 3,
     method: Annotated[
         list[str] | None, typer.Option(metavar="METHOD", help="saferclip or safeclip (repeatable). Default: both.")

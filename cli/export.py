@@ -13,9 +13,9 @@ export_app = typer.Typer(help="Export a build's outputs in other tools' layouts.
 @export_app.command(epilog="Example: saferclip-data export hf work/demo --out nsfwcaps-demo --push me/nsfwcaps-demo")
 def hf(
     target: Annotated[
-        Path | None, typer.Argument(help="A work dir with a finished benchmark stage, or a recipe whose work dir.")
+        str | None, typer.Argument(help="A work dir with a finished benchmark stage, or a recipe whose work dir.")
     ] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="The work dir, if not TARGET's.")] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="The work dir, if not TARGET's.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The dataset folder to write.")] = Path("hf-benchmark"),
     license_id: Annotated[str, typer.Option("--license", help="License id for the dataset card.")] = "other",
     push: Annotated[
@@ -27,11 +27,12 @@ def hf(
     front matter: configs, features, license, the datasheet's hashes, how it was built), the folder that
     `datasets.load_dataset(OUT)` reads."""
     from saferclip_data.cli.common import work_dir_of
-    from saferclip_data.pipeline.workdir import WorkDir
     from saferclip_data.stages.benchmark_hf import push as push_folder
     from saferclip_data.stages.benchmark_hf import write_hf_dataset
 
-    written = write_hf_dataset(WorkDir(work_dir_of(target, workdir, "export hf")), out, license_id)
+    wd = work_dir_of(target, workdir, "export hf")
+    wd.pull_all()  # a bucket's work dir: read from this command's local mirror of it
+    written = write_hf_dataset(wd, out, license_id)
     typer.echo(f"hf dataset: {out} ({written['rows']} quadruplets in {len(written['files'])} parquet file(s))")
     if push:
         typer.echo(f"pushed: {push_folder(out, push, private=not public)}")

@@ -20,12 +20,12 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from saferclip_data.cli.common import open_pipeline, opened_workdir, work_dir_of
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.lock import WorkDirLock
 from saferclip_data.pipeline.progress import build_progress, summary_table
 from saferclip_data.pipeline.runner import Pipeline
 from saferclip_data.pipeline.status import stage_status
-from saferclip_data.pipeline.workdir import WorkDir
 
 app = typer.Typer(
     add_completion=False,
@@ -48,17 +48,17 @@ class ProgressStyle(str, Enum):
     lines = "lines"
 
 
-def next_steps(pipeline: Pipeline, recipe: Path | None, workdir: Path | None = None) -> list[str]:
+def next_steps(pipeline: Pipeline, recipe: Path | None, workdir: str | None = None) -> list[str]:
     """The build's closing lines: where its results are and the commands that come next (with ``-w`` when the
     work dir was given on the command line, so they find it)."""
-    root = pipeline.workdir.root
+    root = pipeline.workdir.location
     target = " ".join(filter(None, [str(recipe) if recipe else "", f"-w {root}" if workdir else ""]))
     lines = [f"work dir: {root}"]
     names = [p.name for p in pipeline.stages]
     if "report" in names:
-        lines.append(f"audit report: {root / 'report' / 'report.html'} (also report.md, report.json)")
+        lines.append(f"audit report: {storage.join(root, 'report', 'report.html')} (also report.md, report.json)")
     if "shards" in names:
-        lines.append(f"training shards: {root / 'shards'}")
+        lines.append(f"training shards: {storage.join(root, 'shards')}")
     nxt = [f"saferclip-data status {root}"]
     if getattr(pipeline.recipe.source, "kind", None) == "toy":
         nxt.append(f"saferclip-data toy audit {target}".rstrip())
@@ -76,7 +76,9 @@ RecipeArg = Annotated[
     ),
 ]
 WorkdirOpt = Annotated[
-    Path | None, typer.Option("--workdir", "-w", help="Work dir (default: the recipe's, else ./work/<name>).")
+    str | None,
+    typer.Option("--workdir", "-w", help="Work dir, a folder or a bucket URL such as s3://bucket/runs/x (default: the "
+                 "recipe's, else ./work/<name>)."),  # fmt: skip
 ]
 LogLevelOpt = Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")]
 
@@ -167,7 +169,9 @@ def plan(recipe: RecipeArg = None, workdir: WorkdirOpt = None, log_level: LogLev
 
 @app.command(epilog="Example: saferclip-data status work/demo   (or: saferclip-data status recipes/demo.yaml)")
 def status(
-    target: Annotated[Path | None, typer.Argument(help="A work dir, or a recipe whose work dir to read.")] = None,
+    target: Annotated[
+        str | None, typer.Argument(help="A work dir (a folder or a URL), or a recipe whose work dir to read.")
+    ] = None,
     workdir: WorkdirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     log_level: LogLevelOpt = "warning",
@@ -176,15 +180,15 @@ def status(
     _setup_logging(log_level)
     from saferclip_data.stages import REGISTRY
 
-    root = work_dir_of(target, workdir, "status")
-    rows = stage_status(WorkDir(root), list(REGISTRY))
+    wd = work_dir_of(target, workdir, "status")
+    rows = stage_status(wd, list(REGISTRY))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
     else:
-        _print_status(root, rows)
+        _print_status(wd.location, rows)
 
 
-def _print_status(root: Path, rows: list[dict]) -> None:
+def _print_status(root: str, rows: list[dict]) -> None:
     out = Console()
     table = Table(title=f"status: {root}", title_justify="left")
     for column in ("stage", "state", "shards", "in", "out", "rejected", "partial"):

@@ -8,14 +8,15 @@ from typing import Annotated
 
 import typer
 
+from saferclip_data.pipeline import storage
 from saferclip_data.pipeline.errors import UserError
 
 
 def report_command(
     target: Annotated[
-        Path | None, typer.Argument(help="A work dir (e.g. work/demo), or a recipe whose work dir to read.")
+        str | None, typer.Argument(help="A work dir (e.g. work/demo, or a URL), or a recipe whose work dir to read.")
     ] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="The work dir, if not TARGET's.")] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="The work dir, if not TARGET's.")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Where to write it (default: WORKDIR/report).")
     ] = None,
@@ -32,8 +33,12 @@ def report_command(
     from saferclip_data.cli.common import work_dir_of
     from saferclip_data.stages.report import write_report
 
-    workdir = work_dir_of(target, workdir, "report")
-    if not (workdir / "source" / "_manifest.json").is_file():
-        raise UserError(f"{workdir}: not a work dir with a finished source stage (run build first)")
-    path = write_report(workdir, out, show_unsafe=show_unsafe, samples=samples, modality=modality)
+    wd = work_dir_of(target, workdir, "report")
+    if wd.manifest("source") is None:
+        raise UserError(f"{wd.location}: not a work dir with a finished source stage (run build first)")
+    wd.pull_all()  # a bucket's work dir: read from this command's local mirror of it
+    path = write_report(wd.root, out, show_unsafe=show_unsafe, samples=samples, modality=modality)
+    if wd.remote and out is None:
+        wd.publish("report")
+        path = storage.join(wd.location, "report", path.name)
     typer.echo(f"report: {path}  (also report.md, report.json)")

@@ -111,7 +111,7 @@ def pretrain(
 @toy_app.command(epilog="Example: saferclip-data toy audit recipes/demo.yaml")
 def audit(
     recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
     modality: Annotated[
         str, typer.Option(help="Mined modality to check: text, image, text-image, image-text.")
     ] = "text",

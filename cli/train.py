@@ -14,7 +14,7 @@ from saferclip_data.training.recipe_inputs import evaluation_inputs, finished_sh
 
 def train_command(
     recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
     method: Annotated[str | None, typer.Option(help="saferclip or safeclip (the baseline).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override training.epochs.")] = None,
     finetune: Annotated[str | None, typer.Option(help="Override training.finetune: lora or full.")] = None,
@@ -83,7 +83,7 @@ def train_command(
 
 def eval_command(
     recipe: Annotated[Path | None, typer.Argument(help="The recipe that was built (default: the demo).")] = None,
-    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
+    workdir: Annotated[str | None, typer.Option("--workdir", "-w", help="Its work dir, if not the recipe's.")] = None,
     checkpoint: Annotated[
         list[Path] | None, typer.Option(help="Trainer checkpoints to compare (default: WORKDIR/train/*/last.pt).")
     ] = None,

@@ -159,8 +159,9 @@ class Pipeline:
         stage = planned.instance(self.sections)
         stage.task_map = executor.map  # planning and a prepare step may fan out over the cluster too
         manifest = self._open_manifest(planned, stage, state)
+        self.workdir.pull_all()  # a bucket's work dir: what earlier runs or other nodes wrote, read by path below
         stage.prepare(progress, self.workdir)
-        job = StageJob(planned.cls, planned.config, self.sections, str(self.workdir.root))
+        job = StageJob(planned.cls, planned.config, self.sections, self.workdir.location)
         run = self._run_global if stage.mode == "global" else self._run_map
         return run(planned, stage, job, manifest, executor, progress, started)
 
@@ -216,6 +217,7 @@ class Pipeline:
             seconds=round(time.perf_counter() - started, 3),
             packages=package_versions(),
         )
+        wd.publish(name)  # before the manifest that says the stage is complete
         wd.write_manifest(name, manifest)
         counts = result["counts"]
         return StageOutcome(name, "ran", 1, 1, counts.get("in", 0), counts.get("out", 0), counts.get("rejected", 0),
@@ -257,6 +259,7 @@ class Pipeline:
             executor=executor.name,
             packages=package_versions(),
         )
+        wd.publish(name)
         wd.write_manifest(name, manifest)
         status = "resumed" if len(pending) < len(specs) else "ran"
         return StageOutcome(

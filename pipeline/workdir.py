@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from saferclip_data.pipeline import mirror, storage
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.schema import check_table
 
@@ -45,7 +46,8 @@ def cache_root() -> Path:
 def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     """A temp name beside ``path`` to write the file under; renamed onto ``path`` when the block ends, removed if
     it raises. Every file a run writes goes through here, so a crash never leaves a half file under a real name
-    (and a stale temp file, ``.<name>.tmp-*``, is recognisable and cleaned by the next run). ``suffix``: for
+    (and a stale temp file, ``.<name>.tmp-*``, is recognisable and cleaned by the next run); in the mirror of a
+    work dir at a URL the finished file is then published (see :mod:`~saferclip_data.pipeline.mirror`). ``suffix``: for
     writers that append one of their own (``np.savez`` adds ``.npz``)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
     try:
@@ -53,6 +55,17 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    mirror.publish(path)  # in a work dir at a URL: uploaded under the final name once complete
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder (or file) of the work dir: a stage's scratch once used, an attempt that starts over. In a
+    work dir at a URL its objects go from the bucket too, so the bucket holds what a local work dir would."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    mirror.remove(path)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -100,19 +113,24 @@ def _with_metadata(table: pa.Table, metadata: dict[str, str]) -> pa.Table:
 
 
 class WorkDir:
+    """A work dir on local disk, or at a URL (``s3://bucket/runs/x``): then ``root`` is this process's local
+    mirror of it and the bucket is the truth (:mod:`~saferclip_data.pipeline.mirror`)."""
+
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.remote = storage.is_url(root)
+        self.location = str(root).rstrip("/") if self.remote else str(root)
+        self.root = mirror.register(self.location) if self.remote else Path(root)
 
     # ---- stage level -------------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
-        path = self.stage_dir(stage) / MANIFEST
-        if not path.is_file():
+        data = mirror.refresh(self.stage_dir(stage) / MANIFEST)  # a bucket's: read again, other nodes write it
+        if data is None:
             return None
         try:
-            return json.loads(path.read_text())
+            return json.loads(data)
         except json.JSONDecodeError:
             return None  # a torn manifest means the stage never finished: treat as absent
 
@@ -124,13 +142,36 @@ class WorkDir:
         """'done' (complete, same fingerprint), 'partial' (same fingerprint, unfinished), 'stale', or 'new'."""
         manifest = self.manifest(stage)
         if manifest is None:
-            return "new" if not self.stage_dir(stage).exists() else "stale"
+            return "new" if not mirror.exists(self.stage_dir(stage)) else "stale"
         if manifest.get("fingerprint") != fingerprint:
             return "stale"
         return "done" if manifest.get("complete") else "partial"
 
     def reset_stage(self, stage: str) -> None:
         shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        mirror.remove(self.stage_dir(stage))
+
+    def local(self, path: Path) -> Path:
+        """``path`` (in this work dir), fetched into the mirror first when the work dir is at a URL."""
+        if self.remote:
+            mirror.fetch(path)
+        return path
+
+    def pull(self, stage: str, pattern: str = "**") -> None:
+        """Every file of a stage's folder (matching ``pattern``) made local: for readers that open files by
+        path, such as a global stage reading an upstream stage's side files. Nothing to do on local disk."""
+        if self.remote:
+            mirror.pull(self.stage_dir(stage), pattern)
+
+    def pull_all(self) -> None:
+        """Every file of the work dir made local (one listing; only what the mirror lacks is downloaded)."""
+        if self.remote:
+            mirror.pull(self.root)
+
+    def publish(self, stage: str) -> None:
+        """Upload what a stage wrote outside the atomic writes (spill files, indexes) to the bucket."""
+        if self.remote:
+            mirror.publish_folder(self.stage_dir(stage))
 
     def clean_temp_files(self, stage: str) -> int:
         """Remove the temporary files a killed run of the stage left anywhere in its folder (a tar being
@@ -149,10 +190,10 @@ class WorkDir:
         return self.stage_dir(stage) / f"{shard_id}{suffix}"
 
     def shard_done(self, stage: str, shard_id: str) -> bool:
-        return self.shard_path(stage, shard_id, "done").is_file()
+        return self.local(self.shard_path(stage, shard_id, "done")).is_file()
 
     def shard_stats(self, stage: str, shard_id: str) -> dict[str, Any] | None:
-        path = self.shard_path(stage, shard_id, "done")
+        path = self.local(self.shard_path(stage, shard_id, "done"))
         return json.loads(path.read_text()) if path.is_file() else None
 
     def completed_shards(self, stage: str) -> list[str]:
@@ -183,7 +224,7 @@ class WorkDir:
         if partial is not None:
             atomic_write_parquet(self.shard_path(stage, shard_id, "partial"), partial)
         else:
-            self.shard_path(stage, shard_id, "partial").unlink(missing_ok=True)  # an earlier run's, now mended
+            remove_tree(self.shard_path(stage, shard_id, "partial"))  # an earlier run's, now mended
         marker = {**stats, "written_at": time.time()}  # wall clock (unix seconds) once the output is on disk
         atomic_write_bytes(self.shard_path(stage, shard_id, "done"), json.dumps(marker, indent=2).encode())
 
@@ -191,6 +232,8 @@ class WorkDir:
         """The stage's declared output columns (name -> type pattern) from its manifest, read again only when the
         manifest changes (a process writes many shards)."""
         path = self.stage_dir(stage) / MANIFEST
+        if self.remote and not path.is_file():
+            self.manifest(stage)  # a worker on another node: its mirror has not seen the stage yet
         stamp = path.stat().st_mtime_ns if path.is_file() else None
         cache = self.__dict__.setdefault("_declared", {})
         if stage not in cache or cache[stage][0] != stamp:
@@ -198,14 +241,14 @@ class WorkDir:
         return cache[stage][1]
 
     def read_shard(self, stage: str, shard_id: str, columns: list[str] | None = None) -> pa.Table:
-        path = self.shard_path(stage, shard_id)
+        path = self.local(self.shard_path(stage, shard_id))
         if not path.is_file():
             raise UserError(f"missing output of stage '{stage}': {path}")
         return pq.read_table(path, columns=columns)
 
     def shard_columns(self, stage: str, shard_id: str) -> list[str]:
         """Column names of a finished shard, read from its parquet footer only."""
-        path = self.shard_path(stage, shard_id)
+        path = self.local(self.shard_path(stage, shard_id))
         if not path.is_file():
             raise UserError(f"missing output of stage '{stage}': {path}")
         return pq.read_schema(path).names
@@ -252,11 +295,12 @@ class WorkDir:
         atomic_write_bytes(folder / f"_tasks-{name}.json", json.dumps(rows, indent=1).encode())
 
     def task_log(self, stage: str, name: str) -> list[dict[str, Any]]:
-        path = self.stage_dir(stage) / f"_tasks-{name}.json"
+        path = self.local(self.stage_dir(stage) / f"_tasks-{name}.json")
         return json.loads(path.read_text()) if path.is_file() else []
 
     def partials(self, stage: str) -> pa.Table:
         """Kept records of a stage that lost part of their output (key, stage, reason, error)."""
+        self.pull(stage, "*.partial.parquet")
         files = sorted(self.stage_dir(stage).glob("*.partial.parquet"))
         tables = [pq.read_table(f) for f in files]
         return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
@@ -265,10 +309,11 @@ class WorkDir:
         """Rejects of a stage: of the given (finished) shards, or all; plus a global stage's rejects table."""
         folder = self.stage_dir(stage)
         if shard_ids is None:
+            self.pull(stage, "*rejects.parquet")
             files = sorted(folder.glob("*.rejects.parquet"))
         else:
-            files = [self.shard_path(stage, s, "rejects") for s in shard_ids]
-        if (folder / "rejects.parquet").is_file():
+            files = [self.local(self.shard_path(stage, s, "rejects")) for s in shard_ids]
+        if self.local(folder / "rejects.parquet").is_file():
             files.append(folder / "rejects.parquet")
         tables = [pq.read_table(f) for f in files]
         return pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()

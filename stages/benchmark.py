@@ -21,7 +21,6 @@ earlier shard and row). Output shards are written by tasks.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from saferclip_data.pipeline.stage import (
     StageConfig,
     write_global_shard,
 )
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet, remove_tree
 from saferclip_data.stages.columns import fields, schema, unit_rows
 from saferclip_data.stages.knn import knn_search
 
@@ -345,7 +344,7 @@ def _run_tasks(ctx: GlobalContext, stage: BenchmarkStage, shard_ids: list[str], 
 
     c = stage.config
     root = str(ctx.workdir.root)
-    shutil.rmtree(_dir(root), ignore_errors=True)
+    remove_tree(_dir(root))
     _dir(root).mkdir(parents=True)
     ctx.map(split_rows, [(root, inputs, s, i, c.split_column, list(c.splits)) for i, s in enumerate(shard_ids)])
     table = pa.concat_tables([pq.read_table(_dir(root) / f"split-{i:06d}.parquet") for i in range(len(shard_ids))])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from saferclip_data.pipeline.stage import serial_map, worker_identity
-from saferclip_data.pipeline.workdir import atomic_path, atomic_write_bytes
+from saferclip_data.pipeline.workdir import atomic_path, atomic_write_bytes, remove_tree
 
 KEY_COLUMN = "saferclip_key"  # our record key, carried through img2dataset as an additional column
 INDEX_COLUMNS = ("key", "url", "status", "error", "attempt", "tar", "offset", "size")
@@ -106,7 +105,7 @@ def run_attempt(folder: Path, urls: dict[str, str], options: DownloadOptions, ta
     n = attempts_done(folder) + 1
     out = folder / f"attempt-{n}"
     if out.exists():
-        shutil.rmtree(out)  # an attempt that crashed before it was marked done starts over
+        remove_tree(out)  # an attempt that crashed before it was marked done starts over
     out.mkdir(parents=True)
     keys, size = list(urls), options.samples_per_shard
     items = [(str(out / f"task-{i // size:05d}"), {k: urls[k] for k in keys[i : i + size]}, options)

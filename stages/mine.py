@@ -22,7 +22,6 @@ The steps, each bounded whatever the data set's size (one shard or a million):
 from __future__ import annotations
 
 import heapq
-import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -41,7 +40,7 @@ from saferclip_data.pipeline.stage import (
     StageConfig,
     write_global_shard,
 )
-from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_parquet
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_parquet, remove_tree
 from saferclip_data.stages.columns import fields, mined_modalities, schema
 from saferclip_data.stages.curriculum import bucket_of, difficulty
 
@@ -242,7 +241,7 @@ class MineStage(Stage):
         c = self.config
         root, shard_ids = str(ctx.workdir.root), ctx.workdir.completed_shards("neighbours")
         modalities = mined_modalities(self.sections)
-        shutil.rmtree(_folder(root), ignore_errors=True)
+        remove_tree(_folder(root))
         tertiles: dict[str, tuple[float, float]] = {}
         for m in modalities:
             if c.reuse_cap is not None:
@@ -257,7 +256,7 @@ class MineStage(Stage):
                                            for i, s in enumerate(shard_ids)])  # fmt: skip
         ctx.committed(shard_ids)
         self._write_long_table(ctx, modalities, len(shard_ids), metadata)
-        shutil.rmtree(_folder(root), ignore_errors=True)
+        remove_tree(_folder(root))
         records, rejected = sum(w["in"] for w in written), sum(w["rejected"] for w in written)
         partial = sum(w.get("partial", 0) for w in written)
         return GlobalOutput({"in": records, "out": records - rejected, "rejected": rejected, "partial": partial},

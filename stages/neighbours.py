@@ -17,7 +17,6 @@ cross-modal ``text-image`` (caption -> safe image) and ``image-text``.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +26,7 @@ from pydantic import Field
 
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import BatchResult, ShardSpec, Stage, StageConfig
-from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_bytes, atomic_write_npy
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_bytes, atomic_write_npy, remove_tree
 from saferclip_data.stages import ivf_partitioned as lists
 from saferclip_data.stages import ivf_recall
 from saferclip_data.stages.columns import column_part, fields, schema, unit_rows
@@ -156,7 +155,7 @@ class NeighboursStage(Stage):
         if missing:
             raise UserError(f"stages.neighbours: source has no column '{missing[0]}' (add it to source.extra_columns)")
         folder = workdir.stage_dir(self.name) / POOL_DIR
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         folder.mkdir(parents=True)
         kinds = self.pool_kinds()
         settings = c.model_dump()
@@ -185,12 +184,12 @@ class NeighboursStage(Stage):
                 info["search"][modality] = self._search_lists(progress, workdir, folder, modality, shard_ids,
                                                               sum(info["valid"][pool_kind]))  # fmt: skip
         for sorted_copy in [*(folder / lists.LISTS_DIR / kind for kind in kinds), folder / lists.LISTS_DIR / "queries"]:
-            shutil.rmtree(sorted_copy, ignore_errors=True)  # the list-sorted copies of pool and queries: done with
+            remove_tree(sorted_copy)  # the list-sorted copies of pool and queries: done with
         atomic_write_bytes(folder / "pool.json", json.dumps(info).encode())
 
     def finalize(self, workdir: WorkDir, shard_ids: list[str]) -> None:
         """Every shard has its candidates: the list search's outputs are no longer needed."""
-        shutil.rmtree(workdir.stage_dir(self.name) / POOL_DIR / lists.LISTS_DIR / "results", ignore_errors=True)
+        remove_tree(workdir.stage_dir(self.name) / POOL_DIR / lists.LISTS_DIR / "results")
 
     def _assign_lists(self, progress, folder: Path, kind: str, info: dict) -> None:
         """ivf_flat: train the lists on a sample (a task), then sort every pool piece by list (a task each)."""

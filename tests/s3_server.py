@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,11 +30,12 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, **CREDENTIALS}
         self.process: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
 
     def __enter__(self) -> S3Server:
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=self.log,
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -49,6 +51,13 @@ class S3Server:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(timeout=10)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+    def requests(self, method: str) -> list[str]:
+        """The paths of the requests with this HTTP method the server has answered so far (its access log)."""
+        lines = Path(self.log.name).read_text(errors="replace").splitlines()
+        return [line.split(f'"{method} ', 1)[1].split(" ", 1)[0] for line in lines if f'"{method} ' in line]
 
     def client(self):
         import boto3

@@ -25,7 +25,6 @@ measure the recall against an all-pairs search.
 from __future__ import annotations
 
 import math
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
@@ -43,7 +42,7 @@ from saferclip_data.pipeline.stage import (
     StageConfig,
     write_global_shard,
 )
-from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet
+from saferclip_data.pipeline.workdir import WorkDir, atomic_write_parquet, remove_tree
 from saferclip_data.stages.columns import fields, schema
 from saferclip_data.stages.dedup.partitions import (
     EDGE_SCHEMA,
@@ -169,7 +168,7 @@ class DedupStage(Stage):
         shard_ids = ctx.workdir.completed_shards("filter")
         total = sum((ctx.workdir.shard_stats("filter", s) or {}).get("out", 0) for s in shard_ids)
         folder = partition_dir(root, stage)
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_tree(folder)
         folder.mkdir(parents=True)
         inputs = {"filter": ("key", "role"), "embed": ("key", *(f"{m}_embedding" for m in c.by))}
         self._centroids(ctx, shard_ids, inputs, min(1.0, c.kmeans_sample / max(1, total)))
@@ -182,7 +181,7 @@ class DedupStage(Stage):
         atomic_write_parquet(decisions, decisions_table(decided, edges, shard_ids))
         for role in ROLES:  # the sorted vector copies are no longer needed; edges and decisions stay for audit
             for m in c.by:
-                shutil.rmtree(folder / f"{role}-{m}", ignore_errors=True)
+                remove_tree(folder / f"{role}-{m}")
         written = ctx.map(write_dedup_shard, [(root, stage, {}, s, str(decisions))
                                               for s in shard_ids])  # fmt: skip
         ctx.committed(shard_ids)

@@ -29,7 +29,6 @@ The steps, each a set of tasks (no process holds the data set, whatever its size
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from saferclip_data.pipeline.stage import (
     StageConfig,
     write_global_shard,
 )
-from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_text
+from saferclip_data.pipeline.workdir import WorkDir, atomic_path, atomic_write_text, remove_tree
 from saferclip_data.stages.columns import column_part, fields, schema
 from saferclip_data.stages.shards.plan import BUCKETS, blocked_keys, plan_shard, resolve_bucket, task_dir, write_piece
 from saferclip_data.stages.shards.tars import write_group
@@ -148,7 +147,7 @@ class ShardsStage(Stage):
                    options: Any) -> GlobalOutput:  # fmt: skip
         """Steps 0-4 (see the module docstring); returns the stage's counts."""
         root = str(ctx.workdir.root)
-        shutil.rmtree(task_dir(root), ignore_errors=True)
+        remove_tree(task_dir(root))
         task_dir(root).mkdir(parents=True)
         light = {stage: tuple(c for c in cols if c not in ("image_embedding", "text_embedding", "image"))
                  for stage, cols in inputs.items()}  # fmt: skip
@@ -177,7 +176,7 @@ class ShardsStage(Stage):
             counts.update(pq.read_table(ctx.workdir.shard_path("shards", sid), columns=["training"])["training"]
                           .to_pylist())  # fmt: skip
         for bulky in ("store", "samples", "resolved", "fetch"):  # copies of the data; plans and statuses stay
-            shutil.rmtree(task_dir(root, bulky), ignore_errors=True)
+            remove_tree(task_dir(root, bulky))
         records = sum(o["in"] for o in outputs)
         # the training statuses are known once every output shard is written: in the manifest, not in the shards
         return GlobalOutput({"in": records, "out": records, "rejected": 0},

@@ -4,7 +4,6 @@ for (only selected records' images are ever fetched; a failed download becomes t
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter, defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from saferclip_data.pipeline.stage import worker_identity
-from saferclip_data.pipeline.workdir import atomic_path
+from saferclip_data.pipeline.workdir import atomic_path, remove_tree
 from saferclip_data.stages import download
 from saferclip_data.stages.samples import image_extension, quad_sample, sha256_file
 from saferclip_data.stages.shards.plan import task_dir, write_piece
@@ -29,7 +28,7 @@ def fetch(root: str, name: str, urls: dict[str, str], options: Any) -> dict[str,
     if not urls:
         return {}
     folder = task_dir(root, "fetch", name)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     index = download.run_attempt(folder, urls, options)
     out = {}
     for row in index.to_pylist():

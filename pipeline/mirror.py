@@ -1,0 +1,184 @@
+"""A work dir in a bucket: the bucket holds the truth, each process works in a local mirror of it.
+
+Stages read and write the work dir as files (memory-mapped pools, faiss indexes, tars written by webdataset),
+and an object store has no rename, no append and no mmap. So a work dir at a URL is mirrored under the node's
+scratch dir: every file is written there under a temp name and renamed, as in a local work dir, and then
+*published* (uploaded under its final key). A shard's data objects are published before its marker, so the
+marker's PUT is the commit and needs no rename: readers trust marked shards only, and a data object left without
+its marker by a killed run is overwritten when the shard runs again. A process *fetches* an object into its
+mirror the first time it reads it, so a node reads what its tasks need, not the whole work dir.
+
+The mirror is a cache of one command's run (see :func:`register`): deleting it loses nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path, PurePosixPath
+
+from saferclip_data.pipeline import storage
+
+#: local mirror root -> the work dir's URL, for the work dirs this process opened
+_MIRRORS: dict[Path, str] = {}
+#: the command's mirror session and the process that owns (and removes) its mirrors; inherited by its workers
+SESSION_VARIABLE = "SAFERCLIP_MIRROR_SESSION"
+OWNER_VARIABLE = "SAFERCLIP_MIRROR_OWNER"
+
+
+def register(url: str) -> Path:
+    """The local mirror of the work dir at ``url``: ``<scratch>/workdirs/<hash of the URL>-<session>``. The
+    session is the command's: its worker processes on the same node inherit it (and share the mirror), and the
+    command removes it when it exits, so no mirror outlives the run that filled it or serves a later one."""
+    url = url.rstrip("/")
+    session = os.environ.get(SESSION_VARIABLE)
+    if session is None:
+        session = os.environ[SESSION_VARIABLE] = uuid.uuid4().hex[:12]
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    root = storage.scratch_root() / "workdirs" / f"{digest}-{session}"
+    if root not in _MIRRORS:
+        root.mkdir(parents=True, exist_ok=True)
+        _MIRRORS[root] = url
+        if os.environ.get(OWNER_VARIABLE, str(os.getpid())) == str(os.getpid()):
+            os.environ[OWNER_VARIABLE] = str(os.getpid())
+            atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def remote_of(path: Path) -> str | None:
+    """The URL a mirrored file stands for, or None for a file outside every mirror (a local work dir's)."""
+    for root, url in _MIRRORS.items():
+        if path.is_relative_to(root):
+            return storage.join(url, path.relative_to(root).as_posix())
+    return None
+
+
+def _is_temp(path: Path) -> bool:
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
+def publish(path: Path) -> None:
+    """Upload a file just written in a mirror under its final name (nothing for a local work dir's file)."""
+    remote = remote_of(path)
+    if remote is None or _is_temp(path):
+        return
+    fs, key = storage.filesystem(remote)
+    with storage.errors(remote):
+        fs.put_file(str(path), key)
+
+
+def fetch(path: Path) -> bool:
+    """Make sure a mirrored file is local, downloading it if absent; False where the bucket has no such object.
+    A file outside every mirror is only looked at."""
+    if path.is_file():
+        return True
+    remote = remote_of(path)
+    if remote is None:
+        return False
+    fs, key = storage.filesystem(remote)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with storage.errors(remote):
+            try:
+                fs.get_file(key, str(tmp))
+            except FileNotFoundError:
+                return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def refresh(path: Path) -> bytes | None:
+    """The bucket's current bytes of a small file that other processes rewrite (a stage manifest), also kept in
+    the mirror; None where there is none. Locally: the file's bytes."""
+    remote = remote_of(path)
+    if remote is None:
+        return path.read_bytes() if path.is_file() else None
+    fs, key = storage.filesystem(remote)
+    with storage.errors(remote):
+        try:
+            data = fs.cat_file(key)
+        except FileNotFoundError:
+            return None
+    if not path.is_file() or path.read_bytes() != data:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return data
+
+
+def pull(folder: Path, pattern: str = "**") -> int:
+    """Fetch every object below a mirrored folder (matching a glob ``pattern``) that the mirror lacks or holds
+    at another size, in one listing; returns how many were downloaded."""
+    remote = remote_of(folder)
+    if remote is None:
+        return 0
+    fs, prefix = storage.filesystem(remote)
+    with storage.errors(remote):
+        try:
+            found = fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            found = {}
+    base = prefix.rstrip("/") + "/"
+    fetched = 0
+    for key, info in found.items():
+        relative = key[len(base) :] if key.startswith(base) else ""
+        if not relative or (pattern != "**" and not PurePosixPath(relative).match(pattern)):
+            continue
+        local = folder / relative
+        if local.is_file() and local.stat().st_size == info.get("size"):
+            continue
+        local.unlink(missing_ok=True)
+        fetched += fetch(local)
+    return fetched
+
+
+def publish_folder(folder: Path) -> int:
+    """Upload the files of a mirrored folder the bucket lacks or holds at another size (those a stage wrote
+    without the work dir's atomic writes: spill files, indexes), in one listing; returns how many."""
+    remote = remote_of(folder)
+    if remote is None or not folder.is_dir():
+        return 0
+    fs, prefix = storage.filesystem(remote)
+    with storage.errors(remote):
+        try:
+            found = fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            found = {}
+    sizes = {key: info.get("size") for key, info in found.items()}
+    uploaded = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _is_temp(p)):
+        key = prefix.rstrip("/") + "/" + path.relative_to(folder).as_posix()
+        if sizes.get(key) != path.stat().st_size:
+            publish(path)
+            uploaded += 1
+    return uploaded
+
+
+def remove(folder: Path) -> None:
+    """Delete a mirrored folder's objects from the bucket (a stage reset)."""
+    remote = remote_of(folder)
+    if remote is None:
+        return
+    fs, prefix = storage.filesystem(remote)
+    with storage.errors(remote):
+        if fs.exists(prefix):
+            fs.rm(prefix, recursive=True)
+        fs.invalidate_cache(prefix)
+
+
+def exists(folder: Path) -> bool:
+    """Whether a mirrored folder has objects in the bucket (locally: whether the folder exists)."""
+    remote = remote_of(folder)
+    if remote is None:
+        return folder.exists()
+    fs, prefix = storage.filesystem(remote)
+    with storage.errors(remote):
+        fs.invalidate_cache(prefix)
+        return bool(fs.find(prefix, maxdepth=None))
