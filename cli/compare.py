@@ -34,7 +34,11 @@ def compare_command(
     if seeds < 1:
         raise UserError(f"--seeds: {seeds} is not a positive number of runs")
     pipeline = open_pipeline(recipe, workdir)
+    if out is None:
+        pipeline.workdir.pull("compare")  # a bucket's work dir: the runs an earlier call finished
     md = run_comparison(pipeline, method or ["saferclip", "safeclip"], finetune or ["lora", "full"], seeds, epochs,
                         out or pipeline.workdir.root / "compare", progress, typer.echo)  # fmt: skip
+    if out is None:
+        pipeline.workdir.publish("compare")
     typer.echo(md.read_text())
     typer.echo(f"written: {md}, results.json and tradeoff.png")

@@ -124,6 +124,7 @@ def audit(
     from saferclip_data.toyworld.audit import mining_figures, scoring_auroc
 
     wd = open_pipeline(recipe, workdir).workdir
+    wd.pull_all()  # a bucket's work dir: read from this command's local mirror of it
     for stage in ("source", "score", "neighbours", "mine"):
         if not (wd.manifest(stage) or {}).get("complete"):
             raise UserError(

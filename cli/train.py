@@ -59,6 +59,8 @@ def train_command(
         raise UserError(f"--ray-workers: {ray_workers} is negative")
     clip = None if ray_workers else recipe_clip(pipeline.recipe.model)
     out_dir = out or wd.root / "train" / config.method
+    if out is None:
+        wd.pull("train", f"{config.method}/*")  # a bucket's work dir: an earlier run's checkpoint, to resume
     try:
         if ray_workers:
             from saferclip_data.training.ray_train import train_on_ray
@@ -74,6 +76,8 @@ def train_command(
                                on_step=on_step)  # fmt: skip
     except ValueError as exc:  # a checkpoint from another model or adapter, a bad loss-weight name
         raise UserError(f"train: {exc}") from None
+    if out is None:
+        wd.publish("train")  # a bucket's work dir: the checkpoint and log uploaded
     if result["stopped"]:
         typer.echo(f"{config.method}: stopped at --max-steps after {result['step']} steps; "
                    f"rerun to resume from {out_dir / 'last.pt'}")  # fmt: skip
@@ -105,6 +109,8 @@ def eval_command(
 
     pipeline = open_pipeline(recipe, workdir)
     wd = pipeline.workdir
+    if not checkpoint:
+        wd.pull("train", "*/last.pt")  # a bucket's work dir: the checkpoints copied to this node's mirror
     checkpoints = checkpoint or sorted(wd.root.glob("train/*/last.pt"))
     for path in checkpoints:
         if not path.is_file():
@@ -118,5 +124,6 @@ def eval_command(
             raise UserError(f"--checkpoint {path}: {exc}") from None
     md = write_results(results, wd.root / "eval")
     log_figures(results, log_dir, wandb, wd.root / "eval" / "wandb")
+    wd.publish("eval")
     typer.echo(md.read_text())
     typer.echo(f"written: {md} and eval.json")

@@ -27,6 +27,8 @@ _MIRRORS: dict[Path, str] = {}
 #: the command's mirror session and the process that owns (and removes) its mirrors; inherited by its workers
 SESSION_VARIABLE = "SAFERCLIP_MIRROR_SESSION"
 OWNER_VARIABLE = "SAFERCLIP_MIRROR_OWNER"
+#: in a mirror's root: the URL it mirrors (never uploaded)
+URL_FILE = ".mirror-of"
 
 
 def register(url: str) -> Path:
@@ -41,6 +43,7 @@ def register(url: str) -> Path:
     root = storage.scratch_root() / "workdirs" / f"{digest}-{session}"
     if root not in _MIRRORS:
         root.mkdir(parents=True, exist_ok=True)
+        (root / URL_FILE).write_text(url)  # for the other processes of the node that write in it (see remote_of)
         _MIRRORS[root] = url
         if os.environ.get(OWNER_VARIABLE, str(os.getpid())) == str(os.getpid()):
             os.environ[OWNER_VARIABLE] = str(os.getpid())
@@ -49,15 +52,24 @@ def register(url: str) -> Path:
 
 
 def remote_of(path: Path) -> str | None:
-    """The URL a mirrored file stands for, or None for a file outside every mirror (a local work dir's)."""
+    """The URL a mirrored file stands for, or None for a file outside every mirror (a local work dir's). A task
+    process that was handed paths in another process's mirror (a global stage's tasks on its node) finds the
+    mirror's URL in the file :func:`register` left there."""
     for root, url in _MIRRORS.items():
         if path.is_relative_to(root):
             return storage.join(url, path.relative_to(root).as_posix())
+    mirrors = storage.scratch_root() / "workdirs"
+    if path.is_relative_to(mirrors) and len(path.relative_to(mirrors).parts) > 1:
+        root = mirrors / path.relative_to(mirrors).parts[0]
+        if (root / URL_FILE).is_file():
+            _MIRRORS[root] = (root / URL_FILE).read_text()
+            return remote_of(path)
     return None
 
 
 def _is_temp(path: Path) -> bool:
-    return path.name.startswith(".") and ".tmp" in path.name
+    """A file the bucket never holds: a temp name of an atomic write, or the mirror's own note."""
+    return path.name == URL_FILE or (path.name.startswith(".") and ".tmp" in path.name)
 
 
 def publish(path: Path) -> None:

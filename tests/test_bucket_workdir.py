@@ -75,3 +75,6 @@ def test_a_build_in_a_bucket_writes_the_local_bytes_and_a_rerun_puts_nothing(s3_
     code, out, err = cli("report", "-w", url)
     assert code == 0 and f"{url}/report/report.html" in out, err
     assert storage.is_file(f"{url}/report/report.html")
+    code, out, err = cli("train", str(recipe), "-w", url, "--max-steps", "2", "--no-progress")
+    assert code == 0, err
+    assert storage.is_file(f"{url}/train/saferclip/last.pt")  # the checkpoint is in the bucket, to resume from

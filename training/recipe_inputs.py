@@ -23,6 +23,8 @@ def finished_shards(pipeline) -> Path:
     """The build's quadruplet tars, or a one-line error when its shards stage has not finished."""
     wd = pipeline.workdir
     shard_dir = wd.stage_dir("shards") / "quad"
+    if (wd.manifest("shards") or {}).get("complete"):
+        wd.pull("shards", "quad/*")  # a bucket's work dir: the tars copied to this node's mirror
     if not (wd.manifest("shards") or {}).get("complete") or not shard_dir.is_dir():
         raise UserError(f"{wd.root}: no finished shards stage; add stages.shards to the recipe and run build first")
     return shard_dir
