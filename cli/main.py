@@ -130,7 +130,7 @@ def build(
 
     _setup_logging(log_level)
     pipeline = open_pipeline(recipe, workdir)
-    with WorkDirLock(pipeline.workdir.root, "saferclip-data build"):  # before Ray starts: a second build stops now
+    with WorkDirLock(pipeline.workdir.lock_folder, "saferclip-data build"):  # before Ray starts: a 2nd build stops
         runner = make_executor(executor.value, ray_address)
         try:
             with build_progress(console, progress, progress_style.value) as bars:

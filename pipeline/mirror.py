@@ -51,6 +51,12 @@ def register(url: str) -> Path:
     return root
 
 
+def lock_folder(url: str) -> Path:
+    """Where this machine's builds of the work dir at ``url`` take its lock (one per machine, whatever the run)."""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return storage.scratch_root() / "workdirs" / f"{digest}-lock"
+
+
 def remote_of(path: Path) -> str | None:
     """The URL a mirrored file stands for, or None for a file outside every mirror (a local work dir's). A task
     process that was handed paths in another process's mirror (a global stage's tasks on its node) finds the

@@ -120,6 +120,8 @@ class WorkDir:
         self.remote = storage.is_url(root)
         self.location = str(root).rstrip("/") if self.remote else str(root)
         self.root = mirror.register(self.location) if self.remote else Path(root)
+        #: where a build takes the work dir's lock: in it, or for a bucket's, in this machine's scratch dir
+        self.lock_folder = mirror.lock_folder(self.location) if self.remote else self.root
 
     # ---- stage level -------------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:

@@ -68,11 +68,15 @@ def test_ray_job_submit_builds_on_the_cluster_as_the_local_build_does(tmp_path, 
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(manifest_200, concurrency=2))
     work, local = tmp_path / "job-work", tmp_path / "local-work"
     runtime_env = json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}})
-    submit = subprocess.run(
-        [RAY, "job", "submit", "--address", ray_head, "--runtime-env-json", runtime_env, "--",
-         "saferclip-data", "build", str(recipe), "-w", str(work), "--no-progress"],
-        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    for _ in range(12):  # the head answers before its job agent is up: "No available agent", try again later
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", ray_head, "--runtime-env-json", runtime_env, "--",
+             "saferclip-data", "build", str(recipe), "-w", str(work), "--no-progress"],
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout.lower(), submit.stdout[-3000:]
     markers = [json.loads(p.read_text()) for p in (work / "embed").glob("*.done.json")]
