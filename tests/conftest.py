@@ -83,7 +83,8 @@ def manifest_200(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """The real command in a subprocess: exit codes, stderr and Ray process isolation as a user sees them."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SAFERCLIP_MIRROR_")}  # an in-process run's
+    full_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

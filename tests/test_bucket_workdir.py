@@ -11,7 +11,7 @@ from s3_server import S3Server, use_server_env
 
 from saferclip_data.pipeline import storage
 
-from conftest import run_cli, write_recipe
+from conftest import recipe_dict, run_cli, write_recipe
 from helpers import safety_recipe
 
 pytest.importorskip("s3fs")
@@ -51,9 +51,8 @@ def _data_files(root: str) -> list[str]:
 
 def test_a_build_in_a_bucket_writes_the_local_bytes_and_a_rerun_puts_nothing(s3_env, tmp_path, cli):
     recipe, url = _recipe(tmp_path), f"s3://{BUCKET}/runs/first"
-    # on Ray: its worker processes write and publish the shards, as on a cluster
-    proc = run_cli("build", str(recipe), "-w", url, "--no-progress", env={"RAY_AUTH_MODE": "disabled"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = cli("build", str(recipe), "-w", url, "--executor", "local", "--no-progress")
+    assert code == 0, err
     code, _, err = cli("build", str(recipe), "-w", str(tmp_path / "local"), "--executor", "local", "--no-progress")
     assert code == 0, err
 
@@ -78,3 +77,21 @@ def test_a_build_in_a_bucket_writes_the_local_bytes_and_a_rerun_puts_nothing(s3_
     code, out, err = cli("train", str(recipe), "-w", url, "--max-steps", "2", "--no-progress")
     assert code == 0, err
     assert storage.is_file(f"{url}/train/saferclip/last.pt")  # the checkpoint is in the bucket, to resume from
+
+
+def test_ray_workers_publish_their_shards_to_the_bucket(s3_env, tmp_path, manifest_200):
+    """On Ray the map stages' worker processes write the shards: into the node's mirror, then the bucket."""
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(manifest_200, concurrency=2))
+    url = f"s3://{BUCKET}/runs/ray"
+    proc = run_cli("build", str(recipe), "-w", url, "--no-progress", env={"RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("build", str(recipe), "-w", str(tmp_path / "local"), "--executor", "local", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = _data_files(url)
+    assert remote == _data_files(str(tmp_path / "local"))
+    assert len([f for f in remote if f.count("/") == 1 and "/part-" in f]) == 16  # 2 stages x 4 shards x 2
+    for name in remote:
+        assert storage.read_bytes(f"{url}/{name}") == (tmp_path / "local" / name).read_bytes(), name
+    markers = [f for f in storage.walk_files(url) if f.endswith(".done.json")]
+    assert len(markers) == 8
+    assert not list((tmp_path / "scratch").rglob("*.parquet"))  # the mirror went with the command
