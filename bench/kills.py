@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from saferclip_data.pipeline import mirror, storage
 
 BOOKKEEPING = ("_manifest.json", "_lock.json")
 
@@ -38,16 +39,22 @@ def data_files(work: Path) -> dict[str, Path]:
     return out
 
 
-def _build(recipe: Path, work: Path, executor: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(recipe), "-w", str(work),
+def _build(recipe: Path, work: str, executor: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "saferclip_data.cli.main", "build", str(recipe), "-w", work,
                "--executor", executor, "--no-progress"]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _stage_running(work: Path) -> str:
+def _manifests(work: str) -> list[str]:
+    """The stages whose manifest is written, oldest first (a folder or a bucket's work dir)."""
+    times = mirror.modified_times(work, "_manifest.json")
+    return [rel.split("/")[0] for rel, _ in sorted(times.items(), key=lambda item: item[1]) if rel.count("/") == 1]
+
+
+def _stage_running(work: str) -> str:
     """The stage whose manifest was opened last (the one running at the kill)."""
-    manifests = sorted(work.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime_ns)
-    return manifests[-1].parent.name if manifests else "(start-up)"
+    manifests = _manifests(work)
+    return manifests[-1] if manifests else "(start-up)"
 
 
 def stage_seconds(work: Path) -> dict[str, float]:
@@ -56,22 +63,25 @@ def stage_seconds(work: Path) -> dict[str, float]:
     return {p.parent.name: float(json.loads(p.read_text()).get("seconds") or 0.0) for p in manifests}
 
 
-def trial(recipe: Path, work: Path, clean: dict[str, Path], stage: str, delay: float, executor: str) -> dict:
-    """One kill (``delay`` seconds after ``stage`` started), the 15 s wait, the resume and the comparison."""
+def trial(recipe: Path, work: str, clean: dict[str, Path], stage: str, delay: float, executor: str,
+          view: Path) -> dict:  # fmt: skip
+    """One kill (``delay`` seconds after ``stage`` started), the 15 s wait, the resume and the comparison; a
+    bucket's work dir is compared through a copy in ``view``."""
     import psutil
 
+    poll = 0.5 if storage.is_url(work) else 0.05  # a bucket is asked by listing: not 20 times a second
     build = _build(recipe, work, executor)
     root = psutil.Process(build.pid)
     started: dict[int, psutil.Process] = {}
     began, end = time.monotonic(), None
     while build.poll() is None and (end is None or time.monotonic() < end):
-        if end is None and (work / stage / "_manifest.json").is_file():
+        if end is None and stage in _manifests(work):
             end = time.monotonic() + delay
         try:
             started.update((p.pid, p) for p in root.children(recursive=True))
         except psutil.Error:
             pass
-        time.sleep(0.05)
+        time.sleep(poll)
     kill_at = time.monotonic() - began
     finished_first = build.poll() is not None
     stage = _stage_running(work)  # the stage actually running at the kill
@@ -90,7 +100,7 @@ def trial(recipe: Path, work: Path, clean: dict[str, Path], stage: str, delay: f
     err = resumed.communicate()[1]
     if resumed.returncode != 0:
         raise RuntimeError(f"resume after a kill at {kill_at:.1f} s failed: {err.strip().splitlines()[-1:]}")
-    got = data_files(work)
+    got = data_files(mirror.copy_folder(work, view))
     differ = sorted(rel for rel in clean.keys() & got.keys() if clean[rel].read_bytes() != got[rel].read_bytes())
     return {"kill_at_s": round(kill_at, 1), "stage": stage, "killed": not finished_first,
             "processes_seen": len(started), "alive_after_15s": alive, "files": len(clean),
@@ -98,27 +108,29 @@ def trial(recipe: Path, work: Path, clean: dict[str, Path], stage: str, delay: f
             "differ": differ}  # fmt: skip
 
 
-def run(recipe: Path, out: Path, trials: int, seed: int, executor: str) -> tuple[float, list[dict]]:
-    """The clean build (timed), then ``trials`` kills at moments drawn uniformly over its duration."""
-    out.mkdir(parents=True, exist_ok=True)
-    clean_work = out / "clean"
-    shutil.rmtree(clean_work, ignore_errors=True)
+def run(recipe: Path, out: str, trials: int, seed: int, executor: str, views: Path) -> tuple[float, list[dict]]:
+    """The clean build (timed), then ``trials`` kills at moments drawn uniformly over its duration. ``out`` may be
+    a bucket URL: the work dirs are then in the bucket and compared through copies under ``views``."""
+    clean_work = storage.join(out, "clean")
+    mirror.remove_folder(clean_work)
     started = time.monotonic()
     build = _build(recipe, clean_work, executor)
     err = build.communicate()[1]
     if build.returncode != 0:
         raise RuntimeError(f"the clean build failed: {err.strip().splitlines()[-1:]}")
     seconds = time.monotonic() - started
-    clean = data_files(clean_work)
-    stages = {name: took for name, took in stage_seconds(clean_work).items() if name != "report"}
+    clean_view = mirror.copy_folder(clean_work, views / "clean")
+    clean = data_files(clean_view)
+    stages = {name: took for name, took in stage_seconds(clean_view).items() if name != "report"}
     rng = random.Random(seed)
     results = []
     for i in range(trials):
-        work = out / f"trial-{i:02d}"
-        shutil.rmtree(work, ignore_errors=True)
+        work = storage.join(out, f"trial-{i:02d}")
+        mirror.remove_folder(work)
         stage = list(stages)[i % len(stages)]
-        results.append(trial(recipe, work, clean, stage, rng.uniform(0.0, 0.9) * stages[stage], executor))
-        shutil.rmtree(work, ignore_errors=True)
+        results.append(trial(recipe, work, clean, stage, rng.uniform(0.0, 0.9) * stages[stage], executor,
+                             views / "trial"))  # fmt: skip
+        mirror.remove_folder(work)
     return seconds, results
 
 

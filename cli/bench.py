@@ -341,8 +341,9 @@ def kills(
     ] = None,
     trials: Annotated[int, typer.Option(min=1, help="Builds killed (kill -9) at a random moment, then resumed.")] = 10,
     out: Annotated[
-        Path | None,
-        typer.Option(help="Folder for the work dirs and kills.json (default: saferclip-kills in the temp dir).",
+        str | None,
+        typer.Option(help="Folder for the work dirs and kills.json (default: saferclip-kills in the temp dir), or "
+                     "a bucket URL (s3://bucket/kills) to kill builds whose work dir is in the bucket.",
                      show_default=False),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the kill moments.")] = 0,
@@ -358,9 +359,13 @@ def kills(
 
     from saferclip_data.bench.kills import print_results, run
     from saferclip_data.cli.common import default_recipe
+    from saferclip_data.pipeline import storage
 
-    folder = out or Path(tempfile.gettempdir()) / "saferclip-kills"
-    seconds, results = run((recipe or default_recipe()).resolve(), folder, trials, seed, executor)
+    remote = out is not None and storage.is_url(out)
+    folder = Path(tempfile.gettempdir()) / "saferclip-kills" if out is None or remote else Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds, results = run((recipe or default_recipe()).resolve(), out if remote else str(folder), trials, seed,
+                           executor, folder / "views")  # fmt: skip
     (folder / "kills.json").write_text(json.dumps({"clean_seconds": seconds, "trials": results}, indent=2) + "\n")
     print_results(seconds, results, executor, console)
     console.print(f"results: {folder / 'kills.json'}")

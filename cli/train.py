@@ -9,7 +9,13 @@ import typer
 
 from saferclip_data.models.clip import CompileMode
 from saferclip_data.pipeline.errors import UserError
-from saferclip_data.training.recipe_inputs import evaluation_inputs, finished_shards, recipe_clip, training_config
+from saferclip_data.training.recipe_inputs import (
+    evaluation_inputs,
+    finished_shards,
+    recipe_clip,
+    train_dir,
+    training_config,
+)
 
 
 def train_command(
@@ -50,7 +56,6 @@ def train_command(
     from saferclip_data.training.trainer import train
 
     pipeline = open_pipeline(recipe, workdir)
-    wd = pipeline.workdir
     shard_dir = finished_shards(pipeline)
     config = training_config(pipeline, {"method": method, "epochs": epochs, "finetune": finetune, "lr": lr,
                                         "seed": seed, "compile": compile_mode, "wandb": wandb,
@@ -58,9 +63,7 @@ def train_command(
     if ray_workers < 0:
         raise UserError(f"--ray-workers: {ray_workers} is negative")
     clip = None if ray_workers else recipe_clip(pipeline.recipe.model)
-    out_dir = out or wd.root / "train" / config.method
-    if out is None:
-        wd.pull("train", f"{config.method}/*")  # a bucket's work dir: an earlier run's checkpoint, to resume
+    out_dir = out or train_dir(pipeline, config.method)
     try:
         if ray_workers:
             from saferclip_data.training.ray_train import train_on_ray
@@ -76,8 +79,7 @@ def train_command(
                                on_step=on_step)  # fmt: skip
     except ValueError as exc:  # a checkpoint from another model or adapter, a bad loss-weight name
         raise UserError(f"train: {exc}") from None
-    if out is None:
-        wd.publish("train")  # a bucket's work dir: the checkpoint and log uploaded
+    pipeline.workdir.publish("train")  # a bucket's work dir: the checkpoint and log uploaded
     if result["stopped"]:
         typer.echo(f"{config.method}: stopped at --max-steps after {result['step']} steps; "
                    f"rerun to resume from {out_dir / 'last.pt'}")  # fmt: skip

@@ -200,3 +200,51 @@ def exists(folder: Path) -> bool:
     with storage.errors(remote):
         fs.invalidate_cache(prefix)
         return bool(fs.find(prefix, maxdepth=None))
+
+
+def copy_folder(location: str, dest: Path) -> Path:
+    """Every file below a URL's folder copied under ``dest`` (made afresh), for tools that read a work dir as
+    files (the benchmarks comparing builds); a local folder is returned as it is."""
+    if not storage.is_url(location):
+        return storage.local_path(location)
+    shutil.rmtree(dest, ignore_errors=True)
+    for relative in storage.walk_files(location):
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs, path = storage.filesystem(storage.join(location, relative))
+        with storage.errors(location):
+            fs.get_file(path, str(target))
+    return dest
+
+
+def remove_folder(location: str) -> None:
+    """A folder and all below it, local or at a URL (nothing when absent)."""
+    if not storage.is_url(location):
+        shutil.rmtree(storage.local_path(location), ignore_errors=True)
+        return
+    fs, path = storage.filesystem(location)
+    with storage.errors(location):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        fs.invalidate_cache(path)
+
+
+def modified_times(folder: str, name: str) -> dict[str, float]:
+    """Relative path -> modification time (unix seconds) of the files called ``name`` below ``folder``."""
+    if not storage.is_url(folder):
+        root = storage.local_path(folder)
+        return {p.relative_to(root).as_posix(): p.stat().st_mtime for p in root.rglob(name)}
+    fs, path = storage.filesystem(folder)
+    base = path.rstrip("/") + "/"
+    with storage.errors(folder):
+        fs.invalidate_cache(path)
+        try:
+            found = fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+    times = {}
+    for key, info in found.items():
+        if key.startswith(base) and PurePosixPath(key).name == name:
+            stamp = info.get("LastModified") or info.get("mtime") or 0
+            times[key[len(base):]] = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+    return times

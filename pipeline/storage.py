@@ -356,3 +356,4 @@ def local_copy(location: str) -> Iterator[Path]:
         yield target
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+

@@ -30,6 +30,13 @@ def finished_shards(pipeline) -> Path:
     return shard_dir
 
 
+def train_dir(pipeline, method: str) -> Path:
+    """Where ``train`` writes a method's run in the work dir; of a bucket's, an earlier run's checkpoint (to
+    resume from) is copied to this node's mirror first."""
+    pipeline.workdir.pull("train", f"{method}/*")
+    return pipeline.workdir.root / "train" / method
+
+
 def training_config(pipeline, overrides: dict) -> TrainConfig:
     """The recipe's ``training:`` section with the command line's overrides (None = not given) applied."""
     section: TrainConfig = getattr(pipeline.recipe, "training", None) or TrainConfig()
