@@ -6,6 +6,7 @@ measured alongside (for kNN: the bare matrix product of the same shapes on the s
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -373,19 +374,26 @@ def kills(
 
 @bench_app.command(name="same-output", epilog="Example: saferclip-data bench same-output /tmp/work-old /tmp/work-new")
 def same_output(
-    first: Annotated[Path, typer.Argument(help="A finished work dir.")],
-    second: Annotated[Path, typer.Argument(help="Another build of the same recipe.")],
+    first: Annotated[str, typer.Argument(help="A finished work dir (a folder or a bucket URL).")],
+    second: Annotated[str, typer.Argument(help="Another build of the same recipe.")],
     tolerance: Annotated[float, typer.Option(help="Largest float difference that still counts as the same.")] = 1e-6,
 ) -> None:
     """Compare two builds of one recipe, stage by stage: data files byte-identical, or else the same records by
     key with the same values (floats within TOLERANCE; tar samples by key, whichever tar holds them). Exits 1
     when anything differs. Markers, manifests, task logs and the report are left out."""
-    from saferclip_data.bench.same_output import compare_builds, print_comparison
+    import tempfile
 
-    for folder in (first, second):
-        if not folder.is_dir():
-            raise UserError(f"bench same-output: no work dir at {folder}")
-    rows = compare_builds(first, second, tolerance)
+    from saferclip_data.bench.same_output import compare_builds, print_comparison
+    from saferclip_data.pipeline import mirror, storage
+
+    views = Path(tempfile.mkdtemp(prefix="saferclip-same-output-"))
+    folders = []
+    for index, location in enumerate((first, second)):
+        if not storage.is_url(location) and not Path(location).is_dir():
+            raise UserError(f"bench same-output: no work dir at {location}")
+        folders.append(mirror.copy_folder(location, views / str(index)))  # a bucket's: compared as a local copy
+    rows = compare_builds(folders[0], folders[1], tolerance)
+    shutil.rmtree(views, ignore_errors=True)
     print_comparison(rows, f"{first} vs {second}")
     if any(r["differ"] for r in rows):
         raise typer.Exit(1)

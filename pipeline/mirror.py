@@ -63,7 +63,8 @@ def remote_of(path: Path) -> str | None:
     mirror's URL in the file :func:`register` left there."""
     for root, url in _MIRRORS.items():
         if path.is_relative_to(root):
-            return storage.join(url, path.relative_to(root).as_posix())
+            relative = path.relative_to(root).as_posix()
+            return url if relative == "." else storage.join(url, relative)
     mirrors = storage.scratch_root() / "workdirs"
     if path.is_relative_to(mirrors) and len(path.relative_to(mirrors).parts) > 1:
         root = mirrors / path.relative_to(mirrors).parts[0]

@@ -4,12 +4,13 @@ writes nothing, and the reading commands on it."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from s3_server import S3Server, use_server_env
 
-from saferclip_data.pipeline import storage
+from saferclip_data.pipeline import mirror, storage
 
 from conftest import recipe_dict, run_cli, write_recipe
 from helpers import safety_recipe
@@ -69,11 +70,14 @@ def test_a_build_in_a_bucket_writes_the_local_bytes_and_a_rerun_puts_nothing(s3_
     assert code == 0 and "nothing ran" in err, err
     assert s3_env.requests("PUT")[puts_before:] == []  # a rerun that is up to date writes no object
 
-    code, out, err = cli("status", url)
-    assert code == 0 and "mine" in out and "done" in out, err
-    code, out, err = cli("report", "-w", url)
-    assert code == 0 and f"{url}/report/report.html" in out, err
-    assert storage.is_file(f"{url}/report/report.html")
+    # a new command has a mirror of its own, empty: what it reads comes from the bucket
+    proc = run_cli("status", url)
+    assert proc.returncode == 0 and "mine" in proc.stdout and "done" in proc.stdout, proc.stderr[-2000:]
+    mirror.remove_folder(f"{url}/report")  # the build's; the command writes it again from the bucket's shards
+    proc = run_cli("report", "-w", url)
+    assert proc.returncode == 0 and f"{url}/report/report.html" in proc.stdout, proc.stderr[-2000:]
+    report = json.loads(storage.read_bytes(f"{url}/report/report.json"))
+    assert report["samples"] and report["mining"], "the report saw the work dir's records"
     code, out, err = cli("train", str(recipe), "-w", url, "--max-steps", "2", "--no-progress")
     assert code == 0, err
     assert storage.is_file(f"{url}/train/saferclip/last.pt")  # the checkpoint is in the bucket, to resume from
@@ -95,3 +99,11 @@ def test_ray_workers_publish_their_shards_to_the_bucket(s3_env, tmp_path, manife
     markers = [f for f in storage.walk_files(url) if f.endswith(".done.json")]
     assert len(markers) == 8
     assert not list((tmp_path / "scratch").rglob("*.parquet"))  # the mirror went with the command
+
+
+def test_a_work_dir_in_a_missing_bucket_is_one_line_naming_it(s3_env, tmp_path, manifest_200):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(manifest_200))
+    proc = run_cli("build", str(recipe), "-w", "s3://no-such-bucket/run", "--executor", "local", "--no-progress")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "s3://no-such-bucket/run" in lines[0] and "Traceback" not in proc.stderr
