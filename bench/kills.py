@@ -57,10 +57,11 @@ def _stage_running(work: str) -> str:
     return manifests[-1] if manifests else "(start-up)"
 
 
-def stage_seconds(work: Path) -> dict[str, float]:
-    """Each stage of a finished build with the seconds it took, in build order."""
-    manifests = sorted(work.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime_ns)
-    return {p.parent.name: float(json.loads(p.read_text()).get("seconds") or 0.0) for p in manifests}
+def stage_seconds(work: str, view: Path) -> dict[str, float]:
+    """Each stage of a finished build with the seconds it took, in build order (the order its manifests were
+    written in ``work``; their contents read from the local ``view`` of it)."""
+    return {name: float(json.loads((view / name / "_manifest.json").read_text()).get("seconds") or 0.0)
+            for name in _manifests(work)}  # fmt: skip
 
 
 def trial(recipe: Path, work: str, clean: dict[str, Path], stage: str, delay: float, executor: str,
@@ -121,7 +122,7 @@ def run(recipe: Path, out: str, trials: int, seed: int, executor: str, views: Pa
     seconds = time.monotonic() - started
     clean_view = mirror.copy_folder(clean_work, views / "clean")
     clean = data_files(clean_view)
-    stages = {name: took for name, took in stage_seconds(clean_view).items() if name != "report"}
+    stages = {name: took for name, took in stage_seconds(clean_work, clean_view).items() if name != "report"}
     rng = random.Random(seed)
     results = []
     for i in range(trials):
