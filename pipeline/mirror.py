@@ -132,23 +132,28 @@ def refresh(path: Path) -> bytes | None:
     return data
 
 
+def _listing(remote: str) -> dict[str, dict]:
+    """Relative path -> info of every object below a URL's folder, in one fresh listing (other nodes write)."""
+    fs, prefix = storage.filesystem(remote)
+    base = prefix.rstrip("/") + "/"
+    with storage.errors(remote):
+        fs.invalidate_cache(prefix)
+        try:
+            found = fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return {}
+    return {key[len(base) :]: info for key, info in found.items() if key.startswith(base) and key != base}
+
+
 def pull(folder: Path, pattern: str = "**") -> int:
     """Fetch every object below a mirrored folder (matching a glob ``pattern``) that the mirror lacks or holds
     at another size, in one listing; returns how many were downloaded."""
     remote = remote_of(folder)
     if remote is None:
         return 0
-    fs, prefix = storage.filesystem(remote)
-    with storage.errors(remote):
-        try:
-            found = fs.find(prefix, detail=True)
-        except FileNotFoundError:
-            found = {}
-    base = prefix.rstrip("/") + "/"
     fetched = 0
-    for key, info in found.items():
-        relative = key[len(base) :] if key.startswith(base) else ""
-        if not relative or (pattern != "**" and not PurePosixPath(relative).match(pattern)):
+    for relative, info in _listing(remote).items():
+        if pattern != "**" and not PurePosixPath(relative).match(pattern):
             continue
         local = folder / relative
         if local.is_file() and local.stat().st_size == info.get("size"):
@@ -164,17 +169,10 @@ def publish_folder(folder: Path) -> int:
     remote = remote_of(folder)
     if remote is None or not folder.is_dir():
         return 0
-    fs, prefix = storage.filesystem(remote)
-    with storage.errors(remote):
-        try:
-            found = fs.find(prefix, detail=True)
-        except FileNotFoundError:
-            found = {}
-    sizes = {key: info.get("size") for key, info in found.items()}
+    sizes = {relative: info.get("size") for relative, info in _listing(remote).items()}
     uploaded = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _is_temp(p)):
-        key = prefix.rstrip("/") + "/" + path.relative_to(folder).as_posix()
-        if sizes.get(key) != path.stat().st_size:
+        if sizes.get(path.relative_to(folder).as_posix()) != path.stat().st_size:
             publish(path)
             uploaded += 1
     return uploaded
@@ -183,13 +181,8 @@ def publish_folder(folder: Path) -> int:
 def remove(folder: Path) -> None:
     """Delete a mirrored folder's objects from the bucket (a stage reset)."""
     remote = remote_of(folder)
-    if remote is None:
-        return
-    fs, prefix = storage.filesystem(remote)
-    with storage.errors(remote):
-        if fs.exists(prefix):
-            fs.rm(prefix, recursive=True)
-        fs.invalidate_cache(prefix)
+    if remote is not None:
+        remove_folder(remote)
 
 
 def exists(folder: Path) -> bool:
@@ -235,17 +228,9 @@ def modified_times(folder: str, name: str) -> dict[str, float]:
     if not storage.is_url(folder):
         root = storage.local_path(folder)
         return {p.relative_to(root).as_posix(): p.stat().st_mtime for p in root.rglob(name)}
-    fs, path = storage.filesystem(folder)
-    base = path.rstrip("/") + "/"
-    with storage.errors(folder):
-        fs.invalidate_cache(path)
-        try:
-            found = fs.find(path, detail=True)
-        except FileNotFoundError:
-            return {}
     times = {}
-    for key, info in found.items():
-        if key.startswith(base) and PurePosixPath(key).name == name:
+    for relative, info in _listing(folder).items():
+        if PurePosixPath(relative).name == name:
             stamp = info.get("LastModified") or info.get("mtime") or 0
-            times[key[len(base):]] = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+            times[relative] = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
     return times
