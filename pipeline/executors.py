@@ -10,9 +10,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
 from typing import Any
 
+from saferclip_data.pipeline import mirror
 from saferclip_data.pipeline.errors import UserError
 from saferclip_data.pipeline.stage import (
     GlobalContext,
@@ -31,19 +31,21 @@ log = logging.getLogger(__name__)
 TASKS_PER_WORKER = 4
 
 
-def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_in_flight: int | None = None,
-            node: str | None = None) -> list:  # fmt: skip
-    """``fn(*args)`` for every tuple as Ray tasks spread over the cluster's nodes (or all on ``node``), at most
-    ``max_in_flight`` at once (default: twice the cluster's CPUs / ``cpus``) so a long task list does not flood
-    the scheduler; a task whose worker dies is retried. Results come back in argument order."""
+def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_in_flight: int | None = None) -> list:
+    """``fn(*args)`` for every tuple as Ray tasks spread over the cluster's nodes, at most ``max_in_flight`` at
+    once (default: twice the cluster's CPUs / ``cpus``) so a long task list does not flood the scheduler; a task
+    whose worker dies is retried. Results come back in argument order. Paths in a bucket work dir's mirror are
+    moved to the mirror of the node the task runs on (:func:`~saferclip_data.pipeline.mirror.mirrored_task`)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not items:
         return []
-    strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "SPREAD"
+    if mirror.mirrors():
+        for root in mirror.mirrors():
+            mirror.publish_folder(root)  # what this process wrote so far, so that a task on another node can read it
+        fn = mirror.mirrored_task(fn, mirror.mirrors())
     # a worker process serves a few tasks, then gives its memory back by exiting (Python keeps a task's peak)
-    remote = ray.remote(num_cpus=cpus, max_retries=3, max_calls=TASKS_PER_WORKER, scheduling_strategy=strategy)(fn)
+    remote = ray.remote(num_cpus=cpus, max_retries=3, max_calls=TASKS_PER_WORKER, scheduling_strategy="SPREAD")(fn)
     limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1) / max(cpus, 0.01)))
     results: list[Any] = [None] * len(items)
     pending: dict[Any, int] = {}
@@ -54,6 +56,8 @@ def ray_map(fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0, max_i
             pending[remote.remote(*args)] = index
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         results[pending.pop(ref)] = ray.get(ref)
+    for root in mirror.mirrors():
+        mirror.pull(root)  # what the tasks wrote on their nodes, as a shared file system would show it
     return results
 
 
@@ -65,10 +69,7 @@ def run_global_job(job: StageJob) -> dict[str, Any]:
     stage.setup()
     workdir = WorkDir(job.workdir)
     workdir.pull_all()  # a bucket's work dir: what other nodes wrote, in this node's mirror (read by path)
-    task_map: Callable = serial_map
-    if job.executor == "ray" and ray_node_id() != "local":
-        # the tasks are handed paths in this process's mirror of a bucket's work dir: they run on this node
-        task_map = partial(ray_map, node=ray_node_id()) if workdir.remote else ray_map
+    task_map = ray_map if job.executor == "ray" and ray_node_id() != "local" else serial_map
     ctx = GlobalContext(stage, workdir, task_map)
     output = stage.run_global(ctx)
     workdir.publish(stage.name)  # what the stage wrote outside the atomic writes, before the driver marks it done
@@ -141,8 +142,6 @@ class RayExecutor:
         self.address = address
         self.object_store_mb = object_store_mb
         self._we_started = False
-        #: run ``map`` tasks on the driver's node: they are handed paths in its mirror of a bucket's work dir
-        self.here = False
 
     def _ensure_ray(self):
         import ray
@@ -150,6 +149,8 @@ class RayExecutor:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+            if mirror.session_variables():  # a bucket's work dir: every worker, on any node, joins its mirror session
+                kwargs["runtime_env"] = {"env_vars": mirror.session_variables()}
             if self.address:
                 kwargs["address"] = self.address
             else:
@@ -256,7 +257,7 @@ class RayExecutor:
 
     def map(self, fn: Callable[..., Any], items: list[tuple], cpus: float = 1.0) -> list[Any]:
         self._ensure_ray()
-        return ray_map(fn, items, cpus, node=ray_node_id() if self.here else None)
+        return ray_map(fn, items, cpus)
 
     def close(self) -> None:
         if self._we_started:

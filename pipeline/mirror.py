@@ -17,8 +17,12 @@ import atexit
 import hashlib
 import os
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from saferclip_data.pipeline import storage
 
@@ -27,8 +31,20 @@ _MIRRORS: dict[Path, str] = {}
 #: the command's mirror session and the process that owns (and removes) its mirrors; inherited by its workers
 SESSION_VARIABLE = "SAFERCLIP_MIRROR_SESSION"
 OWNER_VARIABLE = "SAFERCLIP_MIRROR_OWNER"
+#: file -> its modification time when this process uploaded it (a folder's later upload skips it)
+_PUBLISHED: dict[Path, int] = {}
 #: in a mirror's root: the URL it mirrors (never uploaded)
 URL_FILE = ".mirror-of"
+
+
+def mirrors() -> dict[Path, str]:
+    """The mirrors this process opened: root -> URL."""
+    return dict(_MIRRORS)
+
+
+def session_variables() -> dict[str, str]:
+    """The variables that make another process (a Ray worker on any node) share this command's mirror session."""
+    return {name: os.environ[name] for name in (SESSION_VARIABLE, OWNER_VARIABLE) if name in os.environ}
 
 
 def register(url: str) -> Path:
@@ -45,8 +61,8 @@ def register(url: str) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         (root / URL_FILE).write_text(url)  # for the other processes of the node that write in it (see remote_of)
         _MIRRORS[root] = url
-        if os.environ.get(OWNER_VARIABLE, str(os.getpid())) == str(os.getpid()):
-            os.environ[OWNER_VARIABLE] = str(os.getpid())
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        if os.environ.setdefault(OWNER_VARIABLE, me) == me:
             atexit.register(shutil.rmtree, root, True)
     return root
 
@@ -87,6 +103,7 @@ def publish(path: Path) -> None:
     fs, key = storage.filesystem(remote)
     with storage.errors(remote):
         fs.put_file(str(path), key)
+    _PUBLISHED[path] = path.stat().st_mtime_ns
 
 
 def fetch(path: Path) -> bool:
@@ -163,19 +180,55 @@ def pull(folder: Path, pattern: str = "**") -> int:
     return fetched
 
 
-def publish_folder(folder: Path) -> int:
-    """Upload the files of a mirrored folder the bucket lacks or holds at another size (those a stage wrote
-    without the work dir's atomic writes: spill files, indexes), in one listing; returns how many."""
+def publish_folder(folder: Path, since: float | None = None) -> int:
+    """Upload the files of a mirrored folder that this process did not upload as they are and that the bucket
+    lacks, holds at another size, or (``since``: a unix time) that were written since then: what a stage or a
+    task wrote outside the atomic writes (spill files, indexes, what another process of the node wrote). One
+    listing; returns how many were uploaded."""
     remote = remote_of(folder)
     if remote is None or not folder.is_dir():
         return 0
     sizes = {relative: info.get("size") for relative, info in _listing(remote).items()}
     uploaded = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _is_temp(p)):
-        if sizes.get(path.relative_to(folder).as_posix()) != path.stat().st_size:
+        stat = path.stat()
+        if _PUBLISHED.get(path) == stat.st_mtime_ns:
+            continue
+        changed = since is not None and stat.st_mtime >= since
+        if changed or sizes.get(path.relative_to(folder).as_posix()) != stat.st_size:
             publish(path)
             uploaded += 1
     return uploaded
+
+
+def mirrored_task(fn: Callable[..., Any], mirrors: dict[Path, str]) -> Callable[..., Any]:
+    """``fn`` for a task that may run on another node: arguments naming a file or folder in one of the calling
+    process's mirrors (``mirrors``: root -> URL) are moved to this node's mirror of the same work dir, which is
+    brought up to date from the bucket first, and what the task writes there is published before it returns."""
+
+    def run(*args: Any) -> Any:
+        started = time.time()
+        moved: list[Path] = []
+
+        def here(arg: Any) -> Any:
+            for root, url in mirrors.items():
+                text = str(arg) if isinstance(arg, (str, Path)) else None
+                if text is not None and (text == str(root) or text.startswith(f"{root}/")):
+                    local = register(url)
+                    moved.append(local)
+                    new = str(local) + text[len(str(root)) :]
+                    return Path(new) if isinstance(arg, Path) else new
+            return arg
+
+        args = tuple(here(a) for a in args)
+        for local in set(moved):
+            pull(local)
+        result = fn(*args)
+        for local in set(moved):
+            publish_folder(local, since=started)
+        return result
+
+    return run
 
 
 def remove(folder: Path) -> None:

@@ -158,8 +158,6 @@ class Pipeline:
         progress.begin(planned.name)
         stage = planned.instance(self.sections)
         stage.task_map = executor.map  # planning and a prepare step may fan out over the cluster too
-        if self.workdir.remote and hasattr(executor, "here"):
-            executor.here = True  # (over this node only: their paths are in this process's mirror)
         manifest = self._open_manifest(planned, stage, state)
         self.workdir.pull_all()  # a bucket's work dir: what earlier runs or other nodes wrote, read by path below
         stage.prepare(progress, self.workdir)

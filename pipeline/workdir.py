@@ -50,6 +50,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     work dir at a URL the finished file is then published (see :mod:`~saferclip_data.pipeline.mirror`). ``suffix``: for
     writers that append one of their own (``np.savez`` adds ``.npz``)."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
+    path.parent.mkdir(parents=True, exist_ok=True)  # a bucket's mirror may lack a folder a task made on its node
     try:
         yield tmp
         os.replace(tmp, path)

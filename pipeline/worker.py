@@ -51,6 +51,9 @@ class ShardWorker:
         self.job = job
         self.stage = job.stage_cls(job.config, job.sections)
         self.workdir = WorkDir(job.workdir)
+        # a bucket's work dir: what the stage's prepare step wrote (read by path), in this node's mirror; input
+        # shards are fetched one by one as they are read
+        self.workdir.pull(self.stage.name)
         self.stage.setup()
         self.node = ray_node_id()
         #: a prefetch stage's background threads: the next batch's preparation and the look-ahead's first batch

@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _cluster(log_dir: Path, head_cpus: int):
+def _cluster(log_dir: Path, head_cpus: int, node_env: tuple[dict, dict] = ({}, {})):
     """Head and worker started with --block, so stopping them stops exactly the processes this test made; the
     worker's process is ``CLUSTER_NODES[address][1]``."""
     port = _free_port()
@@ -38,7 +38,7 @@ def _cluster(log_dir: Path, head_cpus: int):
     logs = [open(log_dir / f"ray-{n}.log", "w") for n in ("head", "worker")]
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--num-cpus={head_cpus}", *common],
-        env=ENV,
+        env={**ENV, **node_env[0]},
         stdout=logs[0],
         stderr=subprocess.STDOUT,
     )
@@ -48,7 +48,7 @@ def _cluster(log_dir: Path, head_cpus: int):
         _wait_for_nodes(address, 1, head)
         worker = subprocess.Popen(
             [RAY, "start", f"--address={address}", "--num-cpus=1", *common],
-            env=ENV,
+            env={**ENV, **node_env[1]},
             stdout=logs[1],
             stderr=subprocess.STDOUT,
         )
@@ -230,33 +230,41 @@ def test_partitioned_dedup_spreads_its_tasks_over_both_nodes_and_matches_local(t
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which(RAY) is None and not Path(RAY).exists(), reason="ray CLI not installed")
-def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, two_node_cluster):
-    """A precomputed-embedding build with the scale paths forced (partitioned dedup, IVF neighbours, streaming
-    mine, task-parallel shards): each of those stages ran on both nodes, and every output equals an in-process
-    build's, byte for byte."""
+def test_two_nodes_that_share_only_a_bucket_build_the_scaled_stages_as_a_local_build(tmp_path, monkeypatch):
+    """Nothing shared but an S3 server: the source and the work dir are in the bucket, and the driver, the head
+    node and the worker node each have a scratch dir of their own. A precomputed-embedding build with the scale
+    paths forced (partitioned dedup, IVF neighbours, streaming mine, task-parallel shards): each of those stages
+    ran on both nodes, and every output equals an in-process build's on local disk, byte for byte."""
+    pytest.importorskip("moto")
+    from s3_server import S3Server, use_server_env
+
+    from saferclip_data.pipeline import mirror, storage
 
     from embedding_layouts import planted_pool, write_clip_retrieval
 
     folder = write_clip_retrieval(tmp_path / "laion", planted_pool(3_000, 128), parts=3, url="")
-    data = {
-        "name": "scaled",
-        "source": {"kind": "embeddings", "path": str(folder), "shard_size": 250},
-        "model": {"arch": "toy-vit-tiny", "pretrained": None},
-        "stages": {
-            "embed": {"concurrency": 2},
-            "score": {"role_column": "label", "concurrency": 2},
-            "filter": {"role_from": "labels"},
-            "dedup": {"partition_rows": 300, "task_rows": 600},
-            "neighbours": {"index": "ivf_flat", "nlist": 16, "concurrency": 2, "candidates": 4, "task_queries": 60},
-            "mine": {"k": 2, "reuse_cap": 4},
-            "shards": {"samples_per_shard": 100, "plain_view": False},
-        },
+    stages = {
+        "embed": {"concurrency": 2},
+        "score": {"role_column": "label", "concurrency": 2},
+        "filter": {"role_from": "labels"},
+        "dedup": {"partition_rows": 300, "task_rows": 600},
+        "neighbours": {"index": "ivf_flat", "nlist": 16, "concurrency": 2, "candidates": 4, "task_queries": 60},
+        "mine": {"k": 2, "reuse_cap": 4},
+        "shards": {"samples_per_shard": 100, "plain_view": False},
     }
-    recipe = write_recipe(tmp_path / "r.yaml", data)
-    cluster_work, local_work = tmp_path / "cluster", tmp_path / "local"
-    proc = run_cli("build", str(recipe), "-w", str(cluster_work), "--ray-address", two_node_cluster, "--no-progress",
-                   env={"RAY_AUTH_MODE": "disabled"})  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with S3Server() as s3:
+        use_server_env(monkeypatch, s3)
+        source = s3.upload(folder, "pool", "laion")
+        data = {"name": "scaled", "source": {"kind": "embeddings", "path": source, "shard_size": 250},
+                "model": {"arch": "toy-vit-tiny", "pretrained": None}, "stages": stages}  # fmt: skip
+        recipe = write_recipe(tmp_path / "r.yaml", data)
+        scratch = [{**s3.env, "SAFERCLIP_SCRATCH": str(tmp_path / f"scratch-{n}")} for n in ("head", "worker")]
+        url = "s3://pool/work"
+        with _cluster(tmp_path, head_cpus=2, node_env=(scratch[0], scratch[1])) as address:
+            proc = run_cli("build", str(recipe), "-w", url, "--ray-address", address, "--no-progress",
+                           env={"RAY_AUTH_MODE": "disabled", "SAFERCLIP_SCRATCH": str(tmp_path / "scratch-driver")})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        cluster_work = mirror.copy_folder(url, tmp_path / "cluster")
     for stage in ("dedup", "neighbours", "mine", "shards"):
         nodes = {json.loads(p.read_text())["worker"]["node"] for p in (cluster_work / stage).glob("*.done.json")}
         if stage == "neighbours":  # most of its work is done by the tasks of its prepare step (pool, list search)
@@ -264,7 +272,10 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
             assert len(searches) >= 4
             nodes |= {s["node"] for s in searches} | {p["node"] for p in WorkDir(cluster_work).task_log(stage, "pool")}
         assert len(nodes) == 2, f"{stage} ran on {len(nodes)} node(s)"
-    proc = run_cli("build", str(recipe), "-w", str(local_work), "--executor", "local", "--no-progress")
+    local_work = tmp_path / "local"
+    data["source"]["path"] = str(folder)
+    proc = run_cli("build", str(write_recipe(tmp_path / "local.yaml", data)), "-w", str(local_work), "--executor",
+                   "local", "--no-progress")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     produced = sorted(p.relative_to(cluster_work) for p in cluster_work.glob("*/part-*.parquet"))
     assert len(produced) == 8 * 12 * 2  # 8 stages x 12 shards x (output, rejects)
@@ -272,6 +283,7 @@ def test_scaled_stages_spread_over_both_nodes_and_match_a_local_build(tmp_path, 
     assert tars and sorted(p.relative_to(local_work) for p in local_work.glob("shards/quad/*.tar")) == tars
     for rel in [*produced, *tars, Path("mine/targets.parquet"), Path("shards/selection.parquet")]:
         assert (cluster_work / rel).read_bytes() == (local_work / rel).read_bytes(), rel
+    assert storage.walk_files(str(tmp_path / "scratch-worker"))  # the worker node worked in a scratch dir of its own
 
 
 @pytest.mark.ray
