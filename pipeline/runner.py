@@ -161,6 +161,7 @@ class Pipeline:
         manifest = self._open_manifest(planned, stage, state)
         self.workdir.pull_all()  # a bucket's work dir: what earlier runs or other nodes wrote, read by path below
         stage.prepare(progress, self.workdir)
+        self.workdir.publish(planned.name)  # what prepare wrote outside the atomic writes, for workers elsewhere
         job = StageJob(planned.cls, planned.config, self.sections, self.workdir.location)
         run = self._run_global if stage.mode == "global" else self._run_map
         return run(planned, stage, job, manifest, executor, progress, started)
